@@ -1,0 +1,53 @@
+# chunkvol: make run (install, create the default pool and volume, serve it), make test.
+# Everything the project needs is installed from here; nothing by hand.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+POOL ?= ./var/pool
+VOLUME ?= disk0
+SIZE ?= 4G
+SOCKET ?= ./var/nbd.sock
+PORT ?= 10809
+DEBIAN_PACKAGES := nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd python3-venv python3-dev \
+	fuse3 qemu-utils qemu-system-x86 fio e2fsprogs xfsprogs user-mode-linux linux-image-amd64 \
+	psmisc util-linux
+export PATH := /usr/bin:/bin:/usr/sbin:/sbin:$(PATH)
+
+.PHONY: all install system-packages run test test-fast bench clean
+
+all: install
+
+system-packages: .stamp-system-packages
+.stamp-system-packages: Makefile
+	@missing=""; for p in $(DEBIAN_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+	@touch $@
+
+$(VENV)/.installed: .stamp-system-packages requirements.txt pyproject.toml
+	test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	@touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	@mkdir -p $(dir $(SOCKET))
+	@test -f $(POOL)/pool.json || $(VENV)/bin/chunkvol --pool $(POOL) init
+	@$(VENV)/bin/chunkvol --pool $(POOL) volume list --json | grep -q '"name": "$(VOLUME)"' || \
+	  $(VENV)/bin/chunkvol --pool $(POOL) volume create $(VOLUME) --size $(SIZE)
+	exec $(VENV)/bin/chunkvol --pool $(POOL) serve --socket $(SOCKET) --port $(PORT) --print-attach
+
+test: install
+	$(PY) -m pytest -q -x --timeout=600 tests
+
+bench: install
+	$(PY) tools/bench/run.py
+
+clean:
+	rm -rf $(VENV) .stamp-system-packages var build *.egg-info
