@@ -1,0 +1,58 @@
+"""Entry point of `chunkvol`: parses arguments, runs one command, maps errors to exit codes.
+
+Exit codes (scripts rely on them):
+  0 success; 1 operation failed; 2 bad usage; 3 not found; 4 already exists;
+  5 pool busy; 6 data corruption found; 7 out of space.
+"""
+
+import argparse
+import os
+import sys
+
+from chunkvol import errors
+from chunkvol.cli import pool_commands, serve_command, volume_commands
+
+EXIT_CODES = (
+    (errors.UsageError, 2),
+    (errors.NotFoundError, 3),
+    (errors.AlreadyExistsError, 4),
+    (errors.PoolBusyError, 5),
+    (errors.CorruptionError, 6),
+    (errors.OutOfSpaceError, 7),
+    (errors.ChunkvolError, 1),
+)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="chunkvol", description="Volumes on a log-structured chunk store, served over NBD.")
+    parser.add_argument("--pool", default=os.environ.get("CHUNKVOL_POOL"),
+                        help="pool directory (default: $CHUNKVOL_POOL)")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+    pool_commands.register(commands)
+    volume_commands.register(commands)
+    serve_command.register(commands)
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    arguments = parser.parse_args(argv)
+    if arguments.pool is None:
+        parser.error("--pool PATH (or CHUNKVOL_POOL) is required")
+    try:
+        return arguments.run(arguments) or 0
+    except errors.ChunkvolError as error:
+        print(f"chunkvol: {error}", file=sys.stderr)
+        for kind, code in EXIT_CODES:
+            if isinstance(error, kind):
+                return code
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

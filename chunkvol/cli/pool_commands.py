@@ -1,0 +1,20 @@
+"""`chunkvol init`."""
+
+from chunkvol.cli.sizes import format_size, parse_size
+from chunkvol.pool import DEFAULT_CHUNK_SIZE, Pool
+
+
+def register(commands):
+    init = commands.add_parser("init", help="create a pool")
+    init.add_argument("--chunk-size", default=str(DEFAULT_CHUNK_SIZE), help="chunk capacity (default 8G, at least 16M)")
+    init.add_argument("--chunk-dir", action="append", dest="chunk_dirs", metavar="DIR",
+                      help="directory for chunk files (repeat for several disks; default POOL/chunks)")
+    init.set_defaults(run=init_pool)
+
+
+def init_pool(arguments):
+    size = parse_size(arguments.chunk_size)
+    path = Pool.create(arguments.pool, chunk_size=size, chunk_dirs=arguments.chunk_dirs)
+    with Pool.open(path):
+        pass
+    print(f"created pool {path} with {format_size(size)} chunks")

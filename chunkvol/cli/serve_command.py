@@ -1,0 +1,89 @@
+"""`chunkvol serve`: nbdkit with chunkvol's plugin in the foreground, every volume an export."""
+
+import os
+import signal
+import subprocess
+import sys
+
+from chunkvol.errors import UsageError
+from chunkvol.pool import Pool
+
+PLUGIN = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                      "nbdkit_plugin", "chunkvol_plugin.py")
+
+
+def register(commands):
+    serve = commands.add_parser("serve", help="serve every volume over NBD (foreground)")
+    serve.add_argument("--socket", help="Unix socket path")
+    serve.add_argument("--port", type=int, help="TCP port (on --address)")
+    serve.add_argument("--address", default="127.0.0.1", help="TCP address (default 127.0.0.1)")
+    serve.add_argument("--readonly", action="store_true")
+    serve.add_argument("--volume", help="the export a client gets when it names none")
+    serve.add_argument("--thread-model", choices=("parallel", "serialize"), default="parallel")
+    serve.add_argument("--tls-certificates", metavar="DIR", help="serve with --tls=require and these certificates")
+    serve.add_argument("--print-attach", action="store_true", help="print how to attach clients")
+    serve.set_defaults(run=serve)
+
+
+def nbdkit_command(arguments):
+    pool = os.path.abspath(arguments.pool)
+    Pool.read_metadata(pool)
+    if not arguments.socket and not arguments.port:
+        raise UsageError("serve needs --socket PATH and/or --port N")
+    command = ["/usr/bin/nbdkit", "-f", "--exit-with-parent"]
+    if arguments.socket:
+        command += ["-U", os.path.abspath(arguments.socket)]
+    if arguments.port:
+        if arguments.socket:
+            raise UsageError("nbdkit serves one listener: give --socket or --port, not both "
+                             "(run two `chunkvol serve` is not possible on one pool; use --port and connect over TCP)")
+        command += ["-i", arguments.address, "-p", str(arguments.port)]
+    if arguments.tls_certificates:
+        command += ["--tls=require", f"--tls-certificates={os.path.abspath(arguments.tls_certificates)}"]
+    command += ["python", PLUGIN, f"pool={pool}", f"thread_model={arguments.thread_model}"]
+    if arguments.readonly:
+        command.append("readonly=true")
+    if arguments.volume:
+        command.append(f"volume={arguments.volume}")
+    return command
+
+
+def serve(arguments):
+    command = nbdkit_command(arguments)
+    if arguments.print_attach:
+        _print_attach(arguments)
+    environment = dict(os.environ, PATH="/usr/bin:/bin:/usr/sbin:/sbin:" + os.environ.get("PATH", ""))
+    process = subprocess.Popen(command, env=environment)
+
+    def forward(signum, frame):
+        process.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    code = process.wait()
+    if arguments.socket:
+        try:
+            os.unlink(os.path.abspath(arguments.socket))  # nbdkit leaves it behind
+        except FileNotFoundError:
+            pass
+    return 0 if code in (0, -signal.SIGTERM, -signal.SIGINT) else 1
+
+
+def _print_attach(arguments):
+    with Pool.open(arguments.pool, readonly=True) as pool:
+        names = sorted(pool.volumes)
+    volume = arguments.volume or (names[0] if names else "VOLUME")
+    lines = [f"chunkvol: serving {len(names)} volume(s) of {os.path.abspath(arguments.pool)}: {', '.join(names)}"]
+    if arguments.socket:
+        socket = os.path.abspath(arguments.socket)
+        lines += [
+            f"  nbdinfo 'nbd+unix:///{volume}?socket={socket}'",
+            f"  nbdfuse /mnt/{volume} 'nbd+unix:///{volume}?socket={socket}' &   # then losetup -f --show /mnt/{volume}/nbd",
+            f"  nbd-client -unix {socket} -N {volume} /dev/nbd0",
+            f"  qemu-system-x86_64 -drive file=nbd+unix:///{volume}?socket={socket},format=raw,if=virtio ...",
+        ]
+    if arguments.port:
+        lines += [f"  nbd-client {arguments.address} {arguments.port} -N {volume} /dev/nbd0",
+                  f"  nbdinfo nbd://{arguments.address}:{arguments.port}/{volume}"]
+    lines.append("  Ctrl-C or SIGTERM stops the server cleanly.")
+    print("\n".join(lines), flush=True)

@@ -1,0 +1,81 @@
+"""`chunkvol volume create|list|remove|resize`."""
+
+import json
+
+from chunkvol.cli.sizes import format_size, parse_size
+from chunkvol.pool import COMPRESSIONS, Pool
+
+
+def register(commands):
+    volume = commands.add_parser("volume", help="create, list, resize and remove volumes")
+    verbs = volume.add_subparsers(dest="verb", metavar="VERB")
+    verbs.required = True
+
+    create = verbs.add_parser("create", help="create a volume")
+    create.add_argument("name")
+    create.add_argument("--size", required=True, help="size, e.g. 4G")
+    create.add_argument("--compression", choices=COMPRESSIONS, default="none")
+    create.set_defaults(run=create_volume)
+
+    listing = verbs.add_parser("list", aliases=["ls"], help="list volumes")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(run=list_volumes)
+
+    remove = verbs.add_parser("remove", aliases=["rm"], help="remove a volume and its data")
+    remove.add_argument("name")
+    remove.set_defaults(run=remove_volume)
+
+    resize = verbs.add_parser("resize", help="grow a volume")
+    resize.add_argument("name")
+    resize.add_argument("--size", required=True)
+    resize.set_defaults(run=resize_volume)
+
+
+def create_volume(arguments):
+    size = parse_size(arguments.size)
+    with Pool.open(arguments.pool) as pool:
+        info = pool.create_volume(arguments.name, size, arguments.compression)
+        print(f"created volume {info.name}: {format_size(info.size_bytes)}, compression {info.compression}")
+
+
+def list_volumes(arguments):
+    with Pool.open(arguments.pool, readonly=True) if _busy(arguments.pool) else Pool.open(arguments.pool) as pool:
+        rows = [pool.volumes[name].as_dict() for name in sorted(pool.volumes)]
+    for row in rows:
+        row.pop("created_hlc", None)
+    if arguments.json:
+        print(json.dumps(rows, indent=2))
+        return
+    print(f"{'NAME':<24} {'SIZE':>12} {'COMPRESSION':<11}")
+    for row in rows:
+        print(f"{row['name']:<24} {format_size(row['size']):>12} {row['compression']:<11}")
+
+
+def _busy(path):
+    """True when another process holds the pool: then open it read-only."""
+    import fcntl
+    import os
+    lock_path = os.path.join(os.path.abspath(path), "lock")
+    if not os.path.exists(lock_path):
+        return False
+    fd = os.open(lock_path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def remove_volume(arguments):
+    with Pool.open(arguments.pool) as pool:
+        pool.remove_volume(arguments.name)
+    print(f"removed volume {arguments.name}")
+
+
+def resize_volume(arguments):
+    size = parse_size(arguments.size)
+    with Pool.open(arguments.pool) as pool:
+        info = pool.resize_volume(arguments.name, size)
+        print(f"volume {info.name} is now {format_size(info.size_bytes)}")

@@ -1,0 +1,125 @@
+"""Block-map group versions: the values (and keys) of the LMDB `groups` database.
+
+A volume is cut into map groups of 16 blocks (64 KiB). Every version of a group is one LMDB
+entry, so the live state and every past flush point are one seek away:
+
+Key, big-endian so that LMDB's byte order is numeric order (24 bytes):
+
+| offset | size | type | field        | meaning                                         |
+|-------:|-----:|------|--------------|-------------------------------------------------|
+|      0 |    4 | u32  | volume_id    |                                                 |
+|      4 |    8 | u64  | group        | block // 16                                     |
+|     12 |    8 | u64  | ~hlc         | 2^64-1 - stamp time: newest version sorts first |
+|     20 |    4 | u32  | ~node        | 2^32-1 - stamp node                             |
+
+Value, little-endian (18 + 22 * record_count bytes):
+
+| offset | size | type     | field        | meaning                                                |
+|-------:|-----:|----------|--------------|--------------------------------------------------------|
+|      0 |    1 | u8       | record_count | distinct records the group's blocks live in (0..16)    |
+|      1 |    1 | u8       | reserved     | 0                                                      |
+|      2 |   16 | u8[16]   | slots        | per block: 0xFF hole, else record_index << 4 | block_in_record |
+|     18 | 22*n | refs     | records      | address u64, stored_length u32, hlc u64, flags u16     |
+
+A group state in memory is the tuple (slots: bytes of 16, refs: tuple of ref tuples).
+The reader checks a record's header (volume, offset, hlc) against the ref before use, so a
+stale or misdirected map entry is detected, never returned as data.
+"""
+
+import struct
+
+from chunkvol.errors import CorruptionError
+from chunkvol.format.record import GROUP_BLOCKS
+
+KEY = struct.Struct(">IQQI")
+VALUE_HEAD = struct.Struct("<BB16s")
+REF = struct.Struct("<QIQH")
+assert KEY.size == 24 and VALUE_HEAD.size == 18 and REF.size == 22
+
+HOLE = 0xFF
+HOLE_SLOTS = bytes([HOLE]) * GROUP_BLOCKS
+EMPTY_STATE = (HOLE_SLOTS, ())
+FULL_SLOTS = bytes(range(GROUP_BLOCKS))  # record 0, blocks 0..15
+MAX_U64 = (1 << 64) - 1
+MAX_U32 = (1 << 32) - 1
+
+
+def key(volume_id, group, hlc, node):
+    return KEY.pack(volume_id, group, MAX_U64 - hlc, MAX_U32 - node)
+
+
+def newest_key(volume_id, group):
+    """The smallest key of a group: set_range() on it lands on the newest version."""
+    return KEY.pack(volume_id, group, 0, 0)
+
+
+def decode_key(raw):
+    volume_id, group, inverted_hlc, inverted_node = KEY.unpack(raw)
+    return volume_id, group, MAX_U64 - inverted_hlc, MAX_U32 - inverted_node
+
+
+def encode_state(state):
+    slots, refs = state
+    head = VALUE_HEAD.pack(len(refs), 0, slots)
+    if not refs:
+        return head
+    return head + b"".join([REF.pack(*ref) for ref in refs])
+
+
+def decode_state(raw):
+    if len(raw) < VALUE_HEAD.size:
+        raise CorruptionError("block map group value too short")
+    count, _, slots = VALUE_HEAD.unpack_from(raw)
+    if count > GROUP_BLOCKS or len(raw) != VALUE_HEAD.size + count * REF.size:
+        raise CorruptionError("block map group value has a bad length")
+    refs = tuple(REF.unpack_from(raw, VALUE_HEAD.size + i * REF.size) for i in range(count))
+    return slots, refs
+
+
+def is_hole(state):
+    return state[0] == HOLE_SLOTS
+
+
+def apply_write(state, first_block, block_count, ref):
+    """The state after blocks [first_block, first_block+block_count) of the group now live in
+    `ref` (whose block 0 is first_block). Keeps only refs that some slot still uses."""
+    if first_block == 0 and block_count == GROUP_BLOCKS:
+        return FULL_SLOTS, (ref,)
+    slots, refs = state if state is not None else EMPTY_STATE
+    return _rebuild(slots, refs, first_block, block_count, ref)
+
+
+def apply_hole(state, first_block, block_count):
+    """The state after blocks [first_block, first_block+block_count) were zeroed or trimmed."""
+    if state is None or (first_block == 0 and block_count == GROUP_BLOCKS):
+        return EMPTY_STATE
+    slots, refs = state
+    return _rebuild(slots, refs, first_block, block_count, None)
+
+
+def _rebuild(slots, refs, first_block, block_count, new_ref):
+    old = list(slots)
+    end = first_block + block_count
+    new_refs = []
+    remap = {}
+    out = bytearray(GROUP_BLOCKS)
+    for block in range(GROUP_BLOCKS):
+        if first_block <= block < end:
+            if new_ref is None:
+                out[block] = HOLE
+                continue
+            if new_ref not in remap:
+                remap[new_ref] = len(new_refs)
+                new_refs.append(new_ref)
+            out[block] = (remap[new_ref] << 4) | (block - first_block)
+            continue
+        slot = old[block]
+        if slot == HOLE:
+            out[block] = HOLE
+            continue
+        ref = refs[slot >> 4]
+        if ref not in remap:
+            remap[ref] = len(new_refs)
+            new_refs.append(ref)
+        out[block] = (remap[ref] << 4) | (slot & 0x0F)
+    return bytes(out), tuple(new_refs)

@@ -1,0 +1,62 @@
+"""Pool metadata: `pool.json` at the top of a pool directory.
+
+UTF-8 JSON object, published atomically (temp, fsync, rename, fsync dir):
+
+| key          | type            | meaning                                                  |
+|--------------|-----------------|----------------------------------------------------------|
+| format       | str             | "chunkvol-pool"                                          |
+| version      | int             | 1                                                        |
+| pool_uuid    | str (32 hex)    | identity of the pool; every chunk header repeats it      |
+| node_id      | int (1..2^32-1) | this node's id: origin of the records it writes          |
+| chunk_size   | int             | capacity of new chunks in bytes                          |
+| chunk_dirs   | list of str     | directories holding chunk files (absolute, or relative to the pool) |
+| created      | str             | ISO-8601 UTC time of `init`                              |
+| checksum     | str (16 hex)    | xxh3-64 of the canonical JSON of every other key         |
+
+The checksum catches a half-edited or damaged file; unknown format or version is refused.
+"""
+
+import json
+
+import xxhash
+
+from chunkvol.errors import CorruptionError, FormatError
+
+FORMAT = "chunkvol-pool"
+VERSION = 1
+REQUIRED = {"format": str, "version": int, "pool_uuid": str, "node_id": int,
+            "chunk_size": int, "chunk_dirs": list, "created": str, "checksum": str}
+
+
+def _canonical(fields):
+    body = {k: v for k, v in fields.items() if k != "checksum"}
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+def encode(fields):
+    fields = dict(fields, format=FORMAT, version=VERSION)
+    fields["checksum"] = format(xxhash.xxh3_64_intdigest(_canonical(fields)), "016x")
+    return (json.dumps(fields, sort_keys=True, indent=2) + "\n").encode()
+
+
+def decode(data, path=None):
+    try:
+        fields = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise FormatError(f"pool metadata is not valid JSON: {error}", path) from None
+    if not isinstance(fields, dict) or fields.get("format") != FORMAT:
+        raise FormatError("not a chunkvol pool metadata file", path)
+    if fields.get("version") != VERSION:
+        raise FormatError(f"unknown pool format version {fields.get('version')!r}", path)
+    for key, kind in REQUIRED.items():
+        if not isinstance(fields.get(key), kind):
+            raise FormatError(f"pool metadata field {key!r} missing or of the wrong type", path)
+    if format(xxhash.xxh3_64_intdigest(_canonical(fields)), "016x") != fields["checksum"]:
+        raise CorruptionError("pool metadata checksum mismatch", path)
+    try:
+        pool_uuid = bytes.fromhex(fields["pool_uuid"])
+    except ValueError:
+        pool_uuid = b""
+    if len(pool_uuid) != 16 or not 0 < fields["node_id"] < 2**32:
+        raise FormatError("pool metadata has an invalid pool_uuid or node_id", path)
+    return fields

@@ -1,0 +1,165 @@
+"""BlockMap: (volume, block) -> versions -> where each version's record lives.
+
+A derived cache of the log, kept in LMDB (measured ~4x faster than SQLite for lookups here).
+Every version of a 64 KiB map group is one entry (format/group_map.py), so the live state is
+one seek (the newest version) and so is any past flush point (the newest version at or before
+its stamp), however deep the history.
+
+Writes do not touch LMDB. They change an in-memory overlay of the groups written since the
+last checkpoint; at each flush point the groups changed since the previous one are sealed into
+versions; a checkpoint writes the sealed versions and the log address they reflect in one
+synced LMDB transaction, then empties the overlay. So the overlay is bounded by the checkpoint
+interval, not by the volume, and a crash loses only overlay that replaying the log's tail
+rebuilds. Delete the `index` directory and the map is rebuilt from the whole log.
+
+Callers hold the pool lock around every method.
+"""
+
+import json
+import os
+
+import lmdb
+
+from chunkvol.errors import CorruptionError
+from chunkvol.format import checkpoint as checkpoint_format
+from chunkvol.format import group_map
+
+MAP_SIZE_BYTES = 1 << 40  # address space only; the file grows as needed
+CHECKPOINT_KEY = b"checkpoint"
+
+
+class BlockMap:
+    def __init__(self, path, readonly=False):
+        self.path = path
+        if not readonly:
+            os.makedirs(path, exist_ok=True)
+        self.env = lmdb.open(path, map_size=MAP_SIZE_BYTES, subdir=True, max_dbs=4,
+                             readonly=readonly, readahead=False, meminit=False, create=not readonly)
+        self.groups_db = self.env.open_db(b"groups", create=not readonly)
+        self.meta_db = self.env.open_db(b"meta", create=not readonly)
+        self.volumes_db = self.env.open_db(b"volumes", create=not readonly)
+        self.overlay = {}        # (volume_id, group) -> state, changed since the last checkpoint
+        self.dirty = {}          # (volume_id, group) -> (hlc, node) changed since the last seal
+        self.pending = []        # sealed (key, value) versions not yet in LMDB
+        self.removed_volumes = []  # volume ids whose versions go at the next checkpoint
+        self.volume_puts = {}    # name -> JSON bytes (None: delete) for the next checkpoint
+
+    # ---- reading -------------------------------------------------------------------
+    def read_checkpoint(self):
+        with self.env.begin(db=self.meta_db) as txn:
+            raw = txn.get(CHECKPOINT_KEY)
+        return None if raw is None else checkpoint_format.decode(raw, self.path)
+
+    def stored_volumes(self):
+        with self.env.begin(db=self.volumes_db) as txn:
+            return [json.loads(value) for _, value in txn.cursor()]
+
+    def reader(self):
+        """A read transaction for a batch of lookups (one per request)."""
+        return self.env.begin(db=self.groups_db)
+
+    def get(self, txn, volume_id, group):
+        """The live state of a group (None: never written)."""
+        state = self.overlay.get((volume_id, group))
+        if state is not None:
+            return state
+        return self.stored_state(txn, volume_id, group)
+
+    def stored_state(self, txn, volume_id, group, hlc=None):
+        """The newest checkpointed version of a group, or the newest at or before stamp `hlc`."""
+        cursor = txn.cursor()
+        start = group_map.newest_key(volume_id, group) if hlc is None else group_map.key(volume_id, group, hlc, group_map.MAX_U32)
+        if not cursor.set_range(start):
+            return None
+        raw_key = cursor.key()
+        if raw_key[:12] != start[:12]:
+            return None
+        return group_map.decode_state(cursor.value())
+
+    def groups_in(self, txn, volume_id, first_group, end_group, limit):
+        """The first `limit` groups in [first_group, end_group), in order, that have any
+        version or overlay state. One seek per group found: holes cost nothing."""
+        stored = []
+        cursor = txn.cursor()
+        group = first_group
+        while group < end_group and len(stored) < limit:
+            if not cursor.set_range(group_map.newest_key(volume_id, group)):
+                break
+            key_volume, key_group = group_map.KEY.unpack(cursor.key())[:2]
+            if key_volume != volume_id or key_group >= end_group:
+                break
+            stored.append(key_group)
+            group = key_group + 1
+        found = set(stored)
+        for volume, group in self.overlay:
+            if volume == volume_id and first_group <= group < end_group:
+                found.add(group)
+        return sorted(found)[:limit]
+
+    # ---- changing ------------------------------------------------------------------
+    def update(self, volume_id, group, state, hlc, node):
+        key = (volume_id, group)
+        self.overlay[key] = state
+        self.dirty[key] = (hlc, node)
+
+    def seal(self):
+        """A flush point: the groups changed since the last one become versions."""
+        overlay = self.overlay
+        pending = self.pending
+        for key, (hlc, node) in self.dirty.items():
+            pending.append((group_map.key(key[0], key[1], hlc, node), group_map.encode_state(overlay[key])))
+        self.dirty.clear()
+
+    def forget_volume(self, volume_id):
+        for key in [key for key in self.overlay if key[0] == volume_id]:
+            del self.overlay[key]
+            self.dirty.pop(key, None)
+        self.pending = [(key, value) for key, value in self.pending
+                        if group_map.KEY.unpack(key)[0] != volume_id]
+        self.removed_volumes.append(volume_id)
+
+    def put_volume(self, name, info):
+        self.volume_puts[name] = None if info is None else json.dumps(info, sort_keys=True).encode()
+
+    @property
+    def unsaved_groups(self):
+        return len(self.overlay)
+
+    def checkpoint(self, checkpoint):
+        """Write sealed versions, volume changes and the checkpoint in one synced transaction.
+        The caller has made the log durable up to checkpoint.log_address and sealed."""
+        if self.dirty:
+            raise CorruptionError("checkpoint with unsealed block-map changes (a bug)")
+        with self.env.begin(write=True) as txn:
+            if self.pending:
+                self.pending.sort()
+                txn.cursor(db=self.groups_db).putmulti(self.pending, overwrite=True)
+            for volume_id in self.removed_volumes:
+                self._delete_volume_versions(txn, volume_id)
+            for name, value in self.volume_puts.items():
+                if value is None:
+                    txn.delete(name.encode(), db=self.volumes_db)
+                else:
+                    txn.put(name.encode(), value, db=self.volumes_db)
+            txn.put(CHECKPOINT_KEY, checkpoint_format.encode(checkpoint), db=self.meta_db)
+        self.pending = []
+        self.overlay.clear()
+        self.removed_volumes.clear()
+        self.volume_puts.clear()
+
+    def _delete_volume_versions(self, txn, volume_id):
+        cursor = txn.cursor(db=self.groups_db)
+        prefix = volume_id.to_bytes(4, "big")
+        if not cursor.set_range(prefix):
+            return
+        while cursor.key()[:4] == prefix:
+            if not cursor.delete():
+                break
+
+    def stats(self):
+        with self.env.begin() as txn:
+            return {"versions": txn.stat(self.groups_db)["entries"],
+                    "index_bytes": self.env.info()["last_pgno"] * self.env.stat()["psize"]}
+
+    def close(self):
+        self.env.close()

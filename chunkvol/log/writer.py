@@ -1,0 +1,122 @@
+"""LogWriter: appends records to the open chunk through an in-memory tail buffer.
+
+Random writes become sequential appends. Records are encoded straight into a preallocated
+buffer (no per-request allocation) and written to the chunk file with one pwrite per buffer
+fill, or on sync. Records still in the buffer are read from it, so the buffer is invisible to
+readers. A failed pwrite (full disk) leaves the buffer as it was: nothing acknowledged is
+dropped, the caller gets OutOfSpaceError, and a later drain retries.
+
+Each chunk keeps room for a SEAL record. Switching chunks (rule 3 in storage/files.py):
+append SEAL, drain, fdatasync, then create the next chunk; so a record in chunk N+1 proves
+that all of chunk N was durable.
+"""
+
+import errno
+
+from chunkvol.errors import OutOfSpaceError
+from chunkvol.format import chunk_header
+from chunkvol.format.record import HEADER_SIZE, RecordType, encode_header_into, MAX_PAYLOAD
+
+BUFFER_BYTES = 1 << 20
+EMPTY = b""
+
+
+class LogWriter:
+    def __init__(self, chunks, files, end_address, stamp_source):
+        """`end_address` is where the next record goes (from recovery); `stamp_source()`
+        returns (origin_node, origin_sequence, hlc) for records the writer makes itself."""
+        self.chunks = chunks
+        self.files = files
+        self.stamp_source = stamp_source
+        self.buffer = bytearray(BUFFER_BYTES + HEADER_SIZE + MAX_PAYLOAD)
+        self.view = memoryview(self.buffer)
+        self.used = 0
+        chunk_id, offset = chunk_header.split_address(end_address)
+        self.chunk = chunks.chunks.get(chunk_id)
+        self.next_chunk_id = chunk_id if self.chunk is None else chunk_id + 1
+        self.file_offset = offset if self.chunk is not None else chunk_header.DATA_OFFSET
+        self.durable_address = end_address
+
+    @property
+    def position(self):
+        """Log address of the next record."""
+        if self.chunk is None:
+            return chunk_header.address(self.next_chunk_id, chunk_header.DATA_OFFSET)
+        return chunk_header.address(self.chunk.chunk_id, self.file_offset + self.used)
+
+    def append(self, record_type, flags, volume_id, payload, origin_node, origin_sequence,
+               hlc, offset_bytes, length_bytes):
+        """Append one record; returns its log address. Raises OutOfSpaceError with nothing changed."""
+        size = HEADER_SIZE + len(payload)
+        if self.chunk is None:
+            self._open_next_chunk(hlc)
+        if self.file_offset + self.used + size + HEADER_SIZE > self.chunk.capacity_bytes:
+            self._seal_and_switch(hlc)
+        if self.used + size > len(self.buffer):
+            self.drain()
+        position = self.used
+        encode_header_into(self.buffer, position, record_type, flags, volume_id, payload,
+                           origin_node, origin_sequence, hlc, offset_bytes, length_bytes)
+        self.buffer[position + HEADER_SIZE:position + size] = payload
+        self.used = position + size
+        log_address = chunk_header.address(self.chunk.chunk_id, self.file_offset + position)
+        if self.used >= BUFFER_BYTES:
+            self.drain()
+        return log_address
+
+    def drain(self):
+        """Write the buffer to the chunk file (no sync)."""
+        if not self.used:
+            return
+        self.files.pwrite(self.chunk.fd, self.view[:self.used], self.file_offset)
+        self.file_offset += self.used
+        self.chunk.size_bytes = self.file_offset
+        self.used = 0
+
+    def sync(self):
+        """Make every appended record durable; returns the durable log address."""
+        if self.chunk is not None:
+            self.drain()
+            self.files.fdatasync(self.chunk.fd)
+        self.durable_address = self.position
+        return self.durable_address
+
+    def read(self, log_address, length):
+        """Bytes [log_address, +length) of the log, from the buffer or the chunk file."""
+        chunk_id, offset = chunk_header.split_address(log_address)
+        chunk = self.chunk
+        if chunk is None or chunk_id != chunk.chunk_id or offset + length <= self.file_offset:
+            return self.chunks.pread(chunk_id, length, offset)
+        if offset >= self.file_offset:
+            start = offset - self.file_offset
+            return bytes(self.view[start:start + length])
+        head = self.chunks.pread(chunk_id, self.file_offset - offset, offset)  # spans file and buffer
+        return head + bytes(self.view[:offset + length - self.file_offset])
+
+    def _seal_and_switch(self, hlc):
+        node, sequence, seal_hlc = self.stamp_source()
+        position = self.used
+        if position + HEADER_SIZE > len(self.buffer):
+            self.drain()
+            position = 0
+        encode_header_into(self.buffer, position, RecordType.SEAL, 0, 0, EMPTY, node, sequence,
+                           seal_hlc, 0, 0)
+        self.used = position + HEADER_SIZE
+        try:
+            self.sync()
+        except BaseException:
+            self.used = position  # the chunk stays open; the next append tries again
+            raise
+        self.chunk = None
+        self._open_next_chunk(hlc)
+
+    def _open_next_chunk(self, hlc):
+        try:
+            self.chunk = self.chunks.create(self.next_chunk_id, hlc)
+        except OSError as error:
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise OutOfSpaceError(f"no space for chunk {self.next_chunk_id}") from None
+            raise
+        self.next_chunk_id += 1
+        self.file_offset = chunk_header.DATA_OFFSET
+        self.used = 0

@@ -1,0 +1,406 @@
+"""Pool: one node's storage: `pool.json`, chunk files, the block map, and the open log.
+
+Layout of a pool directory:
+
+    pool.json        pool metadata (format/pool_metadata.py)
+    lock             held (flock) by the one process that has the pool open for writing
+    chunks/          chunk files (format/chunk_header.py, format/record.py); more
+                     directories, on other disks, may be listed in pool.json
+    index/           LMDB block map and volume table: a cache, rebuilt from the log if lost
+
+Every change is a record appended to the log first; the in-memory state (volumes, block map
+overlay) is then changed by the same `_apply_*` code that replays the log at open, so what a
+pool shows after a crash is what the log says. One lock serialises the pool's state; nbdkit's
+threads take it per request.
+"""
+
+import fcntl
+import json
+import os
+import re
+import threading
+import time
+import uuid
+from datetime import datetime, timezone
+
+import zstandard
+
+from chunkvol.clock import HybridClock
+from chunkvol.errors import (AlreadyExistsError, ChunkvolError, CorruptionError, NotFoundError,
+                             OutOfRangeError, PoolBusyError, ReadOnlyError, UsageError)
+from chunkvol.format import chunk_header, pool_metadata
+from chunkvol.format import group_map
+from chunkvol.format.checkpoint import Checkpoint
+from chunkvol.format.record import (BLOCK_SIZE, COMMIT_PAYLOAD, FLAG_TRIM, GROUP_BLOCKS, GROUP_SIZE,
+                                    RecordType)
+from chunkvol.index.blockmap import BlockMap
+from chunkvol.log.recovery import recover
+from chunkvol.log.writer import LogWriter
+from chunkvol.storage.chunks import ChunkTable
+from chunkvol.storage.files import LocalFiles
+
+DEFAULT_CHUNK_SIZE = 8 << 30
+CHECKPOINT_GROUPS = 65536      # overlay size (64 KiB groups) that forces a checkpoint
+AUTO_FLUSH_GROUPS = 65536      # unsealed groups that force a flush point
+CHECKPOINT_SECONDS = 30.0
+VOLUME_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
+COMPRESSIONS = ("none", "zstd")
+MAX_VOLUME_BYTES = 1 << 50
+
+
+def validate_volume_name(name):
+    if not isinstance(name, str) or not VOLUME_NAME.match(name):
+        raise UsageError(f"invalid volume name {name!r}: use letters, digits, '.', '_', '+', '-' "
+                         "(up to 128, starting with a letter or digit)")
+    return name
+
+
+class VolumeInfo:
+    __slots__ = ("volume_id", "name", "size_bytes", "compression", "created_hlc")
+
+    def __init__(self, volume_id, name, size_bytes, compression, created_hlc):
+        self.volume_id = volume_id
+        self.name = name
+        self.size_bytes = size_bytes
+        self.compression = compression
+        self.created_hlc = created_hlc
+
+    def as_dict(self):
+        return {"id": self.volume_id, "name": self.name, "size": self.size_bytes,
+                "compression": self.compression, "created_hlc": self.created_hlc}
+
+
+class Pool:
+    """An opened pool. Use `Pool.create` then `Pool.open`; close it (or use `with`)."""
+
+    def __init__(self, path, fields, files, readonly):
+        self.path = path
+        self.fields = fields
+        self.files = files
+        self.readonly = readonly
+        self.pool_uuid = bytes.fromhex(fields["pool_uuid"])
+        self.node_id = fields["node_id"]
+        self.chunk_size = fields["chunk_size"]
+        self.chunk_dirs = [os.path.join(path, d) for d in fields["chunk_dirs"]]
+        self.lock = threading.RLock()
+        self.clock = HybridClock()
+        self.volumes = {}
+        self.volumes_by_id = {}
+        self.next_sequence = 1
+        self.next_volume_id = 1
+        self.records_replayed = 0
+        self.damage = []
+        self.compressor = zstandard.ZstdCompressor(level=1, write_content_size=True)
+        self.decompressor = zstandard.ZstdDecompressor()
+        self.last_checkpoint_time = time.monotonic()
+        self.lock_fd = None
+        self.chunks = None
+        self.blockmap = None
+        self.writer = None
+        self.closed = False
+
+    # ---- creating and opening -----------------------------------------------------
+    @classmethod
+    def create(cls, path, chunk_size=DEFAULT_CHUNK_SIZE, chunk_dirs=None, files=None, node_id=None):
+        files = files or LocalFiles()
+        path = os.path.abspath(path)
+        if os.path.exists(os.path.join(path, "pool.json")):
+            raise AlreadyExistsError(f"a pool already exists at {path}")
+        if not chunk_header.MIN_CAPACITY <= chunk_size <= chunk_header.MAX_CAPACITY // 2:
+            raise UsageError("chunk size must be between 16M and 512G")
+        if chunk_size % BLOCK_SIZE:
+            raise UsageError("chunk size must be a multiple of 4096")
+        os.makedirs(path, exist_ok=True)
+        directories = []
+        for directory in chunk_dirs or ["chunks"]:
+            absolute = os.path.join(path, directory)
+            os.makedirs(absolute, exist_ok=True)
+            directories.append(directory if not os.path.isabs(directory) else absolute)
+        fields = {
+            "pool_uuid": uuid.uuid4().hex,
+            "node_id": node_id or (int.from_bytes(os.urandom(4), "little") or 1),
+            "chunk_size": chunk_size,
+            "chunk_dirs": directories,
+            "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }
+        files.publish(os.path.join(path, "pool.json"), pool_metadata.encode(fields))
+        return path
+
+    @classmethod
+    def read_metadata(cls, path, files=None):
+        files = files or LocalFiles()
+        metadata_path = os.path.join(os.path.abspath(path), "pool.json")
+        if not os.path.exists(metadata_path):
+            raise NotFoundError(f"no pool at {os.path.abspath(path)} (run `chunkvol --pool {path} init`)")
+        return pool_metadata.decode(files.read_file(metadata_path), metadata_path)
+
+    @classmethod
+    def open(cls, path, readonly=False, files=None):
+        files = files or LocalFiles()
+        path = os.path.abspath(path)
+        pool = cls(path, cls.read_metadata(path, files), files, readonly)
+        try:
+            pool._open()
+        except BaseException:
+            pool._release()
+            raise
+        return pool
+
+    def _open(self):
+        if not self.readonly:
+            self._take_lock()
+        self.chunks = ChunkTable(self.files, self.pool_uuid, self.chunk_dirs, self.chunk_size,
+                                 writable=not self.readonly).load()
+        index_path = os.path.join(self.path, "index")
+        if self.readonly and not os.path.exists(os.path.join(index_path, "data.mdb")):
+            raise NotFoundError("the pool has no block map yet; open it read-write once to build it")
+        self.blockmap = BlockMap(index_path, readonly=self.readonly)
+        checkpoint = self.blockmap.read_checkpoint()
+        if checkpoint is not None and checkpoint.pool_uuid != self.pool_uuid:
+            raise CorruptionError("the block map belongs to another pool; delete the index directory to rebuild it",
+                                  index_path)
+        if checkpoint is None:
+            first = self.chunks.ids()[0] if self.chunks.ids() else 1
+            start = chunk_header.address(first, chunk_header.DATA_OFFSET)
+        else:
+            start = checkpoint.log_address
+            self.next_sequence = checkpoint.next_origin_sequence
+            self.clock.observe(checkpoint.max_hlc)
+            self.next_volume_id = checkpoint.next_volume_id
+            self.records_replayed = checkpoint.records_replayed
+        for info in self.blockmap.stored_volumes():
+            self._add_volume(VolumeInfo(info["id"], info["name"], info["size"], info["compression"],
+                                        info["created_hlc"]), persist=False)
+        result = recover(self.chunks, start, self._apply_replayed, writable=not self.readonly)
+        self.damage = result.damage
+        self.records_replayed += result.records_applied
+        self.writer = LogWriter(self.chunks, self.files, result.end_address, self._next_stamp)
+        if not self.readonly and (result.records_applied or checkpoint is None):
+            self._flush_locked()
+            self._checkpoint_locked()
+
+    def _take_lock(self):
+        lock_path = os.path.join(self.path, "lock")
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise PoolBusyError(f"pool {self.path} is in use by another process (pid {holder}); "
+                                "stop it, or use a read-only command") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.lock_fd = fd
+
+    def _release(self):
+        if self.blockmap is not None:
+            self.blockmap.close()
+            self.blockmap = None
+        if self.chunks is not None:
+            self.chunks.close()
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+            self.lock_fd = None
+
+    def close(self):
+        with self.lock:
+            if self.closed:
+                return
+            try:
+                if not self.readonly:
+                    self._flush_locked()
+                    self._checkpoint_locked()
+            finally:
+                self.closed = True
+                self._release()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ---- the log ------------------------------------------------------------------
+    def _next_stamp(self):
+        sequence = self.next_sequence
+        self.next_sequence = sequence + 1
+        return self.node_id, sequence, self.clock.now()
+
+    def _append(self, record_type, flags, volume_id, payload, offset_bytes, length_bytes):
+        """Append a record stamped by this node; returns (address, hlc)."""
+        if self.readonly:
+            raise ReadOnlyError("the pool is open read-only")
+        node, sequence, hlc = self._next_stamp()
+        address = self.writer.append(record_type, flags, volume_id, payload, node, sequence, hlc,
+                                     offset_bytes, length_bytes)
+        return address, hlc
+
+    def flush(self):
+        """A flush point: everything written before is durable once this returns."""
+        with self.lock:
+            self._flush_locked()
+            if (self.blockmap.unsaved_groups >= CHECKPOINT_GROUPS
+                    or time.monotonic() - self.last_checkpoint_time >= CHECKPOINT_SECONDS):
+                self._checkpoint_locked()
+
+    def _flush_locked(self):
+        durable = self.writer.sync()
+        self._append(RecordType.COMMIT, 0, 0, COMMIT_PAYLOAD.pack(durable), 0, 0)
+        self.blockmap.seal()
+
+    def _checkpoint_locked(self):
+        """Log durable up to here, then the block map and this address in one synced txn."""
+        if self.blockmap.dirty:
+            self._flush_locked()
+        self.writer.sync()
+        self.blockmap.checkpoint(Checkpoint(self.pool_uuid, self.writer.position, self.next_sequence,
+                                            self.clock.last, self.next_volume_id, self.records_replayed))
+        self.last_checkpoint_time = time.monotonic()
+
+    def maybe_auto_flush(self):
+        """Bound memory when a client never flushes: make a flush point of our own."""
+        if len(self.blockmap.dirty) >= AUTO_FLUSH_GROUPS:
+            self._flush_locked()
+            self._checkpoint_locked()
+
+    # ---- applying records (live and replay share this) ----------------------------
+    def _apply_replayed(self, address, header, payload):
+        record_type = header[0]
+        hlc = header[6]
+        self.clock.observe(hlc)
+        if header[4] == self.node_id and header[5] >= self.next_sequence:
+            self.next_sequence = header[5] + 1
+        if record_type == RecordType.EXTENT:
+            info = self.volumes_by_id.get(header[2])
+            if info is not None:
+                self._map_extent(info.volume_id, header[7], header[8],
+                                 (address, header[3], hlc, header[1]), hlc, header[4])
+        elif record_type == RecordType.ZERO:
+            if header[2] in self.volumes_by_id:
+                self._map_hole(header[2], header[7], header[8], hlc, header[4])
+        elif record_type == RecordType.COMMIT:
+            self.blockmap.seal()
+        elif record_type in (RecordType.VOLUME_CREATE, RecordType.VOLUME_RESIZE, RecordType.VOLUME_REMOVE):
+            if payload is not None:
+                self._apply_volume_record(record_type, header[2], bytes(payload), hlc)
+
+    def _map_extent(self, volume_id, offset_bytes, length_bytes, ref, hlc, node):
+        """Blocks [offset, offset+length) of one group now live in record `ref`."""
+        group, first = divmod(offset_bytes // BLOCK_SIZE, GROUP_BLOCKS)
+        count = length_bytes // BLOCK_SIZE
+        blockmap = self.blockmap
+        state = None
+        if count != GROUP_BLOCKS:
+            state = blockmap.overlay.get((volume_id, group))
+            if state is None:
+                with blockmap.reader() as txn:
+                    state = blockmap.stored_state(txn, volume_id, group)
+        blockmap.update(volume_id, group, group_map.apply_write(state, first, count, ref), hlc, node)
+
+    def _map_hole(self, volume_id, offset_bytes, length_bytes, hlc, node):
+        """Blocks [offset, offset+length) read as zeros from now on (any number of groups)."""
+        first_block = offset_bytes // BLOCK_SIZE
+        end_block = first_block + length_bytes // BLOCK_SIZE
+        blockmap = self.blockmap
+        first_group = first_block // GROUP_BLOCKS
+        end_group = (end_block + GROUP_BLOCKS - 1) // GROUP_BLOCKS
+        with blockmap.reader() as txn:
+            group = first_group
+            while group < end_group:
+                batch = blockmap.groups_in(txn, volume_id, group, end_group, 4096)
+                if not batch:
+                    break
+                for found in batch:
+                    state = blockmap.get(txn, volume_id, found)
+                    if state is None or group_map.is_hole(state):
+                        continue
+                    start = max(first_block, found * GROUP_BLOCKS) - found * GROUP_BLOCKS
+                    end = min(end_block, (found + 1) * GROUP_BLOCKS) - found * GROUP_BLOCKS
+                    blockmap.update(volume_id, found, group_map.apply_hole(state, start, end - start), hlc, node)
+                group = batch[-1] + 1
+
+    # ---- volumes ------------------------------------------------------------------
+    def _add_volume(self, info, persist=True):
+        self.volumes[info.name] = info
+        self.volumes_by_id[info.volume_id] = info
+        if info.volume_id >= self.next_volume_id:
+            self.next_volume_id = info.volume_id + 1
+        if persist:
+            self.blockmap.put_volume(info.name, info.as_dict())
+
+    def _apply_volume_record(self, record_type, volume_id, payload, hlc):
+        try:
+            description = json.loads(payload)
+        except ValueError:
+            self.damage.append(CorruptionError(f"volume record for id {volume_id} is not JSON"))
+            return
+        if record_type == RecordType.VOLUME_CREATE:
+            self._add_volume(VolumeInfo(volume_id, description["name"], description["size"],
+                                        description["compression"], hlc))
+        else:
+            info = self.volumes_by_id.get(volume_id)
+            if info is None:
+                return
+            if record_type == RecordType.VOLUME_RESIZE:
+                info.size_bytes = description["size"]
+                self.blockmap.put_volume(info.name, info.as_dict())
+            else:
+                del self.volumes[info.name]
+                del self.volumes_by_id[volume_id]
+                self.blockmap.forget_volume(volume_id)
+                self.blockmap.put_volume(info.name, None)
+
+    def _volume_change(self, record_type, volume_id, description):
+        payload = json.dumps(description, sort_keys=True).encode()
+        address, hlc = self._append(record_type, 0, volume_id, payload, 0, 0)
+        self._apply_volume_record(record_type, volume_id, payload, hlc)
+        self._flush_locked()
+        self._checkpoint_locked()
+
+    def create_volume(self, name, size_bytes, compression="none"):
+        validate_volume_name(name)
+        size_bytes = _check_volume_size(size_bytes)
+        if compression not in COMPRESSIONS:
+            raise UsageError(f"unknown compression {compression!r} (use one of: {', '.join(COMPRESSIONS)})")
+        with self.lock:
+            if name in self.volumes:
+                raise AlreadyExistsError(f"volume {name!r} already exists")
+            self._volume_change(RecordType.VOLUME_CREATE, self.next_volume_id,
+                                {"name": name, "size": size_bytes, "compression": compression})
+            return self.volumes[name]
+
+    def resize_volume(self, name, size_bytes):
+        size_bytes = _check_volume_size(size_bytes)
+        with self.lock:
+            info = self.volume_info(name)
+            if size_bytes < info.size_bytes:
+                raise OutOfRangeError(f"volume {name!r} is {info.size_bytes} bytes; shrinking is not supported")
+            if size_bytes != info.size_bytes:
+                self._volume_change(RecordType.VOLUME_RESIZE, info.volume_id, {"name": name, "size": size_bytes})
+            return info
+
+    def remove_volume(self, name):
+        with self.lock:
+            info = self.volume_info(name)
+            self._volume_change(RecordType.VOLUME_REMOVE, info.volume_id, {"name": name})
+
+    def volume_info(self, name):
+        try:
+            return self.volumes[name]
+        except KeyError:
+            raise NotFoundError(f"no volume named {name!r} in pool {self.path}") from None
+
+    def volume(self, name, readonly=False):
+        from chunkvol.volume import Volume
+        return Volume(self, self.volume_info(name), readonly=readonly or self.readonly)
+
+
+def _check_volume_size(size_bytes):
+    if not isinstance(size_bytes, int) or size_bytes <= 0:
+        raise UsageError("volume size must be a positive number of bytes")
+    if size_bytes % BLOCK_SIZE:
+        raise UsageError("volume size must be a multiple of 4096 bytes")
+    if size_bytes > MAX_VOLUME_BYTES:
+        raise UsageError("volume size is over the 1 PiB limit")
+    return size_bytes

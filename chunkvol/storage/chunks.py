@@ -1,0 +1,135 @@
+"""Chunk files: the table of a pool's chunks, kept in memory, and their files on disk.
+
+A chunk file is named `chunk-<id as 16 hex digits>.cvc` and lives in one of the pool's chunk
+directories (another disk may hold some of them). The table maps chunk id -> Chunk. New
+chunks go to the directory with the most free space. Ids grow in allocation order, which is
+the order of the log.
+"""
+
+import os
+import re
+
+from chunkvol.errors import CorruptionError, FormatError
+from chunkvol.format import chunk_header
+
+NAME = re.compile(r"^chunk-([0-9a-f]{16})\.cvc$")
+
+
+def chunk_name(chunk_id):
+    return f"chunk-{chunk_id:016x}.cvc"
+
+
+class Chunk:
+    __slots__ = ("chunk_id", "path", "fd", "capacity_bytes", "size_bytes", "created_hlc")
+
+    def __init__(self, chunk_id, path, fd, capacity_bytes, size_bytes, created_hlc):
+        self.chunk_id = chunk_id
+        self.path = path
+        self.fd = fd
+        self.capacity_bytes = capacity_bytes
+        self.size_bytes = size_bytes
+        self.created_hlc = created_hlc
+
+
+class ChunkTable:
+    """Every chunk of a pool, opened read-write (or read-only), indexed by id."""
+
+    def __init__(self, files, pool_uuid, directories, capacity_bytes, writable=True):
+        self.files = files
+        self.pool_uuid = pool_uuid
+        self.directories = list(directories)
+        self.capacity_bytes = capacity_bytes
+        self.writable = writable
+        self.chunks = {}
+
+    def load(self):
+        """Open every chunk file in the pool's directories and check its header."""
+        for directory in self.directories:
+            if not os.path.isdir(directory):
+                raise FormatError("chunk directory is missing", directory)
+            for name in sorted(self.files.listdir(directory)):
+                if name.startswith("chunk-") and name.endswith(".cvc.new") and self.writable:
+                    self.files.remove(os.path.join(directory, name))
+                    continue
+                match = NAME.match(name)
+                if not match:
+                    continue
+                self._open(int(match.group(1), 16), os.path.join(directory, name))
+        return self
+
+    def _open(self, chunk_id, path):
+        if chunk_id in self.chunks:
+            raise CorruptionError(f"chunk {chunk_id} exists twice (also {self.chunks[chunk_id].path})", path)
+        fd = self.files.open_write(path) if self.writable else self.files.open_read(path)
+        try:
+            header = self.files.pread(fd, chunk_header.DATA_OFFSET, 0)
+            pool_uuid, header_id, capacity, created = chunk_header.decode(header, path)
+            if pool_uuid != self.pool_uuid:
+                raise FormatError("chunk file belongs to another pool", path, 16)
+            if header_id != chunk_id:
+                raise FormatError(f"chunk header says id {header_id}, file name says {chunk_id}", path, 32)
+            size = self.files.size(fd)
+            if size > capacity:
+                raise CorruptionError(f"chunk file is larger ({size}) than its capacity ({capacity})", path)
+        except BaseException:
+            self.files.close(fd)
+            raise
+        self.chunks[chunk_id] = Chunk(chunk_id, path, fd, capacity, size, created)
+
+    def ids(self):
+        return sorted(self.chunks)
+
+    def get(self, chunk_id):
+        try:
+            return self.chunks[chunk_id]
+        except KeyError:
+            raise CorruptionError(f"log refers to chunk {chunk_id}, which does not exist") from None
+
+    def _pick_directory(self):
+        def free_bytes(directory):
+            stat = os.statvfs(directory)
+            return stat.f_bavail * stat.f_frsize
+        return max(self.directories, key=free_bytes)
+
+    def create(self, chunk_id, created_hlc):
+        """Rule 2: the header is durable, and so is the directory entry, before it is used."""
+        directory = self._pick_directory()
+        path = os.path.join(directory, chunk_name(chunk_id))
+        temporary = path + ".new"  # a crash mid-creation leaves only this, removed at load
+        fd = self.files.open_write(temporary, create=True)
+        try:
+            self.files.pwrite(fd, chunk_header.encode(self.pool_uuid, chunk_id, self.capacity_bytes, created_hlc), 0)
+            self.files.fsync(fd)
+            self.files.rename(temporary, path)
+            self.files.fsync_directory(directory)
+        except BaseException:
+            self.files.close(fd)
+            for leftover in (temporary, path):
+                try:
+                    os.unlink(leftover)
+                except OSError:
+                    pass
+            raise
+        chunk = Chunk(chunk_id, path, fd, self.capacity_bytes, chunk_header.DATA_OFFSET, created_hlc)
+        self.chunks[chunk_id] = chunk
+        return chunk
+
+    def truncate(self, chunk_id, size_bytes):
+        chunk = self.get(chunk_id)
+        self.files.truncate(chunk.fd, size_bytes)
+        self.files.fsync(chunk.fd)
+        chunk.size_bytes = size_bytes
+
+    def remove(self, chunk_id):
+        chunk = self.chunks.pop(chunk_id)
+        self.files.close(chunk.fd)
+        self.files.remove(chunk.path)
+        self.files.fsync_directory(os.path.dirname(chunk.path))
+
+    def pread(self, chunk_id, length, offset):
+        return self.files.pread(self.get(chunk_id).fd, length, offset)
+
+    def close(self):
+        for chunk in self.chunks.values():
+            self.files.close(chunk.fd)
+        self.chunks.clear()

@@ -1,0 +1,93 @@
+"""The seam for all file I/O, so that tests can put a faulty layer in its place.
+
+Durability rules (MUST), from which the write order follows:
+1. A published file (pool.json) MUST be written to a temporary name, fsynced, renamed over
+   the old name, and the directory fsynced: readers see the old or the new file, never a mix.
+2. A new chunk file MUST be fsynced with its header, and its directory fsynced, before any
+   record is written into it.
+3. Log bytes MUST be fdatasynced before a FLUSH or FUA reply, before a checkpoint that points
+   past them, and before the next chunk receives a record.
+
+Everything in chunkvol that touches a file goes through a `LocalFiles` instance; tests pass a
+subclass that drops, tears or fails writes (tests/faults.py).
+"""
+
+import errno
+import os
+
+from chunkvol.errors import OutOfSpaceError
+
+
+class LocalFiles:
+    """Plain POSIX files. Methods are thin so that fault layers override exactly one step."""
+
+    def open_read(self, path):
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
+    def open_write(self, path, create=False):
+        flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT | os.O_EXCL if create else 0)
+        return os.open(path, flags, 0o644)
+
+    def close(self, fd):
+        os.close(fd)
+
+    def pread(self, fd, length, offset):
+        return os.pread(fd, length, offset)
+
+    def pwrite(self, fd, data, offset):
+        """Write all of `data`; a short write is retried, ENOSPC becomes OutOfSpaceError."""
+        view = memoryview(data)
+        try:
+            while view:
+                written = os.pwrite(fd, view, offset)
+                view = view[written:]
+                offset += written
+        except OSError as error:
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise OutOfSpaceError("no space left on the device holding the chunks") from None
+            raise
+
+    def fdatasync(self, fd):
+        os.fdatasync(fd)
+
+    def fsync(self, fd):
+        os.fsync(fd)
+
+    def truncate(self, fd, length):
+        os.ftruncate(fd, length)
+
+    def size(self, fd):
+        return os.fstat(fd).st_size
+
+    def fsync_directory(self, path):
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def listdir(self, path):
+        return os.listdir(path)
+
+    def remove(self, path):
+        os.unlink(path)
+
+    def rename(self, source, target):
+        os.replace(source, target)
+
+    def read_file(self, path):
+        with open(path, "rb") as handle:
+            return handle.read()
+
+    def publish(self, path, data):
+        """Rule 1: replace `path` with `data` atomically and durably."""
+        directory = os.path.dirname(os.path.abspath(path))
+        temporary = f"{path}.tmp-{os.getpid()}"
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            self.pwrite(fd, data, 0)
+            self.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, path)
+        self.fsync_directory(directory)

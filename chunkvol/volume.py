@@ -1,0 +1,297 @@
+"""Volume: one virtual disk of a pool: read, write, zero, trim, flush, extents.
+
+write: split at 64 KiB map groups -> one EXTENT record per piece (zstd if it saves space) ->
+       append to the log -> map the group -> reply. Sub-block writes read the edge blocks first.
+read:  block map lookup per group -> fetch the records (adjacent ones in one pread) -> check
+       the header against the map (volume, offset, stamp) and the payload checksum ->
+       decompress -> copy; holes read as zeros.
+Every method takes the pool lock; errors are chunkvol.errors, mapped to errno by the plugin.
+"""
+
+from chunkvol.errors import CorruptionError, OutOfRangeError, ReadOnlyError
+from chunkvol.format import group_map
+from chunkvol.format import record as record_format
+from chunkvol.format.record import (BLOCK_SIZE, FLAG_TRIM, FLAG_ZSTD, GROUP_BLOCKS, GROUP_SIZE, HEADER_SIZE,
+                                    RecordType)
+
+import zstandard
+import xxhash
+
+_xxh3 = xxhash.xxh3_64_intdigest
+_HOLE = group_map.HOLE
+_FULL_SLOTS = group_map.FULL_SLOTS
+_HOLE_SLOTS = group_map.HOLE_SLOTS
+EXTENT_DATA = 0
+EXTENT_HOLE_ZERO = 3  # nbdkit.EXTENT_HOLE | nbdkit.EXTENT_ZERO
+MAX_EXTENT_GROUPS = 16384  # one extents reply covers at most 1 GiB; clients ask again
+
+
+class Volume:
+    def __init__(self, pool, info, readonly=False):
+        self.pool = pool
+        self.info = info
+        self.volume_id = info.volume_id
+        self.readonly = readonly
+        self.compress = info.compression == "zstd"
+
+    @property
+    def name(self):
+        return self.info.name
+
+    @property
+    def size_bytes(self):
+        return self.info.size_bytes
+
+    def _check(self, offset, length, writing=False):
+        if writing and self.readonly:
+            raise ReadOnlyError(f"volume {self.name!r} is read-only here")
+        if offset < 0 or length < 0 or offset + length > self.info.size_bytes:
+            raise OutOfRangeError(f"request [{offset}, +{length}) is outside volume {self.name!r} "
+                                  f"of {self.info.size_bytes} bytes")
+        if self.pool.volumes_by_id.get(self.volume_id) is not self.info:
+            raise OutOfRangeError(f"volume {self.name!r} was removed")
+
+    # ---- write ----------------------------------------------------------------------
+    def write(self, data, offset, fua=False):
+        length = len(data)
+        self._check(offset, length, writing=True)
+        if not length:
+            return
+        pool = self.pool
+        with pool.lock:
+            if offset % BLOCK_SIZE or length % BLOCK_SIZE:
+                data, offset = self._widen(data, offset)
+            self._write_blocks(memoryview(data), offset)
+            pool.maybe_auto_flush()
+            if fua:
+                pool._flush_locked()
+
+    def _widen(self, data, offset):
+        """Read-modify-write: the whole blocks around an unaligned write."""
+        start = offset - offset % BLOCK_SIZE
+        end = -(-(offset + len(data)) // BLOCK_SIZE) * BLOCK_SIZE
+        merged = bytearray(end - start)
+        self._read_locked(memoryview(merged)[:BLOCK_SIZE], start)
+        if end - start > BLOCK_SIZE:
+            self._read_locked(memoryview(merged)[-BLOCK_SIZE:], end - BLOCK_SIZE)
+        merged[offset - start:offset - start + len(data)] = data
+        return merged, start
+
+    def _write_blocks(self, view, offset):
+        pool = self.pool
+        writer = pool.writer
+        compressor = pool.compressor if self.compress else None
+        volume_id = self.volume_id
+        position = 0
+        total = len(view)
+        while position < total:
+            block = (offset + position) // BLOCK_SIZE
+            first = block % GROUP_BLOCKS
+            count = min(GROUP_BLOCKS - first, (total - position) // BLOCK_SIZE)
+            piece_bytes = count * BLOCK_SIZE
+            piece = view[position:position + piece_bytes]
+            payload = piece
+            flags = 0
+            if compressor is not None:
+                packed = compressor.compress(piece)
+                if len(packed) + 512 < piece_bytes:  # keep raw unless it saves a sector
+                    payload = packed
+                    flags = FLAG_ZSTD
+            node, sequence, hlc = pool._next_stamp()
+            address = writer.append(RecordType.EXTENT, flags, volume_id, payload, node, sequence, hlc,
+                                    block * BLOCK_SIZE, piece_bytes)
+            pool._map_extent(volume_id, block * BLOCK_SIZE, piece_bytes, (address, len(payload), hlc, flags),
+                             hlc, node)
+            position += piece_bytes
+
+    # ---- zero and trim ----------------------------------------------------------------
+    def zero(self, offset, length, fua=False, trim=False):
+        self._check(offset, length, writing=True)
+        if not length:
+            return
+        pool = self.pool
+        with pool.lock:
+            start = -(-offset // BLOCK_SIZE) * BLOCK_SIZE
+            end = (offset + length) // BLOCK_SIZE * BLOCK_SIZE
+            if start >= end:  # inside one block: write zeros
+                self._write_blocks(*self._widen_zero(offset, length))
+            else:
+                if start > offset:
+                    self._write_blocks(*self._widen_zero(offset, start - offset))
+                if offset + length > end:
+                    self._write_blocks(*self._widen_zero(end, offset + length - end))
+                _, hlc = pool._append(RecordType.ZERO, FLAG_TRIM if trim else 0, self.volume_id, b"",
+                                      start, end - start)
+                pool._map_hole(self.volume_id, start, end - start, hlc, pool.node_id)
+            pool.maybe_auto_flush()
+            if fua:
+                pool._flush_locked()
+
+    def _widen_zero(self, offset, length):
+        merged, start = self._widen(bytes(length), offset)
+        return memoryview(merged), start
+
+    def trim(self, offset, length, fua=False):
+        self.zero(offset, length, fua=fua, trim=True)
+
+    def flush(self):
+        self.pool.flush()
+
+    # ---- read -------------------------------------------------------------------------
+    def read(self, buffer, offset):
+        """Fill `buffer` (a writable buffer) with bytes [offset, offset+len(buffer))."""
+        length = len(buffer)
+        self._check(offset, length)
+        if not length:
+            return
+        with self.pool.lock:
+            if offset % BLOCK_SIZE or length % BLOCK_SIZE:
+                start = offset - offset % BLOCK_SIZE
+                end = -(-(offset + length) // BLOCK_SIZE) * BLOCK_SIZE
+                scratch = bytearray(end - start)
+                self._read_locked(memoryview(scratch), start)
+                memoryview(buffer)[:] = memoryview(scratch)[offset - start:offset - start + length]
+            else:
+                self._read_locked(memoryview(buffer).cast("B"), offset)
+
+    def _read_locked(self, out, offset, hlc=None):
+        """Aligned read into memoryview `out`: plan the pieces, then fetch records."""
+        blockmap = self.pool.blockmap
+        volume_id = self.volume_id
+        first_block = offset // BLOCK_SIZE
+        end_block = first_block + len(out) // BLOCK_SIZE
+        pieces = []  # (ref, block_in_record, block_count, out_offset)
+        overlay = blockmap.overlay
+        txn = None
+        try:
+            block = first_block
+            while block < end_block:
+                group, first = divmod(block, GROUP_BLOCKS)
+                count = min(GROUP_BLOCKS - first, end_block - block)
+                state = overlay.get((volume_id, group)) if hlc is None else None
+                if state is None:
+                    if txn is None:
+                        txn = blockmap.reader()
+                    state = blockmap.stored_state(txn, volume_id, group, hlc)
+                out_offset = (block - first_block) * BLOCK_SIZE
+                if state is None or state[0] == _HOLE_SLOTS:
+                    out[out_offset:out_offset + count * BLOCK_SIZE] = bytes(count * BLOCK_SIZE)
+                elif state[0] == _FULL_SLOTS:
+                    pieces.append((state[1][0], first, count, out_offset))
+                else:
+                    self._plan_mixed(state, first, count, out, out_offset, pieces)
+                block += count
+        finally:
+            if txn is not None:
+                txn.abort()
+        if pieces:
+            self._fetch(pieces, out)
+
+    @staticmethod
+    def _plan_mixed(state, first, count, out, out_offset, pieces):
+        slots, refs = state
+        index = first
+        end = first + count
+        while index < end:
+            slot = slots[index]
+            run = 1
+            while index + run < end and slots[index + run] == (slot + run if slot != _HOLE else _HOLE):
+                run += 1
+            at = out_offset + (index - first) * BLOCK_SIZE
+            if slot == _HOLE:
+                out[at:at + run * BLOCK_SIZE] = bytes(run * BLOCK_SIZE)
+            else:
+                pieces.append((refs[slot >> 4], slot & 0x0F, run, at))
+            index += run
+
+    def _fetch(self, pieces, out):
+        """Read the records behind `pieces`; records adjacent in the log share one read."""
+        writer = self.pool.writer
+        index = 0
+        total = len(pieces)
+        while index < total:
+            ref = pieces[index][0]
+            span_start = last_address = ref[0]
+            span_end = span_start + HEADER_SIZE + ref[1]
+            last = index + 1
+            while last < total:
+                next_address = pieces[last][0][0]
+                if next_address == span_end:
+                    span_end += HEADER_SIZE + pieces[last][0][1]
+                    last_address = next_address
+                elif next_address != last_address:
+                    break
+                last += 1
+            data = memoryview(writer.read(span_start, span_end - span_start))
+            payloads = {}
+            for ref, block_in_record, block_count, out_offset in pieces[index:last]:
+                payload = payloads.get(ref[0])
+                if payload is None:
+                    payload = self._open_record(ref, data[ref[0] - span_start:ref[0] - span_start + HEADER_SIZE + ref[1]])
+                    payloads[ref[0]] = payload
+                start = block_in_record * BLOCK_SIZE
+                out[out_offset:out_offset + block_count * BLOCK_SIZE] = payload[start:start + block_count * BLOCK_SIZE]
+            index = last
+
+    def _open_record(self, ref, raw):
+        """Check a fetched record against its map entry; return its logical payload."""
+        address, stored_length, hlc, flags = ref
+        where = f"log address {address >> 40}:{address & ((1 << 40) - 1)}"
+        if len(raw) != HEADER_SIZE + stored_length:
+            raise CorruptionError(f"record at {where} is cut short")
+        header = record_format.decode_header(raw[:HEADER_SIZE], where)
+        payload = raw[HEADER_SIZE:]
+        if header[6] != hlc or header[2] != self.volume_id or header[0] != RecordType.EXTENT:
+            raise CorruptionError(f"record at {where} is not the one the block map expects")
+        if _xxh3(payload) != header[9]:
+            raise CorruptionError(f"record payload checksum mismatch at {where}")
+        if flags & FLAG_ZSTD:
+            length = header[8]
+            declared = zstandard.frame_content_size(payload)
+            if declared != length or length > GROUP_SIZE:
+                raise CorruptionError(f"compressed record at {where} declares {declared} bytes, expected {length}")
+            return memoryview(self.pool.decompressor.decompress(payload, max_output_size=length))
+        return payload
+
+    # ---- extents and cache ------------------------------------------------------------
+    def extents(self, offset, length):
+        """[(offset, length, type)] from `offset`: type 0 data, 3 hole (reads as zeros)."""
+        self._check(offset, length)
+        result = []
+        end = offset + length
+        first_group = offset // GROUP_SIZE
+        end_group = min(-(-end // GROUP_SIZE), first_group + MAX_EXTENT_GROUPS)
+        limit_bytes = min(end, end_group * GROUP_SIZE)
+        blockmap = self.pool.blockmap
+
+        def add(start, stop, kind):
+            start, stop = max(start, offset), min(stop, limit_bytes)
+            if start >= stop:
+                return
+            if result and result[-1][2] == kind and result[-1][0] + result[-1][1] == start:
+                result[-1] = (result[-1][0], stop - result[-1][0], kind)
+            else:
+                result.append((start, stop - start, kind))
+
+        with self.pool.lock:
+            with blockmap.reader() as txn:
+                cursor_group = first_group
+                for group in blockmap.groups_in(txn, self.volume_id, first_group, end_group, MAX_EXTENT_GROUPS):
+                    add(cursor_group * GROUP_SIZE, group * GROUP_SIZE, EXTENT_HOLE_ZERO)
+                    slots = blockmap.get(txn, self.volume_id, group)[0]
+                    base = group * GROUP_SIZE
+                    for index in range(GROUP_BLOCKS):
+                        add(base + index * BLOCK_SIZE, base + (index + 1) * BLOCK_SIZE,
+                            EXTENT_HOLE_ZERO if slots[index] == _HOLE else EXTENT_DATA)
+                    cursor_group = group + 1
+                add(cursor_group * GROUP_SIZE, end_group * GROUP_SIZE, EXTENT_HOLE_ZERO)
+        return result
+
+    def cache(self, offset, length):
+        """Warm the page cache for a range by reading it (and verifying it) once."""
+        step = 4 << 20
+        while length > 0:
+            chunk = min(step, length)
+            self.read(bytearray(chunk), offset)
+            offset += chunk
+            length -= chunk

@@ -1,0 +1,256 @@
+#!/usr/bin/nbdkit python
+# chunkvol's nbdkit plugin: every volume of a pool is an NBD export named after it.
+#
+#   nbdkit -f -U /tmp/nbd.sock python nbdkit_plugin/chunkvol_plugin.py pool=/path/to/pool \
+#          [volume=NAME] [readonly=true] [thread_model=parallel|serialize]
+#
+# A thin adapter: it checks its keys, opens the pool after nbdkit forks (LMDB must not cross
+# a fork), and maps chunkvol's errors to errno. The work is in the chunkvol package.
+
+import builtins
+import errno
+import os
+import site
+import sys
+
+import nbdkit
+
+API_VERSION = 2
+
+
+def _add_project_paths():
+    """Make the chunkvol package importable from nbdkit's embedded /usr/bin/python3: the
+    checkout (this file's parent) and its .venv's site-packages."""
+    script = os.path.abspath(_add_project_paths.__code__.co_filename)
+    root = os.path.dirname(os.path.dirname(script))
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    lib = os.path.join(root, ".venv", "lib")
+    if os.path.isdir(lib):
+        for name in sorted(os.listdir(lib)):
+            site.addsitedir(os.path.join(lib, name, "site-packages"))
+
+
+_add_project_paths()
+
+from chunkvol import errors  # noqa: E402
+from chunkvol.pool import Pool  # noqa: E402
+
+KEYS = ("pool", "volume", "readonly", "thread_model")
+settings = {"pool": None, "volume": None, "readonly": False, "thread_model": "parallel"}
+state = {"pool": None}
+
+ERRNO = (
+    (errors.OutOfRangeError, errno.EINVAL),
+    (errors.ReadOnlyError, errno.EPERM),
+    (errors.OutOfSpaceError, errno.ENOSPC),
+    (errors.NotFoundError, errno.ENOENT),
+    (errors.CorruptionError, errno.EIO),
+    (errors.UsageError, errno.EINVAL),
+)
+
+
+def _fail(error):
+    """Set the errno for an exception and let nbdkit report it."""
+    for kind, number in ERRNO:
+        if isinstance(error, kind):
+            nbdkit.set_error(number)
+            break
+    else:
+        nbdkit.set_error(errno.EIO)
+    nbdkit.debug(f"chunkvol: {error}")
+
+
+def _truth(value):
+    lowered = value.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def dump_plugin():
+    try:
+        from chunkvol import FORMAT_VERSION, __version__
+        print(f"chunkvol_version={__version__}")
+        print(f"chunkvol_format_version={FORMAT_VERSION}")
+    except Exception as error:  # an exception here crashes nbdkit 1.32
+        print(f"chunkvol_error={error}")
+
+
+def config(key, value):
+    if key not in KEYS:
+        raise RuntimeError(f"chunkvol: unknown parameter {key!r} (known: {', '.join(KEYS)})")
+    if key == "pool":
+        settings["pool"] = os.path.abspath(value)  # nbdkit changes directory to / later
+    elif key == "readonly":
+        settings["readonly"] = _truth(value)
+    elif key == "thread_model":
+        if value not in ("parallel", "serialize"):
+            raise RuntimeError("chunkvol: thread_model must be parallel or serialize")
+        settings["thread_model"] = value
+    else:
+        settings[key] = value
+
+
+def config_complete():
+    if settings["pool"] is None:
+        raise RuntimeError("chunkvol: the pool=PATH parameter is required")
+    Pool.read_metadata(settings["pool"])  # a missing or foreign pool fails here, before serving
+
+
+def thread_model():
+    if settings["thread_model"] == "serialize":
+        return nbdkit.THREAD_MODEL_SERIALIZE_ALL_REQUESTS
+    return nbdkit.THREAD_MODEL_PARALLEL
+
+
+def after_fork():
+    state["pool"] = Pool.open(settings["pool"], readonly=settings["readonly"])
+
+
+def cleanup():
+    if state["pool"] is not None:
+        state["pool"].close()
+        state["pool"] = None
+
+
+def list_exports(readonly, is_tls):
+    return [(name, f"chunkvol volume {name}") for name in sorted(state["pool"].volumes)]
+
+
+def default_export(readonly, is_tls):
+    if settings["volume"]:
+        return settings["volume"]
+    names = sorted(state["pool"].volumes)
+    return names[0] if len(names) == 1 else ""
+
+
+def open(readonly):  # noqa: A001 (nbdkit's callback name)
+    name = nbdkit.export_name() or settings["volume"] or ""
+    if not name:
+        names = sorted(state["pool"].volumes)
+        if len(names) != 1:
+            nbdkit.set_error(errno.ENOENT)
+            raise RuntimeError("chunkvol: name an export (a volume); the pool has "
+                               f"{len(names)} volumes")
+        name = names[0]
+    try:
+        return state["pool"].volume(name, readonly=readonly or settings["readonly"])
+    except errors.ChunkvolError as error:
+        _fail(error)
+        raise
+
+
+def export_description(volume):
+    return f"chunkvol volume {volume.name} ({volume.info.compression})"
+
+
+def get_size(volume):
+    return volume.size_bytes
+
+
+def block_size(volume):
+    return (1, 4096, 32 * 1024 * 1024)
+
+
+def is_rotational(volume):
+    return False
+
+
+def can_write(volume):
+    return not volume.readonly
+
+
+def can_flush(volume):
+    return True
+
+
+def can_fua(volume):
+    return nbdkit.FUA_NATIVE
+
+
+def can_trim(volume):
+    return True
+
+
+def can_zero(volume):
+    return True
+
+
+def can_fast_zero(volume):
+    return True
+
+
+def can_extents(volume):
+    return True
+
+
+def can_cache(volume):
+    return nbdkit.CACHE_NATIVE
+
+
+def can_multi_conn(volume):
+    # One pool object serves every connection in this process, and flush syncs the whole
+    # log, so a flush on one connection covers writes acknowledged on all of them.
+    return True
+
+
+def pread(volume, buf, offset, flags):
+    try:
+        volume.read(buf, offset)
+    except errors.ChunkvolError as error:
+        _fail(error)
+        raise
+
+
+def pwrite(volume, buf, offset, flags):
+    try:
+        volume.write(buf, offset, fua=bool(flags & nbdkit.FLAG_FUA))
+    except errors.ChunkvolError as error:
+        _fail(error)
+        raise
+
+
+def flush(volume, flags):
+    try:
+        volume.flush()
+    except errors.ChunkvolError as error:
+        _fail(error)
+        raise
+
+
+def trim(volume, count, offset, flags):
+    try:
+        volume.trim(offset, count, fua=bool(flags & nbdkit.FLAG_FUA))
+    except errors.ChunkvolError as error:
+        _fail(error)
+        raise
+
+
+def zero(volume, count, offset, flags):
+    try:
+        volume.zero(offset, count, fua=bool(flags & nbdkit.FLAG_FUA))
+    except errors.ChunkvolError as error:
+        _fail(error)
+        raise
+
+
+def extents(volume, count, offset, flags):
+    try:
+        found = volume.extents(offset, count)
+    except errors.ChunkvolError as error:
+        _fail(error)
+        raise
+    if flags & nbdkit.FLAG_REQ_ONE:
+        return found[:1]
+    return found
+
+
+def cache(volume, count, offset, flags):
+    try:
+        volume.cache(offset, count)
+    except errors.ChunkvolError as error:
+        _fail(error)
+        raise
