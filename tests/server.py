@@ -50,7 +50,7 @@ class NbdServer:
             if os.path.exists(self.socket_path):
                 try:
                     handle = self.connect(None)
-                    handle.shutdown()
+                    handle.opt_abort()
                     return self
                 except nbd.Error:
                     pass
