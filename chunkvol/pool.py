@@ -31,8 +31,7 @@ from chunkvol.errors import (AlreadyExistsError, ChunkvolError, CorruptionError,
 from chunkvol.format import chunk_header, pool_metadata
 from chunkvol.format import group_map
 from chunkvol.format.checkpoint import Checkpoint
-from chunkvol.format.record import (BLOCK_SIZE, COMMIT_PAYLOAD, FLAG_TRIM, GROUP_BLOCKS, GROUP_SIZE,
-                                    RecordType)
+from chunkvol.format.record import BLOCK_SIZE, COMMIT_PAYLOAD, GROUP_BLOCKS, HEADER_SIZE, RecordType
 from chunkvol.index.blockmap import BlockMap
 from chunkvol.log.recovery import recover
 from chunkvol.log.writer import LogWriter
@@ -73,8 +72,11 @@ class VolumeInfo:
 class Pool:
     """An opened pool. Use `Pool.create` then `Pool.open`; close it (or use `with`)."""
 
-    def __init__(self, path, fields, files, readonly):
+    def __init__(self, path, fields, files, readonly, index_path=None):
         self.path = path
+        self.index_path = index_path or os.path.join(path, "index")
+        # A read-only pool may still build a block map of its own elsewhere (`check`).
+        self.index_writable = not readonly or index_path is not None
         self.fields = fields
         self.files = files
         self.readonly = readonly
@@ -89,6 +91,7 @@ class Pool:
         self.next_sequence = 1
         self.next_volume_id = 1
         self.records_replayed = 0
+        self._replayed_now = 0
         self.damage = []
         self.compressor = zstandard.ZstdCompressor(level=1, write_content_size=True)
         self.decompressor = zstandard.ZstdDecompressor()
@@ -98,6 +101,8 @@ class Pool:
         self.blockmap = None
         self.writer = None
         self.closed = False
+        self.recovery = None
+        self.committed_address = None  # log position just after our last COMMIT record
 
     # ---- creating and opening -----------------------------------------------------
     @classmethod
@@ -135,10 +140,12 @@ class Pool:
         return pool_metadata.decode(files.read_file(metadata_path), metadata_path)
 
     @classmethod
-    def open(cls, path, readonly=False, files=None):
+    def open(cls, path, readonly=False, files=None, index_path=None):
+        """Open a pool. `readonly`: no lock, nothing written to the log (a server may be
+        running). `index_path`: build the block map there instead of POOL/index."""
         files = files or LocalFiles()
         path = os.path.abspath(path)
-        pool = cls(path, cls.read_metadata(path, files), files, readonly)
+        pool = cls(path, cls.read_metadata(path, files), files, readonly, index_path)
         try:
             pool._open()
         except BaseException:
@@ -151,10 +158,10 @@ class Pool:
             self._take_lock()
         self.chunks = ChunkTable(self.files, self.pool_uuid, self.chunk_dirs, self.chunk_size,
                                  writable=not self.readonly).load()
-        index_path = os.path.join(self.path, "index")
-        if self.readonly and not os.path.exists(os.path.join(index_path, "data.mdb")):
+        index_path = self.index_path
+        if not self.index_writable and not os.path.exists(os.path.join(index_path, "data.mdb")):
             raise NotFoundError("the pool has no block map yet; open it read-write once to build it")
-        self.blockmap = BlockMap(index_path, readonly=self.readonly)
+        self.blockmap = BlockMap(index_path, readonly=not self.index_writable)
         checkpoint = self.blockmap.read_checkpoint()
         if checkpoint is not None and checkpoint.pool_uuid != self.pool_uuid:
             raise CorruptionError("the block map belongs to another pool; delete the index directory to rebuild it",
@@ -173,25 +180,15 @@ class Pool:
                                         info["created_hlc"]), persist=False)
         result = recover(self.chunks, start, self._apply_replayed, writable=not self.readonly)
         self.damage = result.damage
-        self.records_replayed += result.records_applied
+        self.recovery = result
+        self.records_replayed += self._replayed_now
         self.writer = LogWriter(self.chunks, self.files, result.end_address, self._next_stamp)
         if not self.readonly and (result.records_applied or checkpoint is None):
             self._flush_locked()
             self._checkpoint_locked()
 
     def _take_lock(self):
-        lock_path = os.path.join(self.path, "lock")
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise PoolBusyError(f"pool {self.path} is in use by another process (pid {holder}); "
-                                "stop it, or use a read-only command") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self.lock_fd = fd
+        self.lock_fd = take_pool_lock(self.path)
 
     def _release(self):
         if self.blockmap is not None:
@@ -240,13 +237,16 @@ class Pool:
         """A flush point: everything written before is durable once this returns."""
         with self.lock:
             self._flush_locked()
-            if (self.blockmap.unsaved_groups >= CHECKPOINT_GROUPS
+            if (self.blockmap.unsaved >= CHECKPOINT_GROUPS
                     or time.monotonic() - self.last_checkpoint_time >= CHECKPOINT_SECONDS):
                 self._checkpoint_locked()
 
     def _flush_locked(self):
         durable = self.writer.sync()
+        if durable == self.committed_address and not self.blockmap.dirty:
+            return  # nothing since the last flush point
         self._append(RecordType.COMMIT, 0, 0, COMMIT_PAYLOAD.pack(durable), 0, 0)
+        self.committed_address = self.writer.position
         self.blockmap.seal()
 
     def _checkpoint_locked(self):
@@ -266,6 +266,7 @@ class Pool:
 
     # ---- applying records (live and replay share this) ----------------------------
     def _apply_replayed(self, address, header, payload):
+        self._replayed_now += 1
         record_type = header[0]
         hlc = header[6]
         self.clock.observe(hlc)
@@ -281,9 +282,22 @@ class Pool:
                 self._map_hole(header[2], header[7], header[8], hlc, header[4])
         elif record_type == RecordType.COMMIT:
             self.blockmap.seal()
+            if self.index_writable and self.blockmap.unsaved >= CHECKPOINT_GROUPS:
+                self._replay_checkpoint(address + HEADER_SIZE + header[3])
         elif record_type in (RecordType.VOLUME_CREATE, RecordType.VOLUME_RESIZE, RecordType.VOLUME_REMOVE):
             if payload is not None:
                 self._apply_volume_record(record_type, header[2], bytes(payload), hlc)
+
+    def _replay_checkpoint(self, next_address):
+        """Bound memory while replaying a long log: checkpoint at a commit record. The log up to
+        it is on disk but maybe only in the page cache after a kill -9: sync it first."""
+        chunk_id = chunk_header.split_address(next_address)[0]
+        for other in self.chunks.ids():
+            if other <= chunk_id:
+                self.files.fdatasync(self.chunks.get(other).fd)
+        self.blockmap.checkpoint(Checkpoint(self.pool_uuid, next_address, self.next_sequence,
+                                            self.clock.last, self.next_volume_id,
+                                            self.records_replayed + self._replayed_now))
 
     def _map_extent(self, volume_id, offset_bytes, length_bytes, ref, hlc, node):
         """Blocks [offset, offset+length) of one group now live in record `ref`."""
@@ -394,6 +408,21 @@ class Pool:
     def volume(self, name, readonly=False):
         from chunkvol.volume import Volume
         return Volume(self, self.volume_info(name), readonly=readonly or self.readonly)
+
+
+def take_pool_lock(path):
+    """Hold POOL/lock (flock) for this process; it holds the pid for error messages."""
+    fd = os.open(os.path.join(path, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise PoolBusyError(f"pool {path} is in use by another process (pid {holder}); "
+                            "stop it, or use a read-only command") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def _check_volume_size(size_bytes):

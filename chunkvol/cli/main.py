@@ -10,7 +10,7 @@ import os
 import sys
 
 from chunkvol import errors
-from chunkvol.cli import pool_commands, serve_command, volume_commands
+from chunkvol.cli import check_command, inspect_command, pool_commands, serve_command, status_command, volume_commands
 
 EXIT_CODES = (
     (errors.UsageError, 2),
@@ -32,6 +32,9 @@ def build_parser():
     pool_commands.register(commands)
     volume_commands.register(commands)
     serve_command.register(commands)
+    status_command.register(commands)
+    check_command.register(commands)
+    inspect_command.register(commands)
     return parser
 
 

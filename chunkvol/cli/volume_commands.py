@@ -2,6 +2,7 @@
 
 import json
 
+from chunkvol.cli.common import open_pool_for_reading
 from chunkvol.cli.sizes import format_size, parse_size
 from chunkvol.pool import COMPRESSIONS, Pool
 
@@ -39,7 +40,7 @@ def create_volume(arguments):
 
 
 def list_volumes(arguments):
-    with Pool.open(arguments.pool, readonly=True) if _busy(arguments.pool) else Pool.open(arguments.pool) as pool:
+    with open_pool_for_reading(arguments.pool) as pool:
         rows = [pool.volumes[name].as_dict() for name in sorted(pool.volumes)]
     for row in rows:
         row.pop("created_hlc", None)
@@ -49,23 +50,6 @@ def list_volumes(arguments):
     print(f"{'NAME':<24} {'SIZE':>12} {'COMPRESSION':<11}")
     for row in rows:
         print(f"{row['name']:<24} {format_size(row['size']):>12} {row['compression']:<11}")
-
-
-def _busy(path):
-    """True when another process holds the pool: then open it read-only."""
-    import fcntl
-    import os
-    lock_path = os.path.join(os.path.abspath(path), "lock")
-    if not os.path.exists(lock_path):
-        return False
-    fd = os.open(lock_path, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
 
 
 def remove_volume(arguments):

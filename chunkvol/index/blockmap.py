@@ -122,8 +122,9 @@ class BlockMap:
         self.volume_puts[name] = None if info is None else json.dumps(info, sort_keys=True).encode()
 
     @property
-    def unsaved_groups(self):
-        return len(self.overlay)
+    def unsaved(self):
+        """Overlay groups plus sealed versions waiting for the next checkpoint."""
+        return len(self.overlay) + len(self.pending)
 
     def checkpoint(self, checkpoint):
         """Write sealed versions, volume changes and the checkpoint in one synced transaction.
