@@ -25,7 +25,7 @@ def test_log_spans_many_chunks_and_survives_crash_and_rebuild(tmp_path):
         pool.create_volume("disk0", 64 << 20)
     pool = Pool.open(path)
     volume = pool.volume("disk0")
-    _fill(volume, rng, model, 120)
+    _fill(volume, rng, model, 200)
     pool.flush()
     assert len(pool.chunks.ids()) >= 3, "the workload should have filled several chunks"
     _crash(pool)
