@@ -3,9 +3,9 @@
 import os
 import signal
 import subprocess
-import sys
 
 from chunkvol.errors import UsageError
+from chunkvol.forwarder import TcpForwarder
 from chunkvol.pool import Pool
 
 PLUGIN = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
@@ -22,7 +22,7 @@ def register(commands):
     serve.add_argument("--thread-model", choices=("parallel", "serialize"), default="parallel")
     serve.add_argument("--tls-certificates", metavar="DIR", help="serve with --tls=require and these certificates")
     serve.add_argument("--print-attach", action="store_true", help="print how to attach clients")
-    serve.set_defaults(run=serve)
+    serve.set_defaults(run=run_serve)
 
 
 def nbdkit_command(arguments):
@@ -32,11 +32,8 @@ def nbdkit_command(arguments):
         raise UsageError("serve needs --socket PATH and/or --port N")
     command = ["/usr/bin/nbdkit", "-f", "--exit-with-parent"]
     if arguments.socket:
-        command += ["-U", os.path.abspath(arguments.socket)]
-    if arguments.port:
-        if arguments.socket:
-            raise UsageError("nbdkit serves one listener: give --socket or --port, not both "
-                             "(run two `chunkvol serve` is not possible on one pool; use --port and connect over TCP)")
+        command += ["-U", os.path.abspath(arguments.socket)]  # TCP, if asked too, is forwarded
+    elif arguments.port:
         command += ["-i", arguments.address, "-p", str(arguments.port)]
     if arguments.tls_certificates:
         command += ["--tls=require", f"--tls-certificates={os.path.abspath(arguments.tls_certificates)}"]
@@ -48,11 +45,14 @@ def nbdkit_command(arguments):
     return command
 
 
-def serve(arguments):
+def run_serve(arguments):
     command = nbdkit_command(arguments)
     if arguments.print_attach:
         _print_attach(arguments)
     environment = dict(os.environ, PATH="/usr/bin:/bin:/usr/sbin:/sbin:" + os.environ.get("PATH", ""))
+    forwarder = None
+    if arguments.socket and arguments.port:
+        forwarder = TcpForwarder(arguments.address, arguments.port, os.path.abspath(arguments.socket)).start()
     process = subprocess.Popen(command, env=environment)
 
     def forward(signum, frame):
@@ -61,6 +61,8 @@ def serve(arguments):
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     code = process.wait()
+    if forwarder is not None:
+        forwarder.close()
     if arguments.socket:
         try:
             os.unlink(os.path.abspath(arguments.socket))  # nbdkit leaves it behind
@@ -78,7 +80,7 @@ def _print_attach(arguments):
         socket = os.path.abspath(arguments.socket)
         lines += [
             f"  nbdinfo 'nbd+unix:///{volume}?socket={socket}'",
-            f"  nbdfuse /mnt/{volume} 'nbd+unix:///{volume}?socket={socket}' &   # then losetup -f --show /mnt/{volume}/nbd",
+            f"  mkdir -p /mnt/{volume} && nbdfuse /mnt/{volume} 'nbd+unix:///{volume}?socket={socket}' &   # then losetup -f --show /mnt/{volume}/nbd",
             f"  nbd-client -unix {socket} -N {volume} /dev/nbd0",
             f"  qemu-system-x86_64 -drive file=nbd+unix:///{volume}?socket={socket},format=raw,if=virtio ...",
         ]
