@@ -97,7 +97,29 @@ def apply_hole(state, first_block, block_count):
     return _rebuild(slots, refs, first_block, block_count, None)
 
 
+def _slot_run(record_index, block_count):
+    return bytes((record_index << 4) | block for block in range(block_count))
+
+
+_SLOT_RUNS = [[_slot_run(index, count) for count in range(GROUP_BLOCKS + 1)] for index in range(GROUP_BLOCKS)]
+_HOLE_RUNS = [bytes([HOLE]) * count for count in range(GROUP_BLOCKS + 1)]
+
+
 def _rebuild(slots, refs, first_block, block_count, new_ref):
+    """Replace a run of slots; keep refs in place when every old one is still used (the
+    common case, done with bytes operations), else renumber them (the general loop)."""
+    end = first_block + block_count
+    outside = set(slots[:first_block]) | set(slots[end:])
+    outside.discard(HOLE)
+    if len({slot >> 4 for slot in outside}) == len(refs) and (new_ref is None or len(refs) < GROUP_BLOCKS):
+        if new_ref is None:
+            return slots[:first_block] + _HOLE_RUNS[block_count] + slots[end:], refs
+        run = _SLOT_RUNS[len(refs)][block_count]
+        return slots[:first_block] + run + slots[end:], refs + (new_ref,)
+    return _renumber(slots, refs, first_block, block_count, new_ref)
+
+
+def _renumber(slots, refs, first_block, block_count, new_ref):
     old = list(slots)
     end = first_block + block_count
     new_refs = []

@@ -87,3 +87,18 @@ def machine_busy_seconds() -> float:
     # guest and guest_nice (fields 9, 10) are already counted in user and nice.
     busy_ticks = sum(ticks[:8]) - idle_ticks
     return busy_ticks / CLOCK_TICKS_PER_SECOND
+
+
+def others_cpu_percent(sample_seconds: float = 1.0) -> float:
+    """% of one core used by processes outside this process's tree over ``sample_seconds``.
+
+    The harness, the server it started and the client are all in that tree (the server is
+    its child even in its own session), so what remains is other people's work.
+    """
+    import time
+    own_pid = os.getpid()
+    busy_before, own_before = machine_busy_seconds(), cpu_seconds(own_pid)
+    time.sleep(sample_seconds)
+    busy = machine_busy_seconds() - busy_before
+    own = cpu_seconds(own_pid) - own_before
+    return max(0.0, 100.0 * (busy - own) / sample_seconds)

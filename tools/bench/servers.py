@@ -212,13 +212,10 @@ def anchor_servers() -> list[Server]:
 def read_first_block(socket_path: Path, export_name: str) -> None:
     """Connect and read 4 KiB at offset 0; raise nbd.Error if the server cannot serve yet."""
     handle = nbd.NBD()
-    try:
-        handle.set_export_name(export_name)
-        handle.connect_unix(str(socket_path))
-        handle.pread(min(4096, handle.get_size()), 0)
-        handle.shutdown()
-    finally:
-        handle.close()
+    handle.set_export_name(export_name)
+    handle.connect_unix(str(socket_path))
+    handle.pread(min(4096, handle.get_size()), 0)
+    handle.shutdown()
 
 
 _running: dict[int, "RunningServer"] = {}

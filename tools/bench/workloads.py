@@ -181,23 +181,24 @@ def run_prefill(uri: str, size_bytes: int, compress_percent: int) -> dict:
     return result
 
 
-def run_copy(image: Path, uri: str, out_path: Path) -> dict:
-    """nbdcopy the image into the export, then the export back out to a file, then compare.
+def _copy(argv: list[str], image_bytes: int) -> dict:
+    completed = run_measured(argv).check()
+    return {"mbps": image_bytes / completed.wall_seconds / 1e6, "wall_seconds": completed.wall_seconds,
+            "client_cpu_seconds": completed.cpu_seconds,
+            "client_cpu_percent": 100.0 * completed.cpu_seconds / completed.wall_seconds, "command": quote(argv)}
 
-    Both directions are nbdcopy's defaults (it picks its own connections, request size and
-    parallelism). The comparison is not timed; it proves the store returned what it got.
-    """
-    image_bytes = image.stat().st_size
-    into = run_measured(["nbdcopy", str(image), uri]).check()
+
+def run_copy_in(image: Path, uri: str) -> dict:
+    """nbdcopy an image file into the export, with nbdcopy's defaults (connections, requests)."""
+    return _copy(["nbdcopy", str(image), uri], image.stat().st_size)
+
+
+def run_copy_out(uri: str, out_path: Path, image_bytes: int) -> dict:
+    """nbdcopy the export out to a file (the file is compared afterwards, untimed)."""
     out_path.unlink(missing_ok=True)
-    out = run_measured(["nbdcopy", uri, str(out_path)]).check()
-    same = run_measured(["cmp", "-s", str(image), str(out_path)]).returncode == 0
-    out_path.unlink(missing_ok=True)
-    return {
-        "copy_in": {"mbps": image_bytes / into.wall_seconds / 1e6, "wall_seconds": into.wall_seconds,
-                    "client_cpu_seconds": into.cpu_seconds, "command": quote(into.argv)},
-        "copy_out": {"mbps": image_bytes / out.wall_seconds / 1e6, "wall_seconds": out.wall_seconds,
-                     "client_cpu_seconds": out.cpu_seconds, "command": quote(out.argv)},
-        "verified": same,
-        "image_bytes": image_bytes,
-    }
+    return _copy(["nbdcopy", uri, str(out_path)], image_bytes)
+
+
+def same_content(first: Path, second: Path) -> bool:
+    """Byte-for-byte comparison: proves the store returned what it was given."""
+    return run_measured(["cmp", "-s", str(first), str(second)]).returncode == 0
