@@ -308,8 +308,8 @@ class Pool:
         if count != GROUP_BLOCKS:
             state = blockmap.overlay.get((volume_id, group))
             if state is None:
-                with blockmap.reader() as txn:
-                    state = blockmap.stored_state(txn, volume_id, group)
+                txn = blockmap.reader()
+                state = blockmap.stored_state(txn, volume_id, group)
         blockmap.update(volume_id, group, group_map.apply_write(state, first, count, ref), hlc, node)
 
     def _map_hole(self, volume_id, offset_bytes, length_bytes, hlc, node):
@@ -319,20 +319,20 @@ class Pool:
         blockmap = self.blockmap
         first_group = first_block // GROUP_BLOCKS
         end_group = (end_block + GROUP_BLOCKS - 1) // GROUP_BLOCKS
-        with blockmap.reader() as txn:
-            group = first_group
-            while group < end_group:
-                batch = blockmap.groups_in(txn, volume_id, group, end_group, 4096)
-                if not batch:
-                    break
-                for found in batch:
-                    state = blockmap.get(txn, volume_id, found)
-                    if state is None or group_map.is_hole(state):
-                        continue
-                    start = max(first_block, found * GROUP_BLOCKS) - found * GROUP_BLOCKS
-                    end = min(end_block, (found + 1) * GROUP_BLOCKS) - found * GROUP_BLOCKS
-                    blockmap.update(volume_id, found, group_map.apply_hole(state, start, end - start), hlc, node)
-                group = batch[-1] + 1
+        txn = blockmap.reader()
+        group = first_group
+        while group < end_group:
+            batch = blockmap.groups_in(txn, volume_id, group, end_group, 4096)
+            if not batch:
+                break
+            for found in batch:
+                state = blockmap.get(txn, volume_id, found)
+                if state is None or group_map.is_hole(state):
+                    continue
+                start = max(first_block, found * GROUP_BLOCKS) - found * GROUP_BLOCKS
+                end = min(end_block, (found + 1) * GROUP_BLOCKS) - found * GROUP_BLOCKS
+                blockmap.update(volume_id, found, group_map.apply_hole(state, start, end - start), hlc, node)
+            group = batch[-1] + 1
 
     # ---- volumes ------------------------------------------------------------------
     def _add_volume(self, info, persist=True):

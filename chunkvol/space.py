@@ -14,17 +14,17 @@ def live_groups(pool, volume_id):
     """Yield (group, state) for every written group of a volume, in order."""
     blockmap = pool.blockmap
     end = -(-pool.volumes_by_id[volume_id].size_bytes // (BLOCK_SIZE * GROUP_BLOCKS))
-    with blockmap.reader() as txn:
-        group = 0
-        while group < end:
-            batch = blockmap.groups_in(txn, volume_id, group, end, SCAN_BATCH)
-            if not batch:
-                return
-            for found in batch:
-                state = blockmap.get(txn, volume_id, found)
-                if state is not None:
-                    yield found, state
-            group = batch[-1] + 1
+    txn = blockmap.reader()
+    group = 0
+    while group < end:
+        batch = blockmap.groups_in(txn, volume_id, group, end, SCAN_BATCH)
+        if not batch:
+            return
+        for found in batch:
+            state = blockmap.get(txn, volume_id, found)
+            if state is not None:
+                yield found, state
+        group = batch[-1] + 1
 
 
 def pool_space(pool):

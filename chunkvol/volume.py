@@ -162,28 +162,24 @@ class Volume:
         end_block = first_block + len(out) // BLOCK_SIZE
         pieces = []  # (ref, block_in_record, block_count, out_offset)
         overlay = blockmap.overlay
-        txn = None
-        try:
-            block = first_block
-            while block < end_block:
-                group, first = divmod(block, GROUP_BLOCKS)
-                count = min(GROUP_BLOCKS - first, end_block - block)
-                state = overlay.get((volume_id, group)) if hlc is None else None
-                if state is None:
-                    if txn is None:
-                        txn = blockmap.reader()
-                    state = blockmap.stored_state(txn, volume_id, group, hlc)
-                out_offset = (block - first_block) * BLOCK_SIZE
-                if state is None or state[0] == _HOLE_SLOTS:
-                    out[out_offset:out_offset + count * BLOCK_SIZE] = bytes(count * BLOCK_SIZE)
-                elif state[0] == _FULL_SLOTS:
-                    pieces.append((state[1][0], first, count, out_offset))
-                else:
-                    self._plan_mixed(state, first, count, out, out_offset, pieces)
-                block += count
-        finally:
-            if txn is not None:
-                txn.abort()
+        txn = None  # taken on the first group not in the overlay
+        block = first_block
+        while block < end_block:
+            group, first = divmod(block, GROUP_BLOCKS)
+            count = min(GROUP_BLOCKS - first, end_block - block)
+            state = overlay.get((volume_id, group)) if hlc is None else None
+            if state is None:
+                if txn is None:
+                    txn = blockmap.reader()
+                state = blockmap.stored_state(txn, volume_id, group, hlc)
+            out_offset = (block - first_block) * BLOCK_SIZE
+            if state is None or state[0] == _HOLE_SLOTS:
+                out[out_offset:out_offset + count * BLOCK_SIZE] = bytes(count * BLOCK_SIZE)
+            elif state[0] == _FULL_SLOTS:
+                pieces.append((state[1][0], first, count, out_offset))
+            else:
+                self._plan_mixed(state, first, count, out, out_offset, pieces)
+            block += count
         if pieces:
             self._fetch(pieces, out)
 
@@ -274,17 +270,21 @@ class Volume:
                 result.append((start, stop - start, kind))
 
         with self.pool.lock:
-            with blockmap.reader() as txn:
-                cursor_group = first_group
-                for group in blockmap.groups_in(txn, self.volume_id, first_group, end_group, MAX_EXTENT_GROUPS):
-                    add(cursor_group * GROUP_SIZE, group * GROUP_SIZE, EXTENT_HOLE_ZERO)
-                    slots = blockmap.get(txn, self.volume_id, group)[0]
-                    base = group * GROUP_SIZE
-                    for index in range(GROUP_BLOCKS):
-                        add(base + index * BLOCK_SIZE, base + (index + 1) * BLOCK_SIZE,
-                            EXTENT_HOLE_ZERO if slots[index] == _HOLE else EXTENT_DATA)
+            txn = blockmap.reader()
+            cursor_group = first_group
+            for group in blockmap.groups_in(txn, self.volume_id, first_group, end_group, MAX_EXTENT_GROUPS):
+                add(cursor_group * GROUP_SIZE, group * GROUP_SIZE, EXTENT_HOLE_ZERO)
+                slots = blockmap.get(txn, self.volume_id, group)[0]
+                base = group * GROUP_SIZE
+                if slots == _HOLE_SLOTS or _HOLE not in slots:
+                    add(base, base + GROUP_SIZE, EXTENT_HOLE_ZERO if slots == _HOLE_SLOTS else EXTENT_DATA)
                     cursor_group = group + 1
-                add(cursor_group * GROUP_SIZE, end_group * GROUP_SIZE, EXTENT_HOLE_ZERO)
+                    continue
+                for index in range(GROUP_BLOCKS):
+                    add(base + index * BLOCK_SIZE, base + (index + 1) * BLOCK_SIZE,
+                        EXTENT_HOLE_ZERO if slots[index] == _HOLE else EXTENT_DATA)
+                cursor_group = group + 1
+            add(cursor_group * GROUP_SIZE, end_group * GROUP_SIZE, EXTENT_HOLE_ZERO)
         return result
 
     def cache(self, offset, length):

@@ -142,17 +142,17 @@ def inspect_map(arguments):
         info = pool.volume_info(arguments.volume)
         group = offset // GROUP_SIZE
         versions = []
-        with pool.blockmap.reader() as txn:
-            live = pool.blockmap.get(txn, info.volume_id, group)
-            cursor = txn.cursor()
-            prefix = group_map.newest_key(info.volume_id, group)[:12]
-            if arguments.all and cursor.set_range(prefix + bytes(12)):
-                for raw_key, raw_value in cursor:
-                    if raw_key[:12] != prefix:
-                        break
-                    _, _, hlc, node = group_map.decode_key(raw_key)
-                    versions.append({"hlc": hlc, "time": _when(hlc), "node": node,
-                                     "state": _state_dict(group_map.decode_state(raw_value))})
+        txn = pool.blockmap.reader()
+        live = pool.blockmap.get(txn, info.volume_id, group)
+        cursor = txn.cursor()
+        prefix = group_map.newest_key(info.volume_id, group)[:12]
+        if arguments.all and cursor.set_range(prefix + bytes(12)):
+            for raw_key, raw_value in cursor:
+                if raw_key[:12] != prefix:
+                    break
+                _, _, hlc, node = group_map.decode_key(raw_key)
+                versions.append({"hlc": hlc, "time": _when(hlc), "node": node,
+                                 "state": _state_dict(group_map.decode_state(raw_value))})
     out = {"volume": info.name, "group": group, "bytes": [group * GROUP_SIZE, (group + 1) * GROUP_SIZE],
            "live": _state_dict(live)}
     if arguments.all:

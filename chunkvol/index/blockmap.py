@@ -43,6 +43,8 @@ class BlockMap:
         self.pending = []        # sealed (key, value) versions not yet in LMDB
         self.removed_volumes = []  # volume ids whose versions go at the next checkpoint
         self.volume_puts = {}    # name -> JSON bytes (None: delete) for the next checkpoint
+        self._read_txn = None
+        self._cursor = None
 
     # ---- reading -------------------------------------------------------------------
     def read_checkpoint(self):
@@ -55,8 +57,18 @@ class BlockMap:
             return [json.loads(value) for _, value in txn.cursor()]
 
     def reader(self):
-        """A read transaction for a batch of lookups (one per request)."""
-        return self.env.begin(db=self.groups_db)
+        """The read transaction for lookups. One is kept open between checkpoints (a new
+        one per request costs more than the lookup); py-lmdb opens environments with
+        MDB_NOTLS, so threads may use it in turn under the pool lock."""
+        if self._read_txn is None:
+            self._read_txn = self.env.begin(db=self.groups_db)
+            self._cursor = self._read_txn.cursor()
+        return self._read_txn
+
+    def _drop_reader(self):
+        if self._read_txn is not None:
+            self._read_txn.abort()
+            self._read_txn = self._cursor = None
 
     def get(self, txn, volume_id, group):
         """The live state of a group (None: never written)."""
@@ -67,7 +79,7 @@ class BlockMap:
 
     def stored_state(self, txn, volume_id, group, hlc=None):
         """The newest checkpointed version of a group, or the newest at or before stamp `hlc`."""
-        cursor = txn.cursor()
+        cursor = self._cursor if txn is self._read_txn else txn.cursor()
         start = group_map.newest_key(volume_id, group) if hlc is None else group_map.key(volume_id, group, hlc, group_map.MAX_U32)
         if not cursor.set_range(start):
             return None
@@ -131,6 +143,7 @@ class BlockMap:
         The caller has made the log durable up to checkpoint.log_address and sealed."""
         if self.dirty:
             raise CorruptionError("checkpoint with unsealed block-map changes (a bug)")
+        self._drop_reader()
         with self.env.begin(write=True) as txn:
             if self.pending:
                 self.pending.sort()
@@ -158,9 +171,11 @@ class BlockMap:
                 break
 
     def stats(self):
+        self._drop_reader()
         with self.env.begin() as txn:
             return {"versions": txn.stat(self.groups_db)["entries"],
                     "index_bytes": self.env.info()["last_pgno"] * self.env.stat()["psize"]}
 
     def close(self):
+        self._drop_reader()
         self.env.close()

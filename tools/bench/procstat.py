@@ -10,6 +10,7 @@ a plugin that forks helpers).
 from __future__ import annotations
 
 import os
+import time
 
 CLOCK_TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
 
@@ -95,7 +96,6 @@ def others_cpu_percent(sample_seconds: float = 1.0) -> float:
     The harness, the server it started and the client are all in that tree (the server is
     its child even in its own session), so what remains is other people's work.
     """
-    import time
     own_pid = os.getpid()
     busy_before, own_before = machine_busy_seconds(), cpu_seconds(own_pid)
     time.sleep(sample_seconds)
