@@ -234,15 +234,25 @@ class Pool:
         return address, hlc
 
     def flush(self):
-        """A flush point: everything written before is durable once this returns."""
+        """A flush point: everything written before is durable once this returns.
+        The fdatasync runs outside the pool lock, so other requests go on meanwhile."""
         with self.lock:
-            self._flush_locked()
+            self.writer.drain()
+            target = self.writer.position
+            chunk = self.writer.chunk
+        if chunk is not None:
+            self.files.fdatasync(chunk.fd)  # a chunk switch meanwhile synced it fully anyway
+        with self.lock:
+            if self.writer.durable_address < target:
+                self.writer.durable_address = target
+            self._flush_locked(durable=target)
             if (self.blockmap.unsaved >= CHECKPOINT_GROUPS
                     or time.monotonic() - self.last_checkpoint_time >= CHECKPOINT_SECONDS):
                 self._checkpoint_locked()
 
-    def _flush_locked(self):
-        durable = self.writer.sync()
+    def _flush_locked(self, durable=None):
+        if durable is None:
+            durable = self.writer.sync()
         if durable == self.committed_address and not self.blockmap.dirty:
             return  # nothing since the last flush point
         self._append(RecordType.COMMIT, 0, 0, COMMIT_PAYLOAD.pack(durable), 0, 0)

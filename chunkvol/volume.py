@@ -63,8 +63,8 @@ class Volume:
                 data, offset = self._widen(data, offset)
             self._write_blocks(memoryview(data), offset)
             pool.maybe_auto_flush()
-            if fua:
-                pool._flush_locked()
+        if fua:
+            pool.flush()
 
     def _widen(self, data, offset):
         """Read-modify-write: the whole blocks around an unaligned write."""
@@ -124,8 +124,8 @@ class Volume:
                                       start, end - start)
                 pool._map_hole(self.volume_id, start, end - start, hlc, pool.node_id)
             pool.maybe_auto_flush()
-            if fua:
-                pool._flush_locked()
+        if fua:
+            pool.flush()
 
     def _widen_zero(self, offset, length):
         merged, start = self._widen(bytes(length), offset)
