@@ -97,7 +97,10 @@ def config(key, value):
 def config_complete():
     if settings["pool"] is None:
         raise RuntimeError("chunkvol: the pool=PATH parameter is required")
-    Pool.read_metadata(settings["pool"])  # a missing or foreign pool fails here, before serving
+    try:
+        Pool.read_metadata(settings["pool"])  # a missing or foreign pool fails here, before serving
+    except errors.ChunkvolError as error:
+        raise RuntimeError(f"chunkvol: {error}") from None
 
 
 def thread_model():
@@ -107,7 +110,12 @@ def thread_model():
 
 
 def after_fork():
-    state["pool"] = Pool.open(settings["pool"], readonly=settings["readonly"])
+    try:
+        state["pool"] = Pool.open(settings["pool"], readonly=settings["readonly"])
+    except errors.ChunkvolError as error:
+        raise RuntimeError(f"chunkvol: {error}") from None
+    for damage in state["pool"].damage:
+        nbdkit.debug(f"chunkvol: damage found while opening the pool: {damage}")
 
 
 def cleanup():
