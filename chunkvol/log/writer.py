@@ -18,6 +18,7 @@ from chunkvol.format import chunk_header
 from chunkvol.format.record import HEADER_SIZE, RecordType, encode_header_into, MAX_PAYLOAD
 
 BUFFER_BYTES = 1 << 20
+PREALLOCATE_BYTES = 64 << 20
 EMPTY = b""
 
 
@@ -36,6 +37,7 @@ class LogWriter:
         self.next_chunk_id = chunk_id if self.chunk is None else chunk_id + 1
         self.file_offset = offset if self.chunk is not None else chunk_header.DATA_OFFSET
         self.durable_address = end_address
+        self.preallocated_end = 0  # chunk offset up to which blocks are reserved
 
     @property
     def position(self):
@@ -68,10 +70,24 @@ class LogWriter:
         """Write the buffer to the chunk file (no sync)."""
         if not self.used:
             return
+        end = self.file_offset + self.used
+        if end > self.preallocated_end:
+            self._preallocate(end)
         self.files.pwrite(self.chunk.fd, self.view[:self.used], self.file_offset)
         self.file_offset += self.used
         self.chunk.size_bytes = self.file_offset
         self.used = 0
+
+    def _preallocate(self, needed_end):
+        capacity = self.chunk.capacity_bytes
+        start = max(self.file_offset, self.preallocated_end)
+        generous_end = min(capacity, needed_end + PREALLOCATE_BYTES)
+        try:
+            self.files.preallocate(self.chunk.fd, start, generous_end - start)
+            self.preallocated_end = generous_end
+        except OutOfSpaceError:
+            self.files.preallocate(self.chunk.fd, start, needed_end - start)  # just what is needed
+            self.preallocated_end = needed_end
 
     def sync(self):
         """Make every appended record durable; returns the durable log address."""
@@ -119,4 +135,5 @@ class LogWriter:
             raise
         self.next_chunk_id += 1
         self.file_offset = chunk_header.DATA_OFFSET
+        self.preallocated_end = 0
         self.used = 0

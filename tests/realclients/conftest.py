@@ -2,10 +2,11 @@
 
 EXPORT_KINDS maps a name to a context-manager factory that serves one export
 and yields an `Export`.  Tests that take the `export` fixture run once per
-kind.  Today the kinds are nbdkit's memory and file plugins; to run the same
-tests against chunkvol, add a factory that starts
-`nbdkit python nbdkit_plugin/chunkvol_plugin.py pool=DIR` (via
-tools.guest.nbdkit.served) and yields Export(server, "<volume name>", workdir).
+kind in $CHUNKVOL_REALCLIENTS_KINDS (default "memory,file": nbdkit's memory
+and file plugins).  The "chunkvol" kind serves a fresh pool through
+`nbdkit python nbdkit_plugin/chunkvol_plugin.py pool=DIR`, export "vol0":
+
+    CHUNKVOL_REALCLIENTS_KINDS=memory,file,chunkvol pytest tests/realclients
 
 Every test here is also checked for leaks: after it, no loop device may be
 backed by a file under its tmp_path, nothing may be mounted under it, and no
@@ -89,15 +90,35 @@ def file_export(workdir: Path) -> Iterator[Export]:
         yield Export(server, "vol0", workdir)
 
 
+@contextlib.contextmanager
+def chunkvol_export(workdir: Path) -> Iterator[Export]:
+    """chunkvol's own plugin: a fresh pool with a 1 GiB volume "vol0"."""
+    cli = REPO / ".venv" / "bin" / "chunkvol"
+    pool = workdir / "pool"
+    for args in (["init"], ["volume", "create", "vol0", "--size", "1G"]):
+        subprocess.run([str(cli), "--pool", str(pool), *args], check=True, capture_output=True)
+    plugin = REPO / "nbdkit_plugin" / "chunkvol_plugin.py"
+    with served(["python", str(plugin), f"pool={pool}"], workdir / "srv") as server:
+        yield Export(server, "vol0", workdir)
+
+
 EXPORT_KINDS: dict[str, Callable[[Path], ContextManager[Export]]] = {
     "memory": memory_export,
     "file": file_export,
+    "chunkvol": chunkvol_export,
 }
 
+# Which kinds the `export` fixture runs: $CHUNKVOL_REALCLIENTS_KINDS (comma-separated),
+# default the nbdkit stand-ins only, so these tests check the tooling, not the store.
+SELECTED_KINDS = [k.strip() for k in os.environ.get("CHUNKVOL_REALCLIENTS_KINDS", "memory,file").split(",")
+                  if k.strip()]
 
-@pytest.fixture(params=sorted(EXPORT_KINDS))
+
+@pytest.fixture(params=SELECTED_KINDS)
 def export(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Export]:
-    """An export of each kind in EXPORT_KINDS; stopped after the test."""
+    """An export of each selected kind (see SELECTED_KINDS); stopped after the test."""
+    if request.param not in EXPORT_KINDS:
+        raise ValueError(f"unknown export kind {request.param!r}; known: {sorted(EXPORT_KINDS)}")
     with EXPORT_KINDS[request.param](tmp_path) as exp:
         yield exp
 
