@@ -5,7 +5,7 @@ so it costs what the written part of the volumes costs, not their size.
 """
 
 from chunkvol.format import chunk_header, group_map
-from chunkvol.format.record import BLOCK_SIZE, FLAG_ZSTD, GROUP_BLOCKS, HEADER_SIZE
+from chunkvol.format.record import BLOCK_SIZE, FLAG_ZSTD, GROUP_BLOCKS, HEADER_SIZE, RAW_BLOCK_BYTES
 
 SCAN_BATCH = 4096
 
@@ -45,7 +45,7 @@ def pool_space(pool):
                     if flags & FLAG_ZSTD:
                         logical_in_records += _compressed_logical(slots, refs, address)
                     else:
-                        logical_in_records += stored_length
+                        logical_in_records += stored_length // RAW_BLOCK_BYTES * BLOCK_SIZE
             volumes[name] = {
                 "id": info.volume_id,
                 "size": info.size_bytes,

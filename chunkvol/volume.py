@@ -11,8 +11,8 @@ Every method takes the pool lock; errors are chunkvol.errors, mapped to errno by
 from chunkvol.errors import CorruptionError, OutOfRangeError, ReadOnlyError
 from chunkvol.format import group_map
 from chunkvol.format import record as record_format
-from chunkvol.format.record import (BLOCK_SIZE, FLAG_TRIM, FLAG_ZSTD, GROUP_BLOCKS, GROUP_SIZE, HEADER_SIZE,
-                                    RecordType)
+from chunkvol.format.record import (BLOCK_SIZE, BLOCK_TABLES, CHECKSUM_BYTES, FLAG_TRIM, FLAG_ZSTD, GROUP_BLOCKS,
+                                    GROUP_SIZE, HEADER_SIZE, RAW_BLOCK_BYTES, RecordType, verify_blocks)
 
 import zstandard
 import xxhash
@@ -24,6 +24,11 @@ _HOLE_SLOTS = group_map.HOLE_SLOTS
 EXTENT_DATA = 0
 EXTENT_HOLE_ZERO = 3  # nbdkit.EXTENT_HOLE | nbdkit.EXTENT_ZERO
 MAX_EXTENT_GROUPS = 16384  # one extents reply covers at most 1 GiB; clients ask again
+_TABLES = BLOCK_TABLES
+
+
+def _where(address):
+    return f"log address {address >> 40}:{address & ((1 << 40) - 1)}"
 
 
 class Volume:
@@ -78,30 +83,52 @@ class Volume:
         return merged, start
 
     def _write_blocks(self, view, offset):
+        """One EXTENT record per map-group piece, then the group's new state (inlined: this is
+        the hot path of every write)."""
         pool = self.pool
-        writer = pool.writer
+        append = pool.writer.append
+        clock = pool.clock
+        node = pool.node_id
+        blockmap = pool.blockmap
+        overlay = blockmap.overlay
+        dirty = blockmap.dirty
         compressor = pool.compressor if self.compress else None
         volume_id = self.volume_id
         position = 0
         total = len(view)
         while position < total:
             block = (offset + position) // BLOCK_SIZE
-            first = block % GROUP_BLOCKS
+            group, first = divmod(block, GROUP_BLOCKS)
             count = min(GROUP_BLOCKS - first, (total - position) // BLOCK_SIZE)
             piece_bytes = count * BLOCK_SIZE
             piece = view[position:position + piece_bytes]
-            payload = piece
+            table = b""
             flags = 0
+            payload = None
             if compressor is not None:
                 packed = compressor.compress(piece)
                 if len(packed) + 512 < piece_bytes:  # keep raw unless it saves a sector
                     payload = packed
                     flags = FLAG_ZSTD
-            node, sequence, hlc = pool._next_stamp()
-            address = writer.append(RecordType.EXTENT, flags, volume_id, payload, node, sequence, hlc,
-                                    block * BLOCK_SIZE, piece_bytes)
-            pool._map_extent(volume_id, block * BLOCK_SIZE, piece_bytes, (address, len(payload), hlc, flags),
-                             hlc, node)
+            if payload is None:
+                payload = piece
+                table = _TABLES[count].pack(*[_xxh3(piece[i:i + BLOCK_SIZE]) for i in range(0, piece_bytes, BLOCK_SIZE)])
+            sequence = pool.next_sequence
+            pool.next_sequence = sequence + 1
+            hlc = clock.now()
+            address = append(RecordType.EXTENT, flags, volume_id, payload, node, sequence, hlc,
+                             block * BLOCK_SIZE, piece_bytes, table)
+            ref = (address, len(table) + len(payload), hlc, flags)
+            key = (volume_id, group)
+            if count == GROUP_BLOCKS:
+                state = (_FULL_SLOTS, (ref,))
+            else:
+                state = overlay.get(key)
+                if state is None:
+                    state = blockmap.stored_state(blockmap.reader(), volume_id, group)
+                state = group_map.apply_write(state, first, count, ref)
+            overlay[key] = state
+            dirty[key] = (hlc, node)
             position += piece_bytes
 
     # ---- zero and trim ----------------------------------------------------------------
@@ -201,7 +228,9 @@ class Volume:
             index += run
 
     def _fetch(self, pieces, out):
-        """Read the records behind `pieces`; records adjacent in the log share one read."""
+        """Read the records behind `pieces` (ref, block_in_record, block_count, out_offset).
+        Records adjacent in the log are read with one pread when most of the span is wanted;
+        a few blocks of a large raw record are read alone with their checksum table."""
         writer = self.pool.writer
         index = 0
         total = len(pieces)
@@ -209,6 +238,7 @@ class Volume:
             ref = pieces[index][0]
             span_start = last_address = ref[0]
             span_end = span_start + HEADER_SIZE + ref[1]
+            wanted = pieces[index][2]
             last = index + 1
             while last < total:
                 next_address = pieces[last][0][0]
@@ -217,37 +247,77 @@ class Volume:
                     last_address = next_address
                 elif next_address != last_address:
                     break
+                wanted += pieces[last][2]
                 last += 1
-            data = memoryview(writer.read(span_start, span_end - span_start))
-            payloads = {}
-            for ref, block_in_record, block_count, out_offset in pieces[index:last]:
-                payload = payloads.get(ref[0])
-                if payload is None:
-                    payload = self._open_record(ref, data[ref[0] - span_start:ref[0] - span_start + HEADER_SIZE + ref[1]])
-                    payloads[ref[0]] = payload
-                start = block_in_record * BLOCK_SIZE
-                out[out_offset:out_offset + block_count * BLOCK_SIZE] = payload[start:start + block_count * BLOCK_SIZE]
+            if wanted * BLOCK_SIZE * 2 >= span_end - span_start:
+                data = memoryview(writer.read(span_start, span_end - span_start))
+                for ref, first, count, at in pieces[index:last]:
+                    start = ref[0] - span_start
+                    self._copy_blocks(ref, data[start:start + HEADER_SIZE + ref[1]], first, count, out, at)
+            else:
+                for ref, first, count, at in pieces[index:last]:
+                    self._read_blocks(ref, first, count, out, at)
             index = last
 
-    def _open_record(self, ref, raw):
-        """Check a fetched record against its map entry; return its logical payload."""
-        address, stored_length, hlc, flags = ref
-        where = f"log address {address >> 40}:{address & ((1 << 40) - 1)}"
-        if len(raw) != HEADER_SIZE + stored_length:
-            raise CorruptionError(f"record at {where} is cut short")
-        header = record_format.decode_header(raw[:HEADER_SIZE], where)
-        payload = raw[HEADER_SIZE:]
-        if header[6] != hlc or header[2] != self.volume_id or header[0] != RecordType.EXTENT:
-            raise CorruptionError(f"record at {where} is not the one the block map expects")
-        if _xxh3(payload) != header[9]:
-            raise CorruptionError(f"record payload checksum mismatch at {where}")
-        if flags & FLAG_ZSTD:
-            length = header[8]
-            declared = zstandard.frame_content_size(payload)
-            if declared != length or length > GROUP_SIZE:
-                raise CorruptionError(f"compressed record at {where} declares {declared} bytes, expected {length}")
-            return memoryview(self.pool.decompressor.decompress(payload, max_output_size=length))
-        return payload
+    def _header(self, ref, raw):
+        """Check a fetched record's header against its map entry."""
+        try:
+            header = record_format.decode_header(raw[:HEADER_SIZE])
+        except CorruptionError as error:
+            raise CorruptionError(f"{error} at {_where(ref[0])}") from None
+        if header[6] != ref[2] or header[2] != self.volume_id or header[0] != RecordType.EXTENT or header[3] != ref[1]:
+            raise CorruptionError(f"record at {_where(ref[0])} is not the one the block map expects")
+        return header
+
+    @staticmethod
+    def _verify(header, table, blocks, first, count, address):
+        try:
+            verify_blocks(header, table, blocks, first, count)
+        except CorruptionError as error:
+            raise CorruptionError(f"{error} at {_where(address)}") from None
+
+    def _copy_blocks(self, ref, raw, first, count, out, at):
+        """Blocks [first, first+count) of a whole record in memory -> out[at:]."""
+        if len(raw) != HEADER_SIZE + ref[1]:
+            raise CorruptionError(f"record at {_where(ref[0])} is cut short")
+        header = self._header(ref, raw)
+        size = count * BLOCK_SIZE
+        if ref[3] & FLAG_ZSTD:
+            payload = self._decompress(header, raw[HEADER_SIZE:], ref[0])
+            out[at:at + size] = payload[first * BLOCK_SIZE:first * BLOCK_SIZE + size]
+            return
+        table_bytes = header[8] // BLOCK_SIZE * CHECKSUM_BYTES
+        data_at = HEADER_SIZE + table_bytes + first * BLOCK_SIZE
+        blocks = raw[data_at:data_at + size]
+        self._verify(header, raw[HEADER_SIZE:HEADER_SIZE + table_bytes], blocks, first, count, ref[0])
+        out[at:at + size] = blocks
+
+    def _read_blocks(self, ref, first, count, out, at):
+        """Blocks of a raw record read alone: header and table, then the blocks straight into out."""
+        if ref[3] & FLAG_ZSTD:
+            raw = memoryview(self.pool.writer.read(ref[0], HEADER_SIZE + ref[1]))
+            self._copy_blocks(ref, raw, first, count, out, at)
+            return
+        writer = self.pool.writer
+        table_bytes = ref[1] // RAW_BLOCK_BYTES * CHECKSUM_BYTES
+        raw = writer.read(ref[0], HEADER_SIZE + table_bytes)
+        if len(raw) != HEADER_SIZE + table_bytes:
+            raise CorruptionError(f"record at {_where(ref[0])} is cut short")
+        header = self._header(ref, raw)
+        size = count * BLOCK_SIZE
+        target = out[at:at + size]
+        writer.read_into(ref[0] + HEADER_SIZE + table_bytes + first * BLOCK_SIZE, target)
+        self._verify(header, memoryview(raw)[HEADER_SIZE:], target, first, count, ref[0])
+
+    def _decompress(self, header, frame, address):
+        if _xxh3(frame) != header[9]:
+            raise CorruptionError(f"record payload checksum mismatch at {_where(address)}")
+        length = header[8]
+        declared = zstandard.frame_content_size(frame)
+        if declared != length or length > GROUP_SIZE:
+            raise CorruptionError(f"compressed record at {_where(address)} declares {declared} bytes, "
+                                  f"expected {length}")
+        return memoryview(self.pool.decompressor.decompress(frame, max_output_size=length))
 
     # ---- extents and cache ------------------------------------------------------------
     def extents(self, offset, length):

@@ -35,6 +35,7 @@ KEY = struct.Struct(">IQQI")
 VALUE_HEAD = struct.Struct("<BB16s")
 REF = struct.Struct("<QIQH")
 assert KEY.size == 24 and VALUE_HEAD.size == 18 and REF.size == 22
+_REFS = [struct.Struct("<" + "QIQH" * count) for count in range(GROUP_BLOCKS + 1)]
 
 HOLE = 0xFF
 HOLE_SLOTS = bytes([HOLE]) * GROUP_BLOCKS
@@ -72,8 +73,10 @@ def decode_state(raw):
     count, _, slots = VALUE_HEAD.unpack_from(raw)
     if count > GROUP_BLOCKS or len(raw) != VALUE_HEAD.size + count * REF.size:
         raise CorruptionError("block map group value has a bad length")
-    refs = tuple(REF.unpack_from(raw, VALUE_HEAD.size + i * REF.size) for i in range(count))
-    return slots, refs
+    if count == 1:
+        return slots, (REF.unpack_from(raw, VALUE_HEAD.size),)
+    flat = _REFS[count].unpack_from(raw, VALUE_HEAD.size)
+    return slots, tuple(zip(flat[0::4], flat[1::4], flat[2::4], flat[3::4]))
 
 
 def is_hole(state):

@@ -23,7 +23,10 @@ Header, little-endian:
 
 Payloads by type:
 - EXTENT: the data of blocks [offset, offset+length), block-aligned, inside one 64 KiB map
-  group; raw, or one zstd frame whose declared content size must equal length_bytes.
+  group. Raw (flags bit 0 clear): a table of one u64 xxh3-64 per 4 KiB block, then the blocks;
+  payload_xxh3 covers the table, each table entry its block, so one block can be read and
+  checked without the rest (stored_length = blocks * 4104). Compressed (bit 0 set): one zstd
+  frame whose declared content size must equal length_bytes; payload_xxh3 covers the frame.
 - ZERO: none; the range reads as zeros (a trim too, flag bit 1; both become holes).
 - COMMIT: 8 bytes, u64 log address up to which every byte was made durable before this record
   was written. A flush point of the whole pool.
@@ -32,7 +35,8 @@ Payloads by type:
 
 A record is valid when (1) the magic matches, (2) the version is known, (3) header_xxh3
 matches, (4) the type is known, (5) it fits inside the chunk's written bytes, and (6)
-payload_xxh3 matches. The reader checks 1-5 to walk and 6 before anything is used.
+payload_xxh3 matches (and, for a raw EXTENT, every block matches its table entry). The
+reader checks 1-5 to walk and 6 before anything is used.
 """
 
 import enum
@@ -57,6 +61,9 @@ GROUP_BLOCKS = 16  # one map group: 64 KiB; an EXTENT record never crosses a gro
 GROUP_SIZE = BLOCK_SIZE * GROUP_BLOCKS
 MAX_PAYLOAD = GROUP_SIZE + 65536  # a zstd frame of incompressible data is a little larger
 COMMIT_PAYLOAD = struct.Struct("<Q")
+CHECKSUM_BYTES = 8
+RAW_BLOCK_BYTES = BLOCK_SIZE + CHECKSUM_BYTES  # stored bytes per block of a raw EXTENT
+BLOCK_TABLES = [struct.Struct(f"<{count}Q") for count in range(GROUP_BLOCKS + 1)]
 
 _xxh3 = xxhash.xxh3_64_intdigest
 
@@ -91,33 +98,41 @@ class RecordHeader(tuple):
 
 
 def encode_header_into(buffer, position, record_type, flags, volume_id, payload,
-                       origin_node, origin_sequence, hlc, offset_bytes, length_bytes):
-    """Write the header for `payload` at buffer[position:position+72]; returns its size."""
+                       origin_node, origin_sequence, hlc, offset_bytes, length_bytes, table=None):
+    """Write the header at buffer[position:position+72]; returns its size. For a raw EXTENT
+    pass the block checksum `table`: the record's payload is then table + payload."""
+    if table is None:
+        stored_length, payload_checksum = len(payload), _xxh3(payload)
+    else:
+        stored_length, payload_checksum = len(table) + len(payload), _xxh3(table)
     HEADER_BODY.pack_into(buffer, position, MAGIC, VERSION, record_type, flags, volume_id,
-                          len(payload), origin_node, origin_sequence, hlc, offset_bytes,
-                          length_bytes, _xxh3(payload))
+                          stored_length, origin_node, origin_sequence, hlc, offset_bytes,
+                          length_bytes, payload_checksum)
     with memoryview(buffer) as view:
         check = _xxh3(view[position:position + HEADER_BODY.size])
     HEADER_CHECK.pack_into(buffer, position + HEADER_BODY.size, check)
     return HEADER_SIZE
 
 
+def block_table(data):
+    """The checksum table of block-aligned `data` (a raw EXTENT's payload prefix)."""
+    view = memoryview(data)
+    count = len(view) // BLOCK_SIZE
+    return BLOCK_TABLES[count].pack(*[_xxh3(view[i * BLOCK_SIZE:(i + 1) * BLOCK_SIZE]) for i in range(count)])
+
+
 def encode(record_type, flags, volume_id, payload, origin_node, origin_sequence, hlc,
            offset_bytes, length_bytes):
-    """A whole record as bytes (header + payload); for tests and rare records."""
+    """A whole record as bytes (header + payload); raw EXTENTs get their block table."""
+    table = None
+    if record_type == RecordType.EXTENT and not flags & FLAG_ZSTD:
+        table = block_table(payload)
+        payload = table + bytes(payload)
     out = bytearray(HEADER_SIZE + len(payload))
-    encode_header_into(out, 0, record_type, flags, volume_id, payload, origin_node,
-                       origin_sequence, hlc, offset_bytes, length_bytes)
+    encode_header_into(out, 0, record_type, flags, volume_id, payload[len(table or b""):], origin_node,
+                       origin_sequence, hlc, offset_bytes, length_bytes, table=table)
     out[HEADER_SIZE:] = payload
     return bytes(out)
-
-
-_BLANK_HEADER = bytes(HEADER_SIZE)
-
-
-def is_blank(view):
-    """True when a header-sized region is all zero bytes: never-written space."""
-    return bytes(view[:HEADER_SIZE]) == _BLANK_HEADER
 
 
 def decode_header(view, path=None, offset=None):
@@ -141,6 +156,27 @@ def decode_header(view, path=None, offset=None):
 
 
 def verify_payload(header, payload, path=None, offset=None):
-    """Rule 6: the payload's checksum matches its header."""
-    if len(payload) != header[3] or _xxh3(payload) != header[9]:
+    """Rule 6: the payload matches its header (and a raw EXTENT's blocks their table)."""
+    if len(payload) != header[3]:
+        raise CorruptionError("record payload length mismatch", path, offset)
+    if header[0] == RecordType.EXTENT and not header[1] & FLAG_ZSTD:
+        count = header[8] // BLOCK_SIZE
+        if header[8] % BLOCK_SIZE or not 0 < count <= GROUP_BLOCKS or header[3] != count * RAW_BLOCK_BYTES:
+            raise CorruptionError("raw extent record has impossible lengths", path, offset)
+        verify_blocks(header, payload[:count * CHECKSUM_BYTES], payload[count * CHECKSUM_BYTES:], 0, count,
+                      path, offset)
+        return
+    if _xxh3(payload) != header[9]:
         raise CorruptionError("record payload checksum mismatch", path, offset)
+
+
+def verify_blocks(header, table, blocks, first_block, block_count, path=None, offset=None):
+    """Check the table of a raw EXTENT against its header, then blocks [first, first+count)
+    (given in `blocks`, starting with block `first`) against the table."""
+    if _xxh3(table) != header[9]:
+        raise CorruptionError("record block table checksum mismatch", path, offset)
+    sums = BLOCK_TABLES[len(table) // CHECKSUM_BYTES].unpack(table)
+    view = memoryview(blocks)
+    for index in range(block_count):
+        if _xxh3(view[index * BLOCK_SIZE:(index + 1) * BLOCK_SIZE]) != sums[first_block + index]:
+            raise CorruptionError(f"record block {first_block + index} checksum mismatch", path, offset)

@@ -13,7 +13,7 @@ that all of chunk N was durable.
 
 import errno
 
-from chunkvol.errors import OutOfSpaceError
+from chunkvol.errors import CorruptionError, OutOfSpaceError
 from chunkvol.format import chunk_header
 from chunkvol.format.record import HEADER_SIZE, RecordType, encode_header_into, MAX_PAYLOAD
 
@@ -47,9 +47,10 @@ class LogWriter:
         return chunk_header.address(self.chunk.chunk_id, self.file_offset + self.used)
 
     def append(self, record_type, flags, volume_id, payload, origin_node, origin_sequence,
-               hlc, offset_bytes, length_bytes):
-        """Append one record; returns its log address. Raises OutOfSpaceError with nothing changed."""
-        size = HEADER_SIZE + len(payload)
+               hlc, offset_bytes, length_bytes, table=b""):
+        """Append one record (payload = table + payload); returns its log address.
+        Raises OutOfSpaceError with nothing changed."""
+        size = HEADER_SIZE + len(table) + len(payload)
         if self.chunk is None:
             self._open_next_chunk(hlc)
         if self.file_offset + self.used + size + HEADER_SIZE > self.chunk.capacity_bytes:
@@ -58,8 +59,14 @@ class LogWriter:
             self.drain()
         position = self.used
         encode_header_into(self.buffer, position, record_type, flags, volume_id, payload,
-                           origin_node, origin_sequence, hlc, offset_bytes, length_bytes)
-        self.buffer[position + HEADER_SIZE:position + size] = payload
+                           origin_node, origin_sequence, hlc, offset_bytes, length_bytes,
+                           table=table or None)
+        if table:
+            data_at = position + HEADER_SIZE + len(table)
+            self.buffer[position + HEADER_SIZE:data_at] = table
+            self.buffer[data_at:position + size] = payload
+        else:
+            self.buffer[position + HEADER_SIZE:position + size] = payload
         self.used = position + size
         log_address = chunk_header.address(self.chunk.chunk_id, self.file_offset + position)
         if self.used >= BUFFER_BYTES:
@@ -108,6 +115,17 @@ class LogWriter:
             return bytes(self.view[start:start + length])
         head = self.chunks.pread(chunk_id, self.file_offset - offset, offset)  # spans file and buffer
         return head + bytes(self.view[:offset + length - self.file_offset])
+
+    def read_into(self, log_address, view):
+        """Fill `view` with log bytes from `log_address` (no copy when they are in a file)."""
+        chunk_id, offset = chunk_header.split_address(log_address)
+        chunk = self.chunk
+        length = len(view)
+        if chunk is not None and chunk_id == chunk.chunk_id and offset + length > self.file_offset:
+            view[:] = self.read(log_address, length)
+            return
+        if self.chunks.preadv(chunk_id, view, offset) != length:
+            raise CorruptionError(f"log ends before {chunk_id}:{offset + length}")
 
     def _seal_and_switch(self, hlc):
         node, sequence, seal_hlc = self.stamp_source()

@@ -129,6 +129,9 @@ class ChunkTable:
     def pread(self, chunk_id, length, offset):
         return self.files.pread(self.get(chunk_id).fd, length, offset)
 
+    def preadv(self, chunk_id, view, offset):
+        return self.files.preadv(self.get(chunk_id).fd, view, offset)
+
     def close(self):
         for chunk in self.chunks.values():
             self.files.close(chunk.fd)

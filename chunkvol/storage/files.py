@@ -53,6 +53,10 @@ class LocalFiles:
     def pread(self, fd, length, offset):
         return os.pread(fd, length, offset)
 
+    def preadv(self, fd, view, offset):
+        """Read into a writable buffer; returns the byte count (short at end of file)."""
+        return os.preadv(fd, [view], offset)
+
     def pwrite(self, fd, data, offset):
         """Write all of `data`; a short write is retried, ENOSPC becomes OutOfSpaceError."""
         view = memoryview(data)
