@@ -31,7 +31,7 @@ system-packages: .stamp-system-packages
 $(VENV)/.installed: .stamp-system-packages requirements.txt pyproject.toml
 	test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
 	@touch $@
 
 install: $(VENV)/.installed
