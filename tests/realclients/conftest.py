@@ -130,9 +130,14 @@ def file_pool_export(tmp_path: Path) -> Iterator[Export]:
         yield exp
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def guest_images() -> build_initramfs.GuestImages:
-    """Guest images from the cache ($CHUNKVOL_GUEST_CACHE or ./var/guest), built once if missing."""
+    """Guest images from the cache ($CHUNKVOL_GUEST_CACHE or ./var/guest), built if missing.
+
+    Function-scoped on purpose: the check is cheap, and ./var is shared with
+    other work (`make clean` removes it), so a cache that vanished mid-session
+    is rebuilt instead of failing every later VM test.
+    """
     return build_initramfs.guest_images()
 
 

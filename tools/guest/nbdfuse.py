@@ -158,15 +158,17 @@ def loop_device(path: str | os.PathLike, *, direct_io: bool = True, readonly: bo
     if readonly:
         argv.append("-r")
     dev = _proc.run([*argv, os.fspath(path)]).stdout.strip()
+    ours = _loop_backing(dev) or os.path.abspath(path)
     try:
         yield dev
     finally:
         with contextlib.suppress(OSError):
             unmount_device(dev)
         _proc.run(["losetup", "-d", dev], check=False)
-        # losetup -d on a still-open device only sets autoclear; wait for the real detach.
+        # losetup -d on a still-open device only sets autoclear; wait for the real
+        # detach.  Compare the backing file: another process may reuse the number at once.
         with contextlib.suppress(TimeoutError):
-            _proc.wait_for(lambda: _loop_backing(dev) is None, timeout=detach_timeout,
+            _proc.wait_for(lambda: _loop_backing(dev) != ours, timeout=detach_timeout,
                            what=f"{dev} to detach")
 
 
