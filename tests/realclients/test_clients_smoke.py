@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from tools.guest import build_initramfs, export as export_ops, fs, guest
+from tools.guest import build_initramfs, export as export_ops, fs, guest, uml
 from tools.guest.nbdfuse import attached, fuse_file, mounts_of_device
 from tools.guest.nbdkit import served
+from tools.guest.vm import GuestError
 
 pytestmark = pytest.mark.realclients
 
@@ -158,3 +159,25 @@ def test_reboot_same_volume_twice(file_pool_export, guest_images):
     guest.roundtrip(exp.socket, exp.name, exp.workdir, client="uml", images=guest_images)
     rt = guest.roundtrip(exp.socket, exp.name, exp.workdir, client="qemu", images=guest_images, install=False)
     assert rt.output.fsck.clean
+
+
+@pytest.mark.vm
+def test_guest_failure_is_reported(file_pool_export, guest_images):
+    """A root disk without a marker makes the guest report FAIL; check() raises with the console tail."""
+    exp = file_pool_export
+    export_ops.write_image(exp.socket, exp.name, guest_images.rootfs)
+    result = uml.boot_uml_export(exp.socket, exp.name, exp.workdir)
+    assert not result.ok and result.result_line.startswith("FAIL")
+    with pytest.raises(GuestError, match="no /guest/marker"):
+        result.check()
+
+
+@pytest.mark.vm
+def test_hung_guest_is_killed_at_timeout(file_pool_export, guest_images):
+    """A guest that never reports (busybox init as PID 1 waits forever) is killed at the timeout."""
+    exp = file_pool_export
+    guest.prepare_root(exp.socket, exp.name, exp.workdir, images=guest_images)
+    result = uml.boot_uml_export(exp.socket, exp.name, exp.workdir, timeout=5, append="init=/bin/init")
+    assert result.timed_out and not result.ok
+    assert result.result_line is None
+    # no_leaks (conftest) verifies no UML process survived.
