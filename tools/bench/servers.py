@@ -209,13 +209,35 @@ def anchor_servers() -> list[Server]:
     return [NbdkitMemory(), NbdkitFile(), QemuQcow2(), QemuQcow2Zstd(), PythonMemory(), PythonMemoryParallel()]
 
 
+class NotServing(Exception):
+    """The server accepted no connection, or no read, yet."""
+
+
+PROBE_POLL_MILLISECONDS = 100
+
+
 def read_first_block(socket_path: Path, export_name: str) -> None:
-    """Connect and read 4 KiB at offset 0; raise nbd.Error if the server cannot serve yet."""
+    """Connect and read 4 KiB at offset 0; raise NotServing if the server cannot serve yet.
+
+    Uses libnbd's asynchronous calls and polls in 100 ms steps, because a blocking connect
+    to a server that is still opening its store sits in C until the server answers, where
+    neither Ctrl-C nor SIGTERM reaches the harness.
+    """
     handle = nbd.NBD()
-    handle.set_export_name(export_name)
-    handle.connect_unix(str(socket_path))
-    handle.pread(min(4096, handle.get_size()), 0)
-    handle.shutdown()
+    try:
+        handle.set_export_name(export_name)
+        handle.aio_connect_unix(str(socket_path))
+        while handle.aio_is_connecting():
+            handle.poll(PROBE_POLL_MILLISECONDS)
+        if not handle.aio_is_ready():
+            raise NotServing("handshake did not complete")
+        buffer = nbd.Buffer(min(4096, handle.get_size()))
+        cookie = handle.aio_pread(buffer, 0)
+        while not handle.aio_command_completed(cookie):
+            handle.poll(PROBE_POLL_MILLISECONDS)
+        handle.shutdown()
+    except nbd.Error as error:
+        raise NotServing(str(error)) from error
 
 
 _running: dict[int, "RunningServer"] = {}
@@ -271,7 +293,7 @@ class RunningServer:
                 try:
                     read_first_block(self.paths.socket, self.server.export_name)
                     return time.perf_counter() - self.started_at
-                except nbd.Error as error:
+                except NotServing as error:
                     last_error = str(error)
             if time.perf_counter() - self.started_at > limit_seconds:
                 raise SetupFailed(f"not serving after {limit_seconds:.0f} s ({last_error}): {self.log_tail()}")
