@@ -39,8 +39,8 @@ from chunkvol.storage.chunks import ChunkTable
 from chunkvol.storage.files import LocalFiles
 
 DEFAULT_CHUNK_SIZE = 8 << 30
-CHECKPOINT_GROUPS = 65536      # overlay size (64 KiB groups) that forces a checkpoint
-AUTO_FLUSH_GROUPS = 65536      # unsealed groups that force a flush point
+CHECKPOINT_GROUPS = 65536      # unsaved group versions that force a checkpoint
+AUTO_FLUSH_GROUPS = 16384      # unsealed groups that force a flush point (1 GiB of data)
 CHECKPOINT_SECONDS = 30.0
 VOLUME_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
 COMPRESSIONS = ("none", "zstd")
@@ -277,16 +277,15 @@ class Pool:
     # ---- applying records (live and replay share this) ----------------------------
     def _apply_replayed(self, address, header, payload):
         self._replayed_now += 1
-        record_type = header[0]
-        hlc = header[6]
-        self.clock.observe(hlc)
-        if header[4] == self.node_id and header[5] >= self.next_sequence:
-            self.next_sequence = header[5] + 1
+        record_type, flags, volume_id, stored_length, node, sequence, hlc, offset_bytes, length_bytes, _ = header
+        if hlc > self.clock.last:
+            self.clock.last = hlc
+        if node == self.node_id and sequence >= self.next_sequence:
+            self.next_sequence = sequence + 1
         if record_type == RecordType.EXTENT:
-            info = self.volumes_by_id.get(header[2])
-            if info is not None:
-                self._map_extent(info.volume_id, header[7], header[8],
-                                 (address, header[3], hlc, header[1]), hlc, header[4])
+            if volume_id in self.volumes_by_id:
+                self._map_extent(volume_id, offset_bytes, length_bytes, (address, stored_length, hlc, flags),
+                                 hlc, node)
         elif record_type == RecordType.ZERO:
             if header[2] in self.volumes_by_id:
                 self._map_hole(header[2], header[7], header[8], hlc, header[4])

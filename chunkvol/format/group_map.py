@@ -27,6 +27,7 @@ stale or misdirected map entry is detected, never returned as data.
 """
 
 import struct
+from itertools import chain
 
 from chunkvol.errors import CorruptionError
 from chunkvol.format.record import GROUP_BLOCKS
@@ -64,7 +65,9 @@ def encode_state(state):
     head = VALUE_HEAD.pack(len(refs), 0, slots)
     if not refs:
         return head
-    return head + b"".join([REF.pack(*ref) for ref in refs])
+    if len(refs) == 1:
+        return head + REF.pack(*refs[0])
+    return head + _REFS[len(refs)].pack(*chain.from_iterable(refs))
 
 
 def decode_state(raw):

@@ -5,12 +5,12 @@ Every version of a 64 KiB map group is one entry (format/group_map.py), so the l
 one seek (the newest version) and so is any past flush point (the newest version at or before
 its stamp), however deep the history.
 
-Writes do not touch LMDB. They change an in-memory overlay of the groups written since the
-last checkpoint; at each flush point the groups changed since the previous one are sealed into
-versions; a checkpoint writes the sealed versions and the log address they reflect in one
-synced LMDB transaction, then empties the overlay. So the overlay is bounded by the checkpoint
-interval, not by the volume, and a crash loses only overlay that replaying the log's tail
-rebuilds. Delete the `index` directory and the map is rebuilt from the whole log.
+Writes do not touch LMDB. They change an in-memory overlay of group states; at each flush
+point the groups changed since the previous one are sealed into versions; a checkpoint writes
+the sealed versions and the log address they reflect in one synced LMDB transaction. The
+overlay then stays as a cache of checkpointed states until it outgrows OVERLAY_CACHE_GROUPS, so
+memory is bounded by that and by the checkpoint interval, not by the volume, and a crash loses
+only what replaying the log's tail rebuilds. Delete the `index` directory and the map is rebuilt from the whole log.
 
 Callers hold the pool lock around every method.
 """
@@ -26,6 +26,7 @@ from chunkvol.format import group_map
 
 MAP_SIZE_BYTES = 1 << 40  # address space only; the file grows as needed
 CHECKPOINT_KEY = b"checkpoint"
+OVERLAY_CACHE_GROUPS = 131072  # checkpointed group states kept in memory (~40 MiB at most)
 
 
 class BlockMap:
@@ -135,8 +136,8 @@ class BlockMap:
 
     @property
     def unsaved(self):
-        """Overlay groups plus sealed versions waiting for the next checkpoint."""
-        return len(self.overlay) + len(self.pending)
+        """Changes not yet in LMDB: unsealed groups plus sealed versions."""
+        return len(self.dirty) + len(self.pending)
 
     def checkpoint(self, checkpoint):
         """Write sealed versions, volume changes and the checkpoint in one synced transaction.
@@ -157,7 +158,8 @@ class BlockMap:
                     txn.put(name.encode(), value, db=self.volumes_db)
             txn.put(CHECKPOINT_KEY, checkpoint_format.encode(checkpoint), db=self.meta_db)
         self.pending = []
-        self.overlay.clear()
+        if len(self.overlay) > OVERLAY_CACHE_GROUPS:
+            self.overlay.clear()  # else keep it: every state in it is now also in LMDB
         self.removed_volumes.clear()
         self.volume_puts.clear()
 
