@@ -38,6 +38,10 @@ def recover(chunks, start_address, apply, writable=True):
     chunk_id, offset = split_address(start_address)
     damage = []
     applied = 0
+    if chunk_id in chunks.chunks and offset > chunks.get(chunk_id).size_bytes:
+        raise CorruptionError(f"the log ends before the block map's checkpoint ({chunk_id}:{offset}); "
+                              "the chunk file was cut short: `chunkvol check` shows what is lost",
+                              chunks.get(chunk_id).path, chunks.get(chunk_id).size_bytes)
     while True:
         if chunk_id not in chunks.chunks:
             return RecoveryResult(address(chunk_id, DATA_OFFSET), applied, damage, 0)
