@@ -25,8 +25,18 @@ def check_command(arguments):
     if arguments.repair and busy:
         raise PoolBusyError("check --repair needs the pool to itself: stop the server first")
     total = sum(os.path.getsize(os.path.join(d, f)) for d in _chunk_dirs(path) for f in os.listdir(d))
+    rebuilt_first = False
     with progress_bar(total, "checking log", enabled=not arguments.json) as advance:
-        report = check_pool(path, busy, progress=advance)
+        try:
+            report = check_pool(path, busy, progress=advance)
+        except CorruptionError as error:
+            if not arguments.repair:
+                raise CorruptionError(f"{error}; `check --repair` rebuilds the block map from the log") from None
+            rebuild_index(path)  # the map cannot even be opened: rebuild it, then check
+            rebuilt_first = True
+            report = check_pool(path, busy, progress=advance)
+    if rebuilt_first:
+        report["repaired"] = True
     if arguments.repair and report["map_differences"]:
         rebuild_index(path)
         report["repaired"] = True
