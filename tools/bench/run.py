@@ -2,6 +2,7 @@
 
     .venv/bin/python tools/bench/run.py [--quick] [--reps N] [--servers a,b] [--workloads x,y]
         [--scratch DIR] [--chunkvol-arg KEY=VALUE ...] [--chunkvol-variant NAME:KEY=VALUE,...]
+    BENCH_ARGS="--quick" make bench      # the same options through make
 
 For every repetition, for every server in turn (interleaved, so a slow minute of the shared
 host hits every server a little instead of one server a lot):
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import signal
 import sys
 import tempfile
@@ -368,7 +370,8 @@ def _raise_keyboard_interrupt(signal_number, frame):
 
 
 def main(argv: list[str]) -> int:
-    arguments = parse_arguments(argv)
+    # `make bench` passes no arguments; BENCH_ARGS="--quick ..." make bench reaches here.
+    arguments = parse_arguments(shlex.split(os.environ.get("BENCH_ARGS", "")) + argv)
     all_servers = anchor_servers() + chunkvol_servers(arguments)
     server_names = [server.name for server in all_servers]
     default_workloads = [workload.name for workload in WORKLOADS if workload.default] + SPECIAL_WORKLOADS
@@ -385,6 +388,9 @@ def main(argv: list[str]) -> int:
     servers = [server for server in all_servers if server.name in chosen_servers]
     workloads = select(arguments.workloads, known_workloads, default_workloads, "workload")
     bench = Bench(arguments, servers, workloads)
+    # A shell without job control starts background jobs with SIGINT ignored; a benchmark that
+    # cannot be interrupted leaves servers behind, so take SIGINT back, and treat SIGTERM alike.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     exit_code = 0
     try:
