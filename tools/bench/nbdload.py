@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import resource
 import sys
@@ -76,7 +75,6 @@ class LoadGenerator:
         for _ in range(self.iodepth):
             content = make_write_buffer(self.block_size_bytes, arguments.compress_percent, self.rng)
             self.buffers.append(nbd.Buffer.from_bytearray(content))
-        self.flush_buffer_slot_free = True
         self.free_slots = list(range(self.iodepth))
         self.issue_time_ns = [0] * self.iodepth
         self.issue_kind = [""] * self.iodepth

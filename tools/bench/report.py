@@ -217,13 +217,12 @@ def _disturbed_lines(summary: Summary) -> list[str]:
 
 def _command_lines(meta: dict, lifecycles: list[dict], records: list[dict]) -> list[str]:
     lines = ["", "## Exact commands", "", "Servers (last repetition; setup first):", "", "```"]
-    seen = set()
-    for lifecycle in reversed(lifecycles):
-        key = (lifecycle["server"], lifecycle.get("phase"))
-        if key in seen or "command" not in lifecycle:
-            continue
-        seen.add(key)
-        lines.append(f"# {lifecycle['server']} ({lifecycle.get('phase')})")
+    last = {}
+    for lifecycle in lifecycles:
+        if "command" in lifecycle:
+            last[(lifecycle["server"], lifecycle.get("phase"))] = lifecycle
+    for (server, phase), lifecycle in last.items():
+        lines.append(f"# {server} ({phase})")
         lines.extend(lifecycle.get("setup_commands", []))
         lines.append(lifecycle["command"])
     lines += ["```", "", "Workloads (one server's commands; the socket and export differ per server):", "", "```"]
