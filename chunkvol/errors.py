@@ -37,6 +37,12 @@ class OutOfSpaceError(ChunkvolError):
     """The disk holding the chunks is full; nothing already flushed is lost."""
 
 
+class DeviceFailedError(ChunkvolError):
+    """The disk under the log failed a write or a sync. After a failed fsync the page cache can
+    no longer be trusted (pages are marked clean though not on disk), so the pool refuses every
+    further write and flush until it is reopened and recovers from what is really on disk."""
+
+
 class CorruptionError(ChunkvolError):
     """Bytes on disk that fail their checksum or their format rules.
 

@@ -31,7 +31,7 @@ from chunkvol.errors import (AlreadyExistsError, ChunkvolError, CorruptionError,
 from chunkvol.format import chunk_header, pool_metadata
 from chunkvol.format import group_map
 from chunkvol.format.checkpoint import Checkpoint
-from chunkvol.format.record import BLOCK_SIZE, COMMIT_PAYLOAD, GROUP_BLOCKS, HEADER_SIZE, RecordType
+from chunkvol.format.record import BLOCK_SIZE, COMMIT_PAYLOAD, FLAG_ZSTD, GROUP_BLOCKS, HEADER_SIZE, RecordType
 from chunkvol.index.blockmap import BlockMap
 from chunkvol.log.recovery import recover
 from chunkvol.log.writer import LogWriter
@@ -183,7 +183,7 @@ class Pool:
         self.recovery = result
         self.records_replayed += self._replayed_now
         self.writer = LogWriter(self.chunks, self.files, result.end_address, self._next_stamp)
-        if not self.readonly and (result.records_applied or checkpoint is None):
+        if not self.readonly and (result.records_applied or result.requests_discarded or checkpoint is None):
             self._flush_locked()
             self._checkpoint_locked()
 
@@ -241,7 +241,7 @@ class Pool:
             target = self.writer.position
             chunk = self.writer.chunk
         if chunk is not None:
-            self.files.fdatasync(chunk.fd)  # a chunk switch meanwhile synced it fully anyway
+            self.writer.fdatasync(chunk.fd)  # a chunk switch meanwhile synced it fully anyway
         with self.lock:
             if self.writer.durable_address < target:
                 self.writer.durable_address = target
@@ -284,8 +284,8 @@ class Pool:
             self.next_sequence = sequence + 1
         if record_type == RecordType.EXTENT:
             if volume_id in self.volumes_by_id:
-                self._map_extent(volume_id, offset_bytes, length_bytes, (address, stored_length, hlc, flags),
-                                 hlc, node)
+                self._map_extent(volume_id, offset_bytes, length_bytes,
+                                 (address, stored_length, hlc, flags & FLAG_ZSTD), hlc, node)
         elif record_type == RecordType.ZERO:
             if header[2] in self.volumes_by_id:
                 self._map_hole(header[2], header[7], header[8], hlc, header[4])

@@ -11,7 +11,7 @@ Every method takes the pool lock; errors are chunkvol.errors, mapped to errno by
 from chunkvol.errors import CorruptionError, OutOfRangeError, ReadOnlyError
 from chunkvol.format import group_map
 from chunkvol.format import record as record_format
-from chunkvol.format.record import (BLOCK_SIZE, BLOCK_TABLES, CHECKSUM_BYTES, FLAG_TRIM, FLAG_ZSTD, GROUP_BLOCKS,
+from chunkvol.format.record import (BLOCK_SIZE, BLOCK_TABLES, CHECKSUM_BYTES, FLAG_MORE, FLAG_TRIM, FLAG_ZSTD, GROUP_BLOCKS,
                                     GROUP_SIZE, HEADER_SIZE, RAW_BLOCK_BYTES, RecordType, verify_blocks)
 
 import zstandard
@@ -66,7 +66,7 @@ class Volume:
         with pool.lock:
             if offset % BLOCK_SIZE or length % BLOCK_SIZE:
                 data, offset = self._widen(data, offset)
-            self._write_blocks(memoryview(data), offset)
+            self._write_blocks(memoryview(data), offset, last=True)
             pool.maybe_auto_flush()
         if fua:
             pool.flush()
@@ -82,9 +82,9 @@ class Volume:
         merged[offset - start:offset - start + len(data)] = data
         return merged, start
 
-    def _write_blocks(self, view, offset):
+    def _write_blocks(self, view, offset, last):
         """One EXTENT record per map-group piece, then the group's new state (inlined: this is
-        the hot path of every write)."""
+        the hot path of every write). Every record but the request's `last` one says MORE."""
         pool = self.pool
         append = pool.writer.append
         clock = pool.clock
@@ -113,12 +113,14 @@ class Volume:
             if payload is None:
                 payload = piece
                 table = _TABLES[count].pack(*[_xxh3(piece[i:i + BLOCK_SIZE]) for i in range(0, piece_bytes, BLOCK_SIZE)])
+            if not last or position + piece_bytes < total:
+                flags |= FLAG_MORE
             sequence = pool.next_sequence
             pool.next_sequence = sequence + 1
             hlc = clock.now()
             address = append(RecordType.EXTENT, flags, volume_id, payload, node, sequence, hlc,
                              block * BLOCK_SIZE, piece_bytes, table)
-            ref = (address, len(table) + len(payload), hlc, flags)
+            ref = (address, len(table) + len(payload), hlc, flags & FLAG_ZSTD)
             key = (volume_id, group)
             if count == GROUP_BLOCKS:
                 state = (_FULL_SLOTS, (ref,))
@@ -141,12 +143,12 @@ class Volume:
             start = -(-offset // BLOCK_SIZE) * BLOCK_SIZE
             end = (offset + length) // BLOCK_SIZE * BLOCK_SIZE
             if start >= end:  # inside one block: write zeros
-                self._write_blocks(*self._widen_zero(offset, length))
+                self._write_blocks(*self._widen_zero(offset, length), last=True)
             else:
                 if start > offset:
-                    self._write_blocks(*self._widen_zero(offset, start - offset))
+                    self._write_blocks(*self._widen_zero(offset, start - offset), last=False)
                 if offset + length > end:
-                    self._write_blocks(*self._widen_zero(end, offset + length - end))
+                    self._write_blocks(*self._widen_zero(end, offset + length - end), last=False)
                 _, hlc = pool._append(RecordType.ZERO, FLAG_TRIM if trim else 0, self.volume_id, b"",
                                       start, end - start)
                 pool._map_hole(self.volume_id, start, end - start, hlc, pool.node_id)

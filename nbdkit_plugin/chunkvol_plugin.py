@@ -46,6 +46,7 @@ ERRNO = (
     (errors.OutOfSpaceError, errno.ENOSPC),
     (errors.NotFoundError, errno.ENOENT),
     (errors.CorruptionError, errno.EIO),
+    (errors.DeviceFailedError, errno.EIO),
     (errors.UsageError, errno.EINVAL),
 )
 

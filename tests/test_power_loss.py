@@ -252,8 +252,6 @@ def test_every_crash_point_of_a_small_workload(templates, scratch, monkeypatch):
     print(json.dumps({"test": "every_crash_point", "calls": calls, **stats.figures}))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a write request longer than one record is not atomic "
-                   "across a crash: recovery replays the records of its first part only")
 def test_multi_record_write_is_atomic_across_a_crash(tmp_path):
     """Guarantee 2 ("never a torn ... mix"): a write of 1.5x the log writer's buffer is cut
     by the buffer drain inside the request; kill the process (drop the rest of the buffer)
@@ -277,9 +275,6 @@ def test_multi_record_write_is_atomic_across_a_crash(tmp_path):
         f"{size // 4096} blocks new, the rest old")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: after an fdatasync EIO the pool keeps trusting the page "
-                   "cache; a later flush succeeds although the data written before the failed "
-                   "fdatasync never reached the disk")
 def test_flush_after_failed_fsync_does_not_lose_data(tmp_path):
     """fsyncgate: the kernel reports a writeback error once and marks the pages clean. A write
     acknowledged before a later *successful* flush must survive power loss (guarantee 1); or
@@ -293,9 +288,12 @@ def test_flush_after_failed_fsync_does_not_lose_data(tmp_path):
         volume = pool.volume("disk0")
         volume.write(first, 0)
         faulty.faults.append(Fault("fdatasync", nth=1, error=errno.EIO))
-        with pytest.raises(OSError):
+        with pytest.raises((OSError, ChunkvolError)):
             volume.flush()
-        volume.write(second, 1 * MiB)
+        try:
+            volume.write(second, 1 * MiB)  # refusing writes after a failed sync is acceptable too
+        except ChunkvolError:
+            pass
         flushed = True
         try:
             volume.flush()  # the disk works again
@@ -304,12 +302,13 @@ def test_flush_after_failed_fsync_does_not_lose_data(tmp_path):
         lost = str(tmp_path / "lost")
         faulty.power_loss(lost)
         abandon(pool)
-    if not flushed:
-        return
     pool = Pool.open(lost)
     try:
         buffer = bytearray(64 << 10)
         pool.volume("disk0").read(buffer, 0)
-        assert bytes(buffer) == first, f"a write acknowledged before a successful flush was lost (damage: {pool.damage})"
+        if flushed:
+            assert bytes(buffer) == first, f"a write acknowledged before a successful flush was lost (damage: {pool.damage})"
+        else:  # no flush ever succeeded: any prefix of the writes is right
+            assert bytes(buffer) in (first, bytes(len(first)))
     finally:
         pool.close()

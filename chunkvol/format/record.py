@@ -10,7 +10,7 @@ Header, little-endian:
 |      0 |    4 | 4s   | magic           | b"CVrc"                                                  |
 |      4 |    1 | u8   | version         | 1                                                        |
 |      5 |    1 | u8   | record_type     | see RecordType                                           |
-|      6 |    2 | u16  | flags           | bit 0: payload is one zstd frame; bit 1: ZERO is a trim  |
+|      6 |    2 | u16  | flags           | bit 0: zstd frame; bit 1: ZERO is a trim; bit 2: MORE    |
 |      8 |    4 | u32  | volume_id       | 0 for pool-wide records (COMMIT, SEAL)                   |
 |     12 |    4 | u32  | stored_length   | payload bytes on disk                                    |
 |     16 |    8 | u64  | origin_node     | node id that wrote the record first                      |
@@ -32,6 +32,12 @@ Payloads by type:
   was written. A flush point of the whole pool.
 - SEAL: none; the last record of a chunk that was synced before the next chunk got a record.
 - VOLUME_CREATE / VOLUME_RESIZE / VOLUME_REMOVE: UTF-8 JSON describing the volume.
+
+One client request may need several records (a write longer than a map group, a zero with
+unaligned edges). Every record of a request but its last carries flag bit 2 (MORE). Replay
+applies a request's records only when its last record is there, so a crash never leaves half
+a request: a run of MORE records that ends in anything else (a COMMIT, the torn tail) is
+discarded. Only SEAL may stand between the records of a request.
 
 A record is valid when (1) the magic matches, (2) the version is known, (3) header_xxh3
 matches, (4) the type is known, (5) it fits inside the chunk's written bytes, and (6)
@@ -55,6 +61,7 @@ assert HEADER_BODY.size == 64 and HEADER_SIZE == 72
 
 FLAG_ZSTD = 1
 FLAG_TRIM = 2
+FLAG_MORE = 4  # more records of the same client request follow
 
 BLOCK_SIZE = 4096
 GROUP_BLOCKS = 16  # one map group: 64 KiB; an EXTENT record never crosses a group

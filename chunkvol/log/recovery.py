@@ -13,7 +13,10 @@
    b. No proof: Q is the torn tail of writes that no flush covered. The log is cut at Q: the
       chunk file is truncated there and later chunk files are removed. Every write before Q
       stays, every write after it goes: prefix consistency.
-4. Return where the writer continues, and the damage found.
+4. Records reach the block map a whole client request at a time: a request's records carry
+   MORE but its last; a request cut off by the end of the log (or followed by a COMMIT) is
+   discarded, and the cut moves back to its first record: a crash never shows half a write.
+5. Return where the writer continues, and the damage found.
 
 A read-only open (writable=False) does the same walk but cuts nothing.
 """
@@ -23,7 +26,7 @@ from typing import NamedTuple
 from chunkvol.errors import CorruptionError
 from chunkvol.format import chunk_header
 from chunkvol.format.chunk_header import DATA_OFFSET, address, split_address
-from chunkvol.format.record import COMMIT_PAYLOAD, RecordType
+from chunkvol.format.record import COMMIT_PAYLOAD, FLAG_MORE, RecordType
 from chunkvol.log.reader import ChunkScan, find_next_header
 
 
@@ -32,30 +35,60 @@ class RecoveryResult(NamedTuple):
     records_applied: int
     damage: list
     cut_address: int  # where a torn tail was cut, or 0
+    requests_discarded: int  # records of client requests that never finished
+
+
+class _Requests:
+    """Hands records to `apply` a whole client request at a time (format/record.py: MORE)."""
+
+    def __init__(self, apply):
+        self.apply = apply
+        self.pending = []   # (address, header) of an unfinished request
+        self.applied = 0
+        self.discarded = 0
+
+    def take(self, log_address, header, payload):
+        record_type = header[0]
+        if record_type in _REQUEST_TYPES:
+            if header[1] & FLAG_MORE:
+                self.pending.append((log_address, header))
+                return
+            for pending_address, pending_header in self.pending:
+                self.apply(pending_address, pending_header, None)
+            self.applied += len(self.pending)
+            self.pending.clear()
+        elif self.pending and record_type != RecordType.SEAL:
+            self.discarded += len(self.pending)  # a request that never finished
+            self.pending.clear()
+        self.apply(log_address, header, payload)
+        self.applied += 1
+
+
+_REQUEST_TYPES = (RecordType.EXTENT, RecordType.ZERO)
 
 
 def recover(chunks, start_address, apply, writable=True):
     chunk_id, offset = split_address(start_address)
     damage = []
-    applied = 0
+    requests = _Requests(apply)
     if chunk_id in chunks.chunks and offset > chunks.get(chunk_id).size_bytes:
         raise CorruptionError(f"the log ends before the block map's checkpoint ({chunk_id}:{offset}); "
                               "the chunk file was cut short: `chunkvol check` shows what is lost",
                               chunks.get(chunk_id).path, chunks.get(chunk_id).size_bytes)
     while True:
         if chunk_id not in chunks.chunks:
-            return RecoveryResult(address(chunk_id, DATA_OFFSET), applied, damage, 0)
+            return _end(chunks, requests, address(chunk_id, DATA_OFFSET), damage, 0, writable)
         scan = ChunkScan(chunks, chunk_id, offset)
+        take = requests.take
         for position, header, payload in scan:
-            apply(address(chunk_id, position), header, payload)
-            applied += 1
+            take(address(chunk_id, position), header, payload)
         later = [other for other in chunks.ids() if other > chunk_id]
         if scan.stop_error is None:
             if scan.sealed:
                 chunk_id, offset = chunk_id + 1, DATA_OFFSET
                 continue
             if not later:
-                return RecoveryResult(address(chunk_id, scan.stop_offset), applied, damage, 0)
+                return _end(chunks, requests, address(chunk_id, scan.stop_offset), damage, 0, writable)
             damage.append(CorruptionError("chunk ends without its SEAL record although later chunks exist",
                                           chunks.get(chunk_id).path, scan.stop_offset))
             chunk_id, offset = chunk_id + 1, DATA_OFFSET
@@ -65,7 +98,7 @@ def recover(chunks, start_address, apply, writable=True):
             damage.append(scan.stop_error)
             header = _sound_header(chunks, chunk_id, stop)
             if header is not None:
-                apply(address(chunk_id, stop), header, None)  # mapped, so reads say EIO
+                requests.take(address(chunk_id, stop), header, None)  # mapped, so reads say EIO
             resync = find_next_header(chunks, chunk_id, stop, chunks.get(chunk_id).size_bytes)
             if resync is None:
                 chunk_id, offset = chunk_id + 1, DATA_OFFSET
@@ -76,7 +109,25 @@ def recover(chunks, start_address, apply, writable=True):
             chunks.truncate(chunk_id, stop)
             for other in later:
                 chunks.remove(other)
-        return RecoveryResult(address(chunk_id, stop), applied, damage, address(chunk_id, stop))
+        return _end(chunks, requests, address(chunk_id, stop), damage, address(chunk_id, stop), writable)
+
+
+def _end(chunks, requests, end_address, damage, cut_address, writable):
+    """The end of the log. A request whose last record never came is cut away with the tail
+    (step 3b extends to it). If it began in an earlier, sealed chunk, only this chunk's part
+    goes; the rest is discarded at the next replay by the COMMIT that opening writes next."""
+    if requests.pending:
+        first_chunk, first_offset = split_address(requests.pending[0][0])
+        end_chunk, _ = split_address(end_address)
+        cut_offset = first_offset if first_chunk == end_chunk else DATA_OFFSET
+        requests.discarded += len(requests.pending)
+        requests.pending.clear()
+        if end_chunk in chunks.chunks:
+            end_address = address(end_chunk, cut_offset)
+            cut_address = end_address
+            if writable:
+                chunks.truncate(end_chunk, cut_offset)
+    return RecoveryResult(end_address, requests.applied, damage, cut_address, requests.discarded)
 
 
 def _sound_header(chunks, chunk_id, offset):

@@ -13,7 +13,7 @@ that all of chunk N was durable.
 
 import errno
 
-from chunkvol.errors import CorruptionError, OutOfSpaceError
+from chunkvol.errors import CorruptionError, DeviceFailedError, OutOfSpaceError
 from chunkvol.format import chunk_header
 from chunkvol.format.record import HEADER_SIZE, RecordType, encode_header_into, MAX_PAYLOAD
 
@@ -38,6 +38,7 @@ class LogWriter:
         self.file_offset = offset if self.chunk is not None else chunk_header.DATA_OFFSET
         self.durable_address = end_address
         self.preallocated_end = 0  # chunk offset up to which blocks are reserved
+        self.failure = None  # set for good by a failed write or sync (errors.DeviceFailedError)
 
     @property
     def position(self):
@@ -51,6 +52,8 @@ class LogWriter:
         """Append one record (payload = table + payload); returns its log address.
         Raises OutOfSpaceError with nothing changed."""
         size = HEADER_SIZE + len(table) + len(payload)
+        if self.failure is not None:
+            raise self.failure
         if self.chunk is None:
             self._open_next_chunk(hlc)
         if self.file_offset + self.used + size + HEADER_SIZE > self.chunk.capacity_bytes:
@@ -77,10 +80,15 @@ class LogWriter:
         """Write the buffer to the chunk file (no sync)."""
         if not self.used:
             return
+        if self.failure is not None:
+            raise self.failure
         end = self.file_offset + self.used
         if end > self.preallocated_end:
             self._preallocate(end)
-        self.files.pwrite(self.chunk.fd, self.view[:self.used], self.file_offset)
+        try:
+            self.files.pwrite(self.chunk.fd, self.view[:self.used], self.file_offset)
+        except OSError as error:
+            self.fail(error)
         self.file_offset += self.used
         self.chunk.size_bytes = self.file_offset
         self.used = 0
@@ -100,9 +108,25 @@ class LogWriter:
         """Make every appended record durable; returns the durable log address."""
         if self.chunk is not None:
             self.drain()
-            self.files.fdatasync(self.chunk.fd)
+            self.fdatasync(self.chunk.fd)
         self.durable_address = self.position
         return self.durable_address
+
+    def fdatasync(self, fd):
+        if self.failure is not None:
+            raise self.failure
+        try:
+            self.files.fdatasync(fd)
+        except OSError as error:
+            self.fail(error)
+
+    def fail(self, error):
+        """Refuse all further writes: after a failed write or fsync the kernel may have
+        dropped our dirty pages and marked them clean, so no later sync can be believed."""
+        self.failure = DeviceFailedError(
+            f"the disk under the log failed ({error.strerror or error}); the pool refuses writes until "
+            "it is reopened (restart the server) and recovers from what is on disk")
+        raise self.failure from error
 
     def read(self, log_address, length):
         """Bytes [log_address, +length) of the log, from the buffer or the chunk file."""
