@@ -245,7 +245,7 @@ class Bench:
         start = time.perf_counter()
         result = action()
         wall_seconds = time.perf_counter() - start
-        server_cpu = running.cpu_seconds() - server_cpu_before
+        server_cpu = max(0.0, running.cpu_seconds() - server_cpu_before)  # 0 if the server died
         busy = procstat.machine_busy_seconds() - busy_before
         client_cpu = result.get("client_cpu_seconds", 0.0)
         result["server_cpu_seconds"] = server_cpu
