@@ -236,6 +236,8 @@ class Pool:
     def flush(self):
         """A flush point: everything written before is durable once this returns.
         The fdatasync runs outside the pool lock, so other requests go on meanwhile."""
+        if self.readonly:
+            return  # nothing was written: nothing to make durable
         with self.lock:
             self.writer.drain()
             target = self.writer.position
