@@ -1,0 +1,352 @@
+"""Acceptance tests: real clients on chunkvol volumes.
+
+Each test runs chunkvol's own nbdkit plugin (tests.server.NbdServer) on a fresh pool with
+16 MiB chunks, so every test's log spans several chunks (chunk switches and SEAL records
+happen under real clients), and a volume of a few hundred MiB.  The clients are the kernel's
+ext4 and xfs (through nbdfuse + a loop device), qemu's NBD client under a booting Linux, and
+user-mode-linux's ubd driver on the nbdfuse file.  Afterwards the pool on disk is checked
+with `chunkvol check` (every record's checksum, block map against the log).
+
+The kill -9 test is seeded ($CHUNKVOL_KILL_SEED, default 20240611): the seed picks the order of
+the kill points and how far past the last sync the log has grown when the server is killed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.server import NbdServer, chunkvol
+from tools.guest import fs, guest
+from tools.guest.nbdfuse import attached
+
+pytestmark = pytest.mark.realclients
+
+CHUNK_SIZE = "16M"
+CHUNK_BYTES = 16 << 20
+VOLUME_SIZE = "384M"  # xfs refuses filesystems below 300 MiB
+VOLUME = "vol0"
+BLOCK = 4096
+KILL_SEED = int(os.environ.get("CHUNKVOL_KILL_SEED", "20240611"))
+
+
+# --- pool and server helpers ---------------------------------------------------------------
+
+def make_pool(tmp_path: Path, *volumes: tuple[str, str]) -> str:
+    """A pool with 16 MiB chunks and the given volumes: (name, compression)."""
+    pool = str(tmp_path / "pool")
+    chunkvol("--pool", pool, "init", "--chunk-size", CHUNK_SIZE)
+    for name, compression in volumes or ((VOLUME, "none"),):
+        chunkvol("--pool", pool, "volume", "create", name, "--size", VOLUME_SIZE, "--compression", compression)
+    return pool
+
+
+def check_pool(pool: str) -> dict:
+    """`chunkvol check --json` must find no damage; returns its report."""
+    result = chunkvol("--pool", pool, "check", "--json", check=False)
+    assert result.returncode == 0, f"chunkvol check exited {result.returncode}: {result.stderr}{result.stdout}"
+    report = json.loads(result.stdout)
+    assert report["log_damage"] == [] and report["map_differences"] == [], report
+    assert report["records"] > 0
+    return report
+
+
+def pool_status(pool: str) -> dict:
+    return json.loads(chunkvol("--pool", pool, "status", "--json").stdout)
+
+
+def log_bytes(pool: str) -> int:
+    """Bytes in the pool's chunk files: grows as the server drains its log buffer."""
+    chunks = Path(pool) / "chunks"
+    return sum(p.stat().st_size for p in chunks.glob("chunk-*.cvc"))
+
+
+def stop_cleanly(server: NbdServer) -> None:
+    """SIGTERM (the plugin checkpoints and closes the pool); nbdkit must exit 0."""
+    process = server.process
+    server.stop()
+    assert process.returncode == 0, f"nbdkit exited {process.returncode} on SIGTERM: {server.log()}"
+
+
+def fs_roundtrip(server: NbdServer, volume: str, fstype: str, tmp_path: Path, *, seed: int) -> None:
+    """mkfs, copy a sample tree in, umount; fsck clean; remount (fresh nbdfuse): tree identical."""
+    src = tmp_path / f"src-{volume}"
+    written = fs.make_sample_tree(src, seed=seed)
+    assert written > 2 * CHUNK_BYTES  # the copy alone crosses chunk boundaries
+    with attached(server.socket_path, volume, tmp_path) as dev:
+        fs.mkfs(dev, fstype)
+        with fs.mounted(dev, tmp_path / "mnt") as mnt:
+            fs.copy_tree(src, mnt)
+        check = fs.fsck(dev)
+        assert check.clean, str(check)
+        assert check.fstype == fstype
+    with attached(server.socket_path, volume, tmp_path) as dev:
+        with fs.mounted(dev, tmp_path / "mnt") as mnt:
+            assert fs.compare_trees(src, mnt) == []
+
+
+# --- 1. filesystems through nbdfuse + loop -----------------------------------------------------
+
+@pytest.mark.parametrize("fstype", fs.FSTYPES)
+def test_filesystem_on_volume(fstype, tmp_path, server_factory):
+    """mkfs, copy a tree in, umount, fsck clean, remount: identical; the pool checks clean."""
+    pool = make_pool(tmp_path)
+    server = server_factory(pool)
+    fs_roundtrip(server, VOLUME, fstype, tmp_path, seed=11)
+    stop_cleanly(server)
+    status = pool_status(pool)
+    assert len(status["chunks"]) >= 3, status["chunks"]  # the filesystem's writes crossed chunk switches
+    check_pool(pool)
+
+
+def test_ext4_on_compressed_volume(tmp_path, server_factory):
+    """The same round trip on a zstd volume; the store really compressed what ext4 wrote."""
+    pool = make_pool(tmp_path, ("zvol", "zstd"))
+    server = server_factory(pool)
+    fs_roundtrip(server, "zvol", "ext4", tmp_path, seed=12)
+    stop_cleanly(server)
+    volume = pool_status(pool)["volumes"]["zvol"]
+    assert volume["compression"] == "zstd"
+    # The sample tree holds zero-filled and repeated-block files, and mkfs's metadata is mostly zeros.
+    assert volume["compression_ratio"] > 1.2, volume
+    assert volume["stored_bytes"] < volume["mapped_bytes"], volume
+    check_pool(pool)
+
+
+# --- 2. kill -9 of the server under a mounted ext4 ---------------------------------------------
+
+def _copy_synced(src: Path, dst: Path) -> None:
+    fs.copy_tree(src, dst)
+    subprocess.run(["sync", "--file-system", str(dst)], check=True)
+
+
+def _wait_for(predicate, what: str, timeout: float = 120) -> None:
+    """Poll; the timeout only stops a hang, it asserts nothing about speed."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gave up waiting for {what}")
+        time.sleep(0.01)
+
+
+class FsyncWriter(threading.Thread):
+    """Write SRC's files into DST one at a time, each followed by fsync of the file and its
+    directory; `durable` lists the files whose fsyncs returned success.  Stops at the first
+    error (the server is gone)."""
+
+    def __init__(self, src: Path, dst: Path):
+        super().__init__(daemon=True)
+        self.src, self.dst = src, dst
+        self.durable: list[str] = []
+        self.error: OSError | None = None
+
+    def run(self) -> None:
+        try:
+            for path in sorted(self.src.rglob("*.bin")):
+                rel = path.relative_to(self.src)
+                target = self.dst / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                try:
+                    data = memoryview(path.read_bytes())
+                    while data:  # unbuffered: fsync must see every byte
+                        data = data[os.write(fd, data):]
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                for parent in reversed(rel.parents):  # the new directory entries, top down
+                    fd = os.open(self.dst / parent, os.O_RDONLY | os.O_DIRECTORY)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                self.durable.append(str(rel))
+        except OSError as error:
+            self.error = error
+
+
+def _check_maybe_lost(src: Path, dst: Path) -> list[str]:
+    """Files written without a sync may be missing, short, or have blocks still reading as
+    zeros (unwritten extents), but they must never hold bytes that were not written there."""
+    problems = []
+    for path in sorted(src.rglob("*.bin")):
+        target = dst / path.relative_to(src)
+        if not target.is_file():
+            continue
+        want, got = path.read_bytes(), target.read_bytes()
+        if len(got) > len(want):
+            problems.append(f"{target}: {len(got)} bytes, only {len(want)} were written")
+            continue
+        for at in range(0, len(got), BLOCK):
+            piece = got[at:at + BLOCK]
+            if piece != want[at:at + len(piece)] and piece.count(0) != len(piece):
+                problems.append(f"{target}: block at {at} holds bytes never written there")
+                break
+    return problems
+
+
+def _compare_files(src: Path, dst: Path, names: list[str]) -> list[str]:
+    problems = []
+    for name in names:
+        target = dst / name
+        if not target.is_file():
+            problems.append(f"missing after fsync: {name}")
+        elif target.read_bytes() != (src / name).read_bytes():
+            problems.append(f"differs after fsync: {name}")
+    return problems
+
+
+def test_kill9_under_mounted_ext4(tmp_path, server_factory):
+    """Three crash cycles: write + sync, write more, kill -9 the server with ext4 mounted, clean
+    up the dead attachment, restart on the same pool, mount (journal replay): everything synced
+    is there and identical, nothing unsynced holds foreign bytes, e2fsck -fn is clean.
+
+    Kill points (order seeded): "page-cache" (unsynced data only dirty in the page cache),
+    "writeback" (a `sync` is in flight), "fsync" (a writer fsyncs file after file).  For the
+    last two the server dies once the log has grown a seeded number of bytes past the sync.
+    """
+    rng = random.Random(KILL_SEED)
+    points = ["page-cache", "writeback", "fsync"]
+    rng.shuffle(points)
+    pool = make_pool(tmp_path)
+    server = server_factory(pool)
+    src = tmp_path / "src"
+    mnt = tmp_path / "mnt"
+    synced: list[str] = []             # directories under src/ and mnt/ that were synced
+    maybe: list[str] = []              # written without sync: may be lost
+    fsynced: dict[str, list[str]] = {}  # directory -> files whose fsync returned
+    report = []
+
+    def verify(dev: str, cycle: int) -> None:
+        with fs.mounted(dev, mnt):  # replays the journal
+            for name in synced:
+                assert fs.compare_trees(src / name, mnt / name) == [], f"after crash {cycle}: {name}"
+            for name, files in fsynced.items():
+                assert _compare_files(src / name, mnt / name, files) == [], f"after crash {cycle}"
+            for name in maybe:
+                assert _check_maybe_lost(src / name, mnt / name) == [], f"after crash {cycle}"
+        check = fs.fsck(dev, "ext4")
+        assert check.clean, f"after crash {cycle}: {check}"
+
+    for cycle, point in enumerate(points):
+        with attached(server.socket_path, VOLUME, tmp_path) as dev:
+            if cycle == 0:
+                fs.mkfs(dev, "ext4")
+            else:
+                verify(dev, cycle)
+            fs.mount(dev, mnt)
+            name = f"synced-{cycle}"
+            fs.make_sample_tree(src / name, seed=rng.randrange(1 << 30), files=20, max_file_size=2 << 20)
+            _copy_synced(src / name, mnt / name)
+            synced.append(name)
+            after_sync = log_bytes(pool)
+            name = f"{point}-{cycle}"
+            size = fs.make_sample_tree(src / name, seed=rng.randrange(1 << 30), files=20, max_file_size=2 << 20)
+            grow = rng.randrange(1 << 20, max(2 << 20, size // 2))
+            if point == "page-cache":
+                fs.copy_tree(src / name, mnt / name)
+                maybe.append(name)
+                server.kill()
+            elif point == "writeback":
+                fs.copy_tree(src / name, mnt / name)
+                maybe.append(name)
+                sync = subprocess.Popen(["sync", "--file-system", str(mnt)])
+                try:
+                    _wait_for(lambda: sync.poll() is not None or log_bytes(pool) >= after_sync + grow,
+                              "the log to grow during sync")
+                    server.kill()
+                finally:
+                    sync.wait(timeout=120)  # returns (with EIO) once the server is gone
+            else:
+                writer = FsyncWriter(src / name, mnt / name)
+                writer.start()
+                try:
+                    _wait_for(lambda: not writer.is_alive() or log_bytes(pool) >= after_sync + grow,
+                              "the log to grow during fsyncs")
+                    server.kill()
+                finally:
+                    writer.join(timeout=120)
+                assert not writer.is_alive(), "fsync writer hangs after the server was killed"
+                fsynced[name] = writer.durable
+                maybe.append(name)
+            report.append(f"cycle {cycle}: killed at {point}, log +{log_bytes(pool) - after_sync} bytes "
+                          f"past the sync (target +{grow})"
+                          + (f", {len(fsynced[name])} files fsynced" if name in fsynced else ""))
+        # attached() has torn down the mount, loop device and nbdfuse of the dead server
+        server.start()
+
+    with attached(server.socket_path, VOLUME, tmp_path) as dev:
+        verify(dev, len(points))
+    stop_cleanly(server)
+    check_pool(pool)
+    print("\n".join(report))
+
+
+# --- 3./4. guests booting from a volume ----------------------------------------------------------
+
+@pytest.mark.vm
+@pytest.mark.parametrize("client", ["qemu", "uml"])
+def test_guest_boots_from_volume(client, tmp_path, server_factory, guest_images):
+    """qemu (root disk = NBD export) or UML (root disk = nbdfuse file) boots from a volume and
+    writes a blob; the host reads it back, also after a clean server restart; the pool checks clean."""
+    pool = make_pool(tmp_path)
+    server = server_factory(pool)
+    rt = guest.roundtrip(server.socket_path, VOLUME, tmp_path, client=client, images=guest_images,
+                         blob_kib=8192)
+    if client == "qemu":
+        assert rt.boot.fields["root"] == "/dev/vda:ext4"
+    else:
+        assert rt.boot.fields["root"].endswith(":ext4")
+    stop_cleanly(server)
+    check_pool(pool)
+    server.start()
+    again = guest.collect(server.socket_path, VOLUME, tmp_path)
+    assert again.fsck.clean, str(again.fsck)
+    assert again.result["marker"] == rt.token
+    assert again.blob_sha256 == rt.output.blob_sha256 == rt.boot.fields["blob_sha256"]
+    print(f"{client} round trip: {rt.seconds}")
+
+
+# --- 5. clean stop and restart -------------------------------------------------------------------
+
+def test_filesystem_survives_clean_restart(tmp_path, server_factory):
+    """ext4 written, server stopped with SIGTERM, pool checked, server restarted: fsck clean,
+    tree identical; more written after the restart survives a second stop too."""
+    pool = make_pool(tmp_path)
+    server = server_factory(pool)
+    first, second = tmp_path / "src-1", tmp_path / "src-2"
+    fs.make_sample_tree(first, seed=21)
+    fs.make_sample_tree(second, seed=22, files=20)
+    with attached(server.socket_path, VOLUME, tmp_path) as dev:
+        fs.mkfs(dev, "ext4")
+        with fs.mounted(dev, tmp_path / "mnt") as mnt:
+            fs.copy_tree(first, mnt / "first")
+    stop_cleanly(server)
+    before = check_pool(pool)
+
+    server.start()
+    with attached(server.socket_path, VOLUME, tmp_path) as dev:
+        check = fs.fsck(dev, "ext4")
+        assert check.clean, str(check)
+        with fs.mounted(dev, tmp_path / "mnt") as mnt:
+            assert fs.compare_trees(first, mnt / "first") == []
+            fs.copy_tree(second, mnt / "second")
+    stop_cleanly(server)
+    after = check_pool(pool)
+    assert after["records"] > before["records"]
+
+    server.start()
+    with attached(server.socket_path, VOLUME, tmp_path, readonly=True) as dev:
+        check = fs.fsck(dev, "ext4")
+        assert check.clean, str(check)
+        with fs.mounted(dev, tmp_path / "mnt", options="ro") as mnt:
+            assert fs.compare_trees(first, mnt / "first") == []
+            assert fs.compare_trees(second, mnt / "second") == []
+    stop_cleanly(server)
