@@ -140,7 +140,8 @@ def _apply_truncate(image, size):
 
 class FaultyFiles(LocalFiles):
     def __init__(self, root, seed=0, crash_at=None, crash_dir=None, faults=(), modes=None,
-                 index_modes=None, real_sync=False, real_preallocate=False, crash_after=None):
+                 index_modes=None, real_sync=False, real_preallocate=False, crash_after=None,
+                 dir_changes=None):
         self.root = os.path.abspath(root)
         self.rng = random.Random(f"faulty:{seed}")
         self.crash_at = crash_at
@@ -150,6 +151,7 @@ class FaultyFiles(LocalFiles):
         self.faults = list(faults)
         self.modes = modes            # restrict the per-file modes (None: all, weighted)
         self.index_modes = index_modes
+        self.dir_changes = dir_changes  # unsynced directory changes kept: None (seeded), "all", "none"
         self.real_sync = real_sync
         self.real_preallocate = real_preallocate
         self.calls = 0
@@ -406,7 +408,12 @@ class FaultyFiles(LocalFiles):
             target_dir = os.path.join(dest, relative)
             os.makedirs(target_dir, exist_ok=True)
             entries = dict(state.durable)
-            keep = len(state.pending) if not state.pending else rng.randint(0, len(state.pending))
+            if self.dir_changes == "all":
+                keep = len(state.pending)
+            elif self.dir_changes == "none":
+                keep = 0
+            else:
+                keep = rng.randint(0, len(state.pending)) if state.pending else 0
             for change in state.pending[:keep]:
                 if change[0] == "set":
                     entries[change[1]] = change[2]

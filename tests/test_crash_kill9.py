@@ -1,0 +1,275 @@
+"""kill -9 of a real nbdkit server running chunkvol (reliability.md A1, A4).
+
+A seeded workload (tools/workload.py) writes through libnbd while the server is killed with
+SIGKILL at seeded moments; the server is restarted on the same pool and the volume is checked
+against the workload's journal after every restart: every op acknowledged before the last
+acknowledged flush is there, and the volume is the state after a prefix of the ops (in
+acknowledgement order, then the in-flight one), whole requests only (no torn writes).
+
+Also: kill -9 while the pool is being opened (log replay, tail cut, the checkpoint that ends
+recovery), and while the block map is being checkpointed under load.
+
+CHUNKVOL_KILL_CYCLES=N runs N kill cycles per seed instead of the default.
+"""
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import nbd
+import pytest
+
+from chunkvol import pool as pool_module
+from tests.faults import make_pool
+from tests.server import ENVIRONMENT, PLUGIN, NbdServer
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+from workload import (History, NbdTarget, Oracle, Params, Workload, run,  # noqa: E402
+                      run_pipelined)
+
+MiB = 1 << 20
+CYCLES = int(os.environ.get("CHUNKVOL_KILL_CYCLES") or 12)
+
+
+class KillableServer(NbdServer):
+    """NbdServer that can also be started without waiting (to kill it while it opens the
+    pool) and with nbdkit options (--threads 1: a connection's requests run in order, which
+    pipelined prefix checks need)."""
+
+    def __init__(self, pool, socket_path, *keys, threads=None):
+        super().__init__(pool, socket_path, *keys)
+        self.options = ["--threads", str(threads)] if threads else []
+
+    def spawn(self):
+        if os.path.exists(self.socket_path):
+            os.unlink(self.socket_path)
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            ["/usr/bin/nbdkit", "-f", *self.options, "-U", self.socket_path, "python", PLUGIN,
+             f"pool={self.pool}", *self.keys],
+            stdout=log, stderr=log, env=ENVIRONMENT, start_new_session=True)
+        log.close()
+        return self
+
+    def ready(self):
+        if self.process is None or self.process.poll() is not None or not os.path.exists(self.socket_path):
+            return False
+        try:
+            handle = self.connect(None)
+            handle.opt_abort()
+            return True
+        except nbd.Error:
+            return False
+
+    def start(self, timeout_seconds=60):
+        self.spawn()
+        deadline = time.monotonic() + timeout_seconds
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"nbdkit exited with {self.process.returncode}: {self.log()}")
+            if self.ready():
+                return self
+            time.sleep(0.02)
+        self.kill()
+        raise AssertionError(f"nbdkit did not start: {self.log()}")
+
+
+@pytest.fixture
+def servers(tmp_path):
+    made = []
+
+    def make(pool, *keys, threads=None):
+        server = KillableServer(pool, str(tmp_path / f"k{len(made)}.sock"), *keys, threads=threads)
+        made.append(server)
+        return server
+
+    yield make
+    for server in made:
+        server.kill()
+
+
+def _verify(server, history, oracle, where, **options):
+    handle = server.connect()
+    try:
+        result = oracle.verify(history, NbdTarget(handle).read, atomicity="request", **options)
+    finally:
+        handle.shutdown()
+    assert result.ok, f"{where}: {result.problems}\nserver log: {server.log()[-1500:]}"
+    history.rebase(result)
+    return result
+
+
+def _journal_matches(history):
+    """The journal on disk says what the History in memory says."""
+    loaded = History.load(history.journal_path)
+    try:
+        assert (loaded.entries, loaded.flushed, loaded.inflight) == \
+            (history.entries, history.flushed, history.inflight)
+    finally:
+        loaded.close()
+
+
+@pytest.mark.parametrize("seed,compression", [(1, "none"), (2, "zstd"), (3, "none")])
+def test_kill9_under_load_keeps_flushed_writes_and_a_prefix(seed, compression, tmp_path, server_factory):
+    """CYCLES x: write (random sizes, unaligned, multi-group, big, zero, trim, FUA, flush)
+    -> SIGKILL at a seeded moment -> restart -> verify -> go on from the recovered state."""
+    rng = random.Random(f"kill9:{seed}")
+    pool = make_pool(str(tmp_path / "pool"), volume_size=64 * MiB, compression=compression)
+    params = Params(volume_size=64 * MiB, span=8 * MiB).with_weights(big=6)
+    history = History(Workload(seed, params), str(tmp_path / "journal"))
+    oracle = Oracle(history.workload)
+    server = server_factory(pool)
+    figures = {"seed": seed, "kill_points": 0, "torn_requests": 0, "ops_acknowledged": 0,
+               "flushed_op_checks": 0, "acked_ops_lost": 0, "inflight_applied": 0}
+    for cycle in range(CYCLES):
+        handle = server.connect()
+        stop = threading.Event()
+        failure = []
+
+        def work():
+            try:
+                run(history, NbdTarget(handle), 10 ** 9, stop=stop)
+            except nbd.Error as error:
+                if not stop.is_set():
+                    failure.append(error)
+
+        worker = threading.Thread(target=work)
+        acked_before = len(history.entries)
+        worker.start()
+        time.sleep(rng.uniform(0.02, 0.6))
+        stop.set()
+        server.kill(signal.SIGKILL)
+        worker.join(timeout=60)
+        assert not worker.is_alive()
+        assert not failure, f"cycle {cycle}: an op failed before the kill: {failure}"
+        handle = None  # libnbd closes the handle when it is collected
+        figures["kill_points"] += 1
+        figures["ops_acknowledged"] += len(history.entries) - acked_before
+        _journal_matches(history)
+        server.start()
+        flushed, acked = history.flushed, len(history.entries)
+        result = _verify(server, history, oracle, f"seed {seed} cycle {cycle}")
+        figures["flushed_op_checks"] += flushed
+        figures["acked_ops_lost"] += max(0, acked - result.prefix)
+        figures["inflight_applied"] += max(0, result.prefix - acked)
+        figures["torn_requests"] += result.torn is not None
+        _journal_matches(history)
+    print(json.dumps({"test": "kill9_under_load", **figures}))
+
+
+def _pool_size(path):
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def _time_to_ready(servers, pool, copy):
+    """How long opening this pool takes, measured on a copy (the copy's open changes it)."""
+    shutil.copytree(pool, copy, ignore=shutil.ignore_patterns("lock"))
+    server = servers(copy)
+    started = time.monotonic()
+    server.start()
+    elapsed = time.monotonic() - started
+    server.kill()
+    shutil.rmtree(copy)
+    return elapsed
+
+
+def _index_stamp(pool):
+    try:
+        status = os.stat(os.path.join(pool, "index", "data.mdb"))
+        return status.st_mtime_ns, status.st_size
+    except FileNotFoundError:
+        return None
+
+
+def test_kill9_while_opening_the_pool(tmp_path, servers):
+    """A long unreplayed log tail, then SIGKILL of the server again and again while it
+    replays the tail, cuts it and checkpoints the result; finally it must come up with
+    every flushed op and a prefix."""
+    rng = random.Random("kill9:open")
+    pool = make_pool(str(tmp_path / "pool"), volume_size=256 * MiB, compression="zstd")
+    params = Params(volume_size=256 * MiB, span=256 * MiB, pattern="stride", flush_every=3000,
+                    compressible=0.8)
+    history = History(Workload(11, params), str(tmp_path / "journal"))
+    oracle = Oracle(history.workload)
+    server = servers(pool, threads=1).start()
+    handle = server.connect()
+    run_pipelined(history, handle, 31234)  # the last 1234 ops are not flushed
+    handle = None  # libnbd closes the handle when it is collected
+    server.kill(signal.SIGKILL)  # the tail since the open's checkpoint is unreplayed
+    open_seconds = _time_to_ready(servers, pool, str(tmp_path / "copy"))
+    attempts = []
+    fractions = sorted(rng.uniform(0.05, 1.0) for _ in range(6))
+    for fraction in fractions:
+        server.spawn()
+        time.sleep(open_seconds * fraction)
+        server.kill(signal.SIGKILL)
+        attempts.append(round(open_seconds * fraction, 3))
+    # Once more, killed the moment the block map file changes: the checkpoint that ends
+    # recovery (or one during a long replay) is being written.
+    stamp = _index_stamp(pool)
+    server.spawn()
+    deadline = time.monotonic() + 60
+    while _index_stamp(pool) == stamp and server.process.poll() is None and time.monotonic() < deadline:
+        pass
+    server.kill(signal.SIGKILL)
+    caught_checkpoint = _index_stamp(pool) != stamp
+    server.start()
+    result = _verify(server, history, oracle, "after kills during open", check_span=False, sample=3000,
+                     rng=random.Random(1))
+    print(json.dumps({"test": "kill9_while_opening", "open_seconds": round(open_seconds, 3),
+                      "kill_delays_s": attempts, "killed_at_index_write": caught_checkpoint,
+                      "kill_points": len(attempts) + 1, "ops_acknowledged": len(history.entries),
+                      "blocks_checked": result.blocks_checked, "pool_bytes": _pool_size(pool)}))
+
+
+def test_kill9_during_block_map_checkpoint(tmp_path, servers):
+    """Enough distinct map groups change without a client flush that the pool makes a flush
+    point and a block-map checkpoint of its own (one large LMDB transaction, pool.py
+    AUTO_FLUSH_GROUPS); SIGKILL as soon as the index file changes, twice."""
+    volume = 4 << 30
+    pool = make_pool(str(tmp_path / "pool"), volume_size=volume, compression="zstd")
+    # A client flush shortly before the pool's own flush point, so that the kill also tests
+    # durability of flushed ops, not only the prefix.
+    auto_flush = getattr(pool_module, "AUTO_FLUSH_GROUPS", 16384)
+    params = Params(volume_size=volume, span=volume, pattern="stride", flush_every=max(1000, auto_flush - 384),
+                    compressible=1.0)
+    history = History(Workload(21, params), str(tmp_path / "journal"))
+    oracle = Oracle(history.workload)
+    server = servers(pool, threads=1).start()
+    caught = []
+    for round_number in range(2):
+        stamp = _index_stamp(pool)
+        killed = threading.Event()
+
+        def watch():
+            while not killed.is_set():
+                if _index_stamp(pool) != stamp:
+                    server.kill(signal.SIGKILL)
+                    killed.set()
+                    return
+                time.sleep(0.0002)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        handle = server.connect()
+        try:
+            run_pipelined(history, handle, 150000)
+        except (nbd.Error, RuntimeError):
+            pass
+        finally:
+            killed.set()
+            watcher.join()
+        handle = None  # libnbd closes the handle when it is collected
+        assert server.process is None, "no checkpoint happened: the index never changed"
+        caught.append(len(history.entries))
+        server.start()
+        _verify(server, history, oracle, f"checkpoint kill {round_number}", check_span=False,
+                sample=2000, rng=random.Random(round_number))
+    print(json.dumps({"test": "kill9_during_checkpoint", "kill_points": len(caught),
+                      "acked_ops_at_kills": caught, "flushed_ops": history.flushed}))
