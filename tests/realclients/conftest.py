@@ -2,11 +2,16 @@
 
 EXPORT_KINDS maps a name to a context-manager factory that serves one export
 and yields an `Export`.  Tests that take the `export` fixture run once per
-kind in $CHUNKVOL_REALCLIENTS_KINDS (default "memory,file": nbdkit's memory
-and file plugins).  The "chunkvol" kind serves a fresh pool through
-`nbdkit python nbdkit_plugin/chunkvol_plugin.py pool=DIR`, export "vol0":
+kind in $CHUNKVOL_REALCLIENTS_KINDS (default "file,chunkvol").  "chunkvol"
+serves a fresh pool (16 MiB chunks) through `nbdkit python
+nbdkit_plugin/chunkvol_plugin.py pool=DIR`, export "vol0"; "file" is nbdkit's
+file plugin, the reference that proves the tooling itself; "memory" (nbdkit's
+memory plugin) is left out by default to keep the run short:
 
     CHUNKVOL_REALCLIENTS_KINDS=memory,file,chunkvol pytest tests/realclients
+
+The product's own acceptance tests (test_chunkvol_clients.py) always run on
+chunkvol, with pools of their own.
 
 Every test here is also checked for leaks: after it, no loop device may be
 backed by a file under its tmp_path, nothing may be mounted under it, and no
@@ -92,10 +97,11 @@ def file_export(workdir: Path) -> Iterator[Export]:
 
 @contextlib.contextmanager
 def chunkvol_export(workdir: Path) -> Iterator[Export]:
-    """chunkvol's own plugin: a fresh pool with a 1 GiB volume "vol0"."""
+    """chunkvol's own plugin: a fresh pool (16 MiB chunks, so clients cross chunk switches)
+    with a 1 GiB volume "vol0"."""
     cli = REPO / ".venv" / "bin" / "chunkvol"
     pool = workdir / "pool"
-    for args in (["init"], ["volume", "create", "vol0", "--size", "1G"]):
+    for args in (["init", "--chunk-size", "16M"], ["volume", "create", "vol0", "--size", "1G"]):
         subprocess.run([str(cli), "--pool", str(pool), *args], check=True, capture_output=True)
     plugin = REPO / "nbdkit_plugin" / "chunkvol_plugin.py"
     with served(["python", str(plugin), f"pool={pool}"], workdir / "srv") as server:
@@ -109,8 +115,9 @@ EXPORT_KINDS: dict[str, Callable[[Path], ContextManager[Export]]] = {
 }
 
 # Which kinds the `export` fixture runs: $CHUNKVOL_REALCLIENTS_KINDS (comma-separated),
-# default the nbdkit stand-ins only, so these tests check the tooling, not the store.
-SELECTED_KINDS = [k.strip() for k in os.environ.get("CHUNKVOL_REALCLIENTS_KINDS", "memory,file").split(",")
+# default nbdkit's file plugin (the reference) and chunkvol.
+DEFAULT_KINDS = "file,chunkvol"
+SELECTED_KINDS = [k.strip() for k in os.environ.get("CHUNKVOL_REALCLIENTS_KINDS", DEFAULT_KINDS).split(",")
                   if k.strip()]
 
 

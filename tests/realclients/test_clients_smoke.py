@@ -1,9 +1,11 @@
 """Real clients against an NBD export: kernel filesystems (nbdfuse + loop), qemu and UML boots.
 
-These run against nbdkit's memory and file plugins so that the tooling in
-tools/guest is proven before chunkvol's plugin exists; point EXPORT_KINDS in
-conftest.py at chunkvol's export to run them against the store.  Every test
-is leak-checked by conftest.no_leaks (mounts, loop devices, processes).
+The tests taking the `export` fixture run on every kind in
+$CHUNKVOL_REALCLIENTS_KINDS (default "file,chunkvol", see conftest.py): nbdkit's
+file plugin proves the tooling in tools/guest, chunkvol runs the same checks on
+the store.  Tests about the tooling's own failure paths use the file plugin
+only.  The store's acceptance tests are in test_chunkvol_clients.py.  Every
+test is leak-checked by conftest.no_leaks (mounts, loop devices, processes).
 """
 
 from __future__ import annotations
