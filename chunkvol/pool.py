@@ -178,7 +178,8 @@ class Pool:
         for info in self.blockmap.stored_volumes():
             self._add_volume(VolumeInfo(info["id"], info["name"], info["size"], info["compression"],
                                         info["created_hlc"]), persist=False)
-        result = recover(self.chunks, start, self._apply_replayed, writable=not self.readonly)
+        result = recover(self.chunks, start, self._apply_replayed, writable=not self.readonly,
+                         volume_sizes=lambda: {v.volume_id: v.size_bytes for v in self.volumes.values()})
         self.damage = result.damage
         self.recovery = result
         self.records_replayed += self._replayed_now
@@ -258,6 +259,9 @@ class Pool:
         if durable == self.committed_address and not self.blockmap.dirty:
             return  # nothing since the last flush point
         self._append(RecordType.COMMIT, 0, 0, COMMIT_PAYLOAD.pack(durable), 0, 0)
+        # Into the file now (no sync): a kill -9 keeps it, so recovery can still tell damage in
+        # the flushed records from a torn tail (it is synced with the next flush anyway).
+        self.writer.drain()
         self.committed_address = self.writer.position
         self.blockmap.seal()
 

@@ -9,6 +9,7 @@ creation leaves nothing behind, and a full disk loses nothing flushed.
 
 import errno
 import hashlib
+import json
 import os
 import random
 import shutil
@@ -23,6 +24,7 @@ from chunkvol.index.blockmap import BlockMap
 from chunkvol.pool import Pool
 from chunkvol.storage.chunks import chunk_name
 from tests.faults import Fault, FaultyFiles, PowerLoss, abandon, make_pool, scratch, track_index  # noqa: F401
+from tests.server import chunkvol
 
 MiB = 1 << 20
 VOLUME = 64 * MiB
@@ -214,10 +216,6 @@ def test_corrupted_record_before_a_later_commit_is_reported_not_cut(where, tmp_p
     _assert_range_fails(path, server_factory, 4096, 4096)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a flush does not make its own COMMIT record durable (it stays "
-                   "in the writer's buffer until the next drain); if a record of the last flushed "
-                   "window is corrupted and the process dies, recovery finds no proof of durability, "
-                   "takes the corruption for a torn tail and silently cuts every later flushed record")
 def test_corruption_in_the_last_flushed_window_does_not_silently_cut_flushed_data(tmp_path):
     """A and B written and flushed (acknowledged: durable), then the process dies before any
     later flush; A's record is then damaged (bit rot). B must still read back, or at least the
@@ -248,16 +246,14 @@ def test_corrupted_record_below_the_checkpoint_reads_eio(tmp_path, server_factor
     _assert_range_fails(path, server_factory, 8192, 4096)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: when the corrupted record's header is unreadable, recovery "
-                   "reports the damage but cannot map the record, so its blocks silently read their "
-                   "previous content (here zeros) instead of failing")
-def test_corrupted_record_header_before_a_later_commit_is_reported_and_its_range_fails(tmp_path):
+@pytest.mark.parametrize("field, at", [("origin_sequence", 28), ("hlc", 36), ("payload_xxh3", 60)])
+def test_corrupted_record_header_before_a_later_commit_is_reported_and_its_range_fails(field, at, tmp_path):
     """A bit flip in the header of a durable record in the replayed tail: reported, not cut,
     and its range must not silently read as something else (the write was flushed)."""
     path = str(tmp_path / "pool")
     record_a = _pool_with_record_before_commit(path)
     chunk = _chunk_path(path, 1)
-    _flip(chunk, record_a + 44)  # inside offset_bytes: the header checksum no longer matches
+    _flip(chunk, record_a + at)  # the header checksum no longer matches
     with Pool.open(path) as pool:
         assert pool.damage, "the corrupted header was not reported"
         assert pool.recovery.cut_address == 0
@@ -268,6 +264,25 @@ def test_corrupted_record_header_before_a_later_commit_is_reported_and_its_range
             data = None
         assert data is None, ("a flushed write whose record header is corrupted reads back as "
                               f"{'zeros' if data == bytes(len(data)) else 'other data'}, without an error")
+
+
+def test_corrupted_offset_in_a_record_header_is_reported_by_open_and_check(tmp_path):
+    """When the damaged field is the record's own volume offset, nothing on disk says which
+    blocks it held (no mirror yet): the damage is reported, with file and offset, at open and
+    by `chunkvol check` (exit 6); it is never mapped to a guessed range."""
+    path = str(tmp_path / "pool")
+    record_a = _pool_with_record_before_commit(path)
+    chunk = _chunk_path(path, 1)
+    _flip(chunk, record_a + 44)  # inside offset_bytes
+    with Pool.open(path) as pool:
+        assert any(getattr(d, "offset", None) == record_a and chunk in str(d) for d in pool.damage), pool.damage
+        assert pool.recovery.cut_address == 0
+        assert _read(pool, 1 * MiB, 64 << 10) == _data("B", 64 << 10)
+        assert len(pool.volumes_by_id) == 1 and not any(
+            group >= VOLUME // (64 << 10) for _, group in pool.blockmap.overlay), "mapped to a guessed range"
+    result = chunkvol("--pool", path, "check", "--json", check=False)
+    assert result.returncode == 6
+    assert json.loads(result.stdout)["log_damage"][0]["offset"] == record_a
 
 
 def _two_chunk_pool(path):

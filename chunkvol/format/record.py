@@ -162,6 +162,18 @@ def decode_header(view, path=None, offset=None):
     return RecordHeader(fields[2:12])
 
 
+def decode_header_unchecked(view):
+    """Best-effort fields of a header whose checksum fails, for recovery to mark the range of
+    a damaged durable record (reads then fail instead of returning older data). None when
+    the magic, version or type are not even plausible."""
+    if len(view) < HEADER_SIZE:
+        return None
+    fields = HEADER_BODY.unpack_from(view, 0)
+    if fields[0] != MAGIC or fields[1] != VERSION or fields[2] not in _KNOWN_TYPES:
+        return None
+    return RecordHeader(fields[2:12])
+
+
 def verify_payload(header, payload, path=None, offset=None):
     """Rule 6: the payload matches its header (and a raw EXTENT's blocks their table)."""
     if len(payload) != header[3]:

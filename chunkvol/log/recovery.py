@@ -26,7 +26,8 @@ from typing import NamedTuple
 from chunkvol.errors import CorruptionError
 from chunkvol.format import chunk_header
 from chunkvol.format.chunk_header import DATA_OFFSET, address, split_address
-from chunkvol.format.record import COMMIT_PAYLOAD, FLAG_MORE, RecordType
+from chunkvol.format import record
+from chunkvol.format.record import BLOCK_SIZE, COMMIT_PAYLOAD, FLAG_MORE, GROUP_SIZE, HEADER_SIZE, RecordType
 from chunkvol.log.reader import ChunkScan, find_next_header
 
 
@@ -67,7 +68,8 @@ class _Requests:
 _REQUEST_TYPES = (RecordType.EXTENT, RecordType.ZERO)
 
 
-def recover(chunks, start_address, apply, writable=True):
+def recover(chunks, start_address, apply, writable=True, volume_sizes=None):
+    """`volume_sizes()` gives {volume_id: size} to judge a damaged header's fields."""
     chunk_id, offset = split_address(start_address)
     damage = []
     requests = _Requests(apply)
@@ -96,10 +98,10 @@ def recover(chunks, start_address, apply, writable=True):
         stop = scan.stop_offset
         if _durable_after(chunks, chunk_id, stop):
             damage.append(scan.stop_error)
-            header = _sound_header(chunks, chunk_id, stop)
+            resync = find_next_header(chunks, chunk_id, stop, chunks.get(chunk_id).size_bytes)
+            header = _damaged_extent(chunks, chunk_id, stop, resync, volume_sizes() if volume_sizes else {})
             if header is not None:
                 requests.take(address(chunk_id, stop), header, None)  # mapped, so reads say EIO
-            resync = find_next_header(chunks, chunk_id, stop, chunks.get(chunk_id).size_bytes)
             if resync is None:
                 chunk_id, offset = chunk_id + 1, DATA_OFFSET
             else:
@@ -130,15 +132,30 @@ def _end(chunks, requests, end_address, damage, cut_address, writable):
     return RecoveryResult(end_address, requests.applied, damage, cut_address, requests.discarded)
 
 
-def _sound_header(chunks, chunk_id, offset):
-    """The header at `offset` if it passes its own checks (only the payload is bad)."""
-    from chunkvol.format import record
+def _damaged_extent(chunks, chunk_id, offset, next_offset, volume_sizes):
+    """The header of a damaged durable EXTENT record, so that its blocks can be mapped to it
+    (and fail with EIO when read) instead of silently showing older data. A header that
+    fails its own checksum is used only if its fields fit where the record lies: its length
+    reaches exactly the next valid record. ZERO records are never guessed: a guessed hole
+    would read as zeros without any check."""
     chunk = chunks.get(chunk_id)
+    raw = chunks.pread(chunk_id, HEADER_SIZE, offset)
     try:
-        header = record.decode_header(chunks.pread(chunk_id, record.HEADER_SIZE, offset), chunk.path, offset)
+        header = record.decode_header(raw, chunk.path, offset)
+        sound = True
     except CorruptionError:
+        header = record.decode_header_unchecked(raw)
+        sound = False
+    if header is None or header[0] != RecordType.EXTENT:
         return None
-    return header if header[0] in (RecordType.EXTENT, RecordType.ZERO) else None
+    if sound:
+        return header
+    end = next_offset if next_offset is not None else chunk.size_bytes
+    length = header[8]
+    plausible = (offset + HEADER_SIZE + header[3] == end and length % BLOCK_SIZE == 0 and 0 < length <= GROUP_SIZE
+                 and header[7] % BLOCK_SIZE == 0 and header[7] // GROUP_SIZE == (header[7] + length - 1) // GROUP_SIZE
+                 and header[7] + length <= volume_sizes.get(header[2], 0))
+    return header if plausible else None
 
 
 def _durable_after(chunks, chunk_id, stop):
