@@ -187,6 +187,19 @@ def _index_stamp(pool):
         return None
 
 
+def _checkpoint_address(pool):
+    """The log address in the block map's committed checkpoint (None: none)."""
+    from chunkvol.index.blockmap import BlockMap
+    if _index_stamp(pool) is None:
+        return None
+    stored = BlockMap(os.path.join(pool, "index"), readonly=True)
+    try:
+        checkpoint = stored.read_checkpoint()
+        return None if checkpoint is None else checkpoint.log_address
+    finally:
+        stored.close()
+
+
 def test_kill9_while_opening_the_pool(tmp_path, servers):
     """A long unreplayed log tail, then SIGKILL of the server again and again while it
     replays the tail, cuts it and checkpoints the result; finally it must come up with
@@ -234,17 +247,20 @@ def test_kill9_during_block_map_checkpoint(tmp_path, servers):
     AUTO_FLUSH_GROUPS); SIGKILL as soon as the index file changes, twice."""
     volume = 4 << 30
     pool = make_pool(str(tmp_path / "pool"), volume_size=volume, compression="zstd")
-    # A client flush shortly before the pool's own flush point, so that the kill also tests
-    # durability of flushed ops, not only the prefix.
+    # Every op dirties a new map group. The pool flushes and checkpoints on its own once
+    # AUTO_FLUSH_GROUPS groups are dirty; client flushes come a little less often, so the first
+    # kill comes before any client flush and the second after one (durability is tested too).
     auto_flush = getattr(pool_module, "AUTO_FLUSH_GROUPS", 16384)
-    params = Params(volume_size=volume, span=volume, pattern="stride", flush_every=max(1000, auto_flush - 384),
+    params = Params(volume_size=volume, span=volume, pattern="stride", flush_every=auto_flush + 1000,
                     compressible=1.0)
     history = History(Workload(21, params), str(tmp_path / "journal"))
     oracle = Oracle(history.workload)
     server = servers(pool, threads=1).start()
     caught = []
+    committed = []
     for round_number in range(2):
         stamp = _index_stamp(pool)
+        address = _checkpoint_address(pool)
         killed = threading.Event()
 
         def watch():
@@ -268,8 +284,10 @@ def test_kill9_during_block_map_checkpoint(tmp_path, servers):
         handle = None  # libnbd closes the handle when it is collected
         assert server.process is None, "no checkpoint happened: the index never changed"
         caught.append(len(history.entries))
+        committed.append(_checkpoint_address(pool) != address)
         server.start()
         _verify(server, history, oracle, f"checkpoint kill {round_number}", check_span=False,
                 sample=2000, rng=random.Random(round_number))
     print(json.dumps({"test": "kill9_during_checkpoint", "kill_points": len(caught),
-                      "acked_ops_at_kills": caught, "flushed_ops": history.flushed}))
+                      "acked_ops_at_kills": caught, "flushed_ops": history.flushed,
+                      "checkpoint_committed_before_kill": committed}))

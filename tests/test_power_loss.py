@@ -314,3 +314,101 @@ def test_flush_after_failed_fsync_does_not_lose_data(tmp_path):
             assert bytes(buffer) in (first, bytes(len(first)))
     finally:
         pool.close()
+
+
+# ---- the test machinery itself -----------------------------------------------------------------
+
+def _model_read(image):
+    """read(offset, length) over a dict block -> bytes (absent: zeros)."""
+    def read(offset, length):
+        out = bytearray(length)
+        for block in range(offset // 4096, (offset + length) // 4096):
+            value = image.get(block)
+            if value is not None:
+                out[block * 4096 - offset:(block + 1) * 4096 - offset] = value
+        return bytes(out)
+    return read
+
+
+def test_oracle_accepts_prefixes_and_catches_lost_reordered_and_torn_writes():
+    """The oracle is only worth something if it fails: a lost flushed write, a later write
+    without an earlier one, and half a request must each be reported; every prefix from the
+    flush point on must pass."""
+    from workload import apply_op
+    workload = Workload(3, Params(volume_size=VOLUME, span=1 * MiB, max_write=96 << 10, unaligned=0.5,
+                                  weights=(("flush", 0), ("write", 1))))
+    history = History(workload)
+    for index in range(12):
+        history.issue(index)
+        history.ack(index)
+    history.flushed = 6  # as if op 5 had been a flush
+    states = [{}]
+    for index in range(12):
+        image = dict(states[-1])
+        apply_op(image, workload, workload.op(index))
+        states.append(image)
+    oracle = Oracle(workload)
+    for prefix in range(6, 13):
+        result = oracle.verify(history, _model_read(states[prefix]))
+        assert result.ok and result.prefix <= prefix, (prefix, result.problems)
+    lost = oracle.verify(history, _model_read(states[5]))
+    assert not lost.ok
+    reordered = dict(states[8])
+    apply_op(reordered, workload, workload.op(10))  # op 10 without op 8 and 9
+    changed = set(workload.op(10).blocks) - set(workload.op(8).blocks) - set(workload.op(9).blocks)
+    if changed and any(states[8].get(b) != reordered.get(b) for b in changed):
+        assert not oracle.verify(history, _model_read(reordered)).ok
+    big = next(i for i in range(8, 12) if len(workload.op(i).blocks) >= 3)
+    torn = dict(states[big])
+    apply_op(torn, workload, workload.op(big), only={workload.op(big).blocks[0]})
+    history.entries, history.inflight = history.entries[:big], history.entries[big:]
+    strict = oracle.verify(history, _model_read(torn), atomicity="request")
+    assert not strict.ok and "torn request" in strict.problems[0]
+    assert oracle.verify(history, _model_read(torn), atomicity="block").ok
+
+
+def test_faulty_files_model_of_unsynced_writes(tmp_path):
+    """What FaultyFiles puts on the "disk" after a power loss: synced bytes always; unsynced
+    ones per mode; a failed fsync loses them for good; directory entries per directory fsync."""
+    root = str(tmp_path / "root")
+    os.makedirs(os.path.join(root, "chunks"))
+    outcomes = {}
+    for mode in ("drop", "keep", "prefix", "reorder", "garbage"):
+        for seed in range(6):
+            faulty = FaultyFiles(root, seed=seed, modes=(mode,), dir_changes="all")
+            path = os.path.join(root, "chunks", f"f-{mode}-{seed}")
+            fd = faulty.open_write(path, create=True)
+            faulty.pwrite(fd, b"A" * 8192, 0)
+            faulty.fdatasync(fd)
+            faulty.pwrite(fd, b"B" * 8192, 8192)
+            faulty.pwrite(fd, b"C" * 8192, 16384)
+            faulty.close(fd)
+            faulty.fsync_directory(os.path.join(root, "chunks"))
+            dest = str(tmp_path / f"lost-{mode}-{seed}")
+            faulty.power_loss(dest)
+            with open(os.path.join(dest, "chunks", os.path.basename(path)), "rb") as handle:
+                data = handle.read()
+            assert data[:8192] == b"A" * 8192, mode
+            outcomes.setdefault(mode, set()).add(data[8192:])
+    assert outcomes["drop"] == {b""}
+    assert outcomes["keep"] == {b"B" * 8192 + b"C" * 8192}
+    assert any(b"C" in tail and b"B" * 4096 not in tail for tail in outcomes["reorder"] | outcomes["garbage"]), \
+        "reorder never kept a later page without the earlier one"
+    # A failed fsync: the page cache still has the data, the disk never will.
+    faulty = FaultyFiles(root, seed=1, modes=("keep",), dir_changes="none")
+    path = os.path.join(root, "chunks", "gate")
+    fd = faulty.open_write(path, create=True)
+    faulty.fsync_directory(os.path.join(root, "chunks"))
+    faulty.pwrite(fd, b"X" * 4096, 0)
+    faulty.faults.append(Fault("fdatasync", nth=1, error=errno.EIO))
+    with pytest.raises(OSError):
+        faulty.fdatasync(fd)
+    faulty.fdatasync(fd)
+    assert faulty.pread(fd, 4096, 0) == b"X" * 4096
+    unsynced = os.path.join(root, "chunks", "unsynced")
+    faulty.close(faulty.open_write(unsynced, create=True))
+    dest = str(tmp_path / "lost-gate")
+    faulty.power_loss(dest)
+    with open(os.path.join(dest, "chunks", "gate"), "rb") as handle:
+        assert handle.read() == b""
+    assert not os.path.exists(os.path.join(dest, "chunks", "unsynced"))  # its entry was never synced
