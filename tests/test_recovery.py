@@ -395,6 +395,127 @@ def test_reopen_after_clean_close_replays_nothing(tmp_path):
         assert pool.damage == []
 
 
+def _index_file(path):
+    return os.path.join(path, "index", "data.mdb")
+
+
+_OPEN_AND_READ = r"""
+import random, sys
+sys.path.insert(0, sys.argv[2])
+from chunkvol.errors import ChunkvolError
+from chunkvol.pool import Pool
+try:
+    with Pool.open(sys.argv[1]) as pool:
+        buffer = bytearray(1 << 20)
+        pool.volume("disk0").read(buffer, 0)
+        print("same" if bytes(buffer) == random.Random("index-data").randbytes(1 << 20) else "different")
+except ChunkvolError as error:
+    print("refused:", error)
+"""
+
+
+def _open_in_child(path):
+    """Open the pool and read 1 MiB in a child process (a crash must not take pytest down)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run([os.path.join(root, ".venv", "bin", "python"), "-c", _OPEN_AND_READ, path, root],
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("damage", [
+    "empty",
+    pytest.param("truncate-half", marks=pytest.mark.xfail(strict=True, reason=(
+        "BUG: a truncated index/data.mdb kills the process with SIGBUS in Pool.open (LMDB maps "
+        "pages past the end of the file); `chunkvol check --repair` dies the same way"))),
+    pytest.param("truncate-to-two-pages", marks=pytest.mark.xfail(strict=True, reason=(
+        "BUG: a truncated index/data.mdb kills the process with SIGBUS in Pool.open"))),
+    pytest.param("meta-pages-zeroed", marks=pytest.mark.xfail(strict=True, reason=(
+        "BUG: an index that is no longer an LMDB file makes Pool.open raise a raw lmdb.InvalidError "
+        "(a traceback, not a ChunkvolError) and `chunkvol check --repair` fails on it too"))),
+])
+def test_damaged_index_file_is_rebuilt_or_refused_never_crashes(damage, tmp_path):
+    """The block map is a cache. A damaged index file either gets rebuilt from the log (same
+    data), or the open refuses with a ChunkvolError; it never kills the process, and
+    `chunkvol check --repair` (the documented way out) then gives back the right volume."""
+    path = make_pool(str(tmp_path / "pool"), volume_size=VOLUME)
+    with Pool.open(path) as pool:
+        pool.volume("disk0").write(random.Random("index-data").randbytes(1 << 20), 0)
+        for step in range(40):
+            pool.volume("disk0").write(_data(f"more{step}", 100_000), (2 + step) * MiB)
+    index = _index_file(path)
+    size = os.path.getsize(index)
+    if damage == "empty":
+        os.truncate(index, 0)
+    elif damage == "truncate-half":
+        os.truncate(index, size // 2)
+    elif damage == "truncate-to-two-pages":
+        os.truncate(index, 8192)
+    else:
+        with open(index, "r+b") as handle:
+            handle.write(bytes(8192))
+    result = _open_in_child(path)
+    assert result.returncode == 0, f"the open died (returncode {result.returncode}): {result.stderr[-500:]}"
+    assert result.stdout.startswith(("same", "refused:")), result.stdout + result.stderr[-500:]
+    if result.stdout.startswith("refused:"):
+        repair = subprocess.run([os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                              ".venv", "bin", "chunkvol"), "--pool", path, "check", "--repair"],
+                                capture_output=True, text=True, timeout=120)
+        assert repair.returncode == 0, repair.stdout + repair.stderr[-500:]
+        assert _open_in_child(path).stdout.startswith("same")
+
+
+def _rot_index(path, change):
+    """Apply `change(txn, groups_db)` to the block map with LMDB itself: the effect of bit rot
+    inside an LMDB value or key (LMDB keeps no checksums, so a flipped bit looks like this)."""
+    import lmdb
+    env = lmdb.open(os.path.join(path, "index"), map_size=1 << 40, subdir=True, max_dbs=4)
+    try:
+        groups = env.open_db(b"groups")
+        with env.begin(write=True, db=groups) as txn:
+            change(txn, groups)
+    finally:
+        env.close()
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: the block map's values and keys carry no checksum: one flipped "
+                   "bit in index/data.mdb (a slot, or a version key) makes reads return another block's "
+                   "data or an older version of the block, with no error")
+@pytest.mark.parametrize("rot", ["slot", "version-order"])
+def test_bit_rot_in_the_index_never_returns_wrong_data(rot, tmp_path):
+    """A flipped bit in the index may cost a rebuild or an error, never wrong data: a slot
+    that now names the record's next block, or a newest version key that now sorts after an
+    older version of the same group."""
+    from chunkvol.format import group_map
+    path = make_pool(str(tmp_path / "pool"), volume_size=VOLUME)
+    old, new = _data("old", 64 << 10), _data("new", 64 << 10)
+    with Pool.open(path) as pool:
+        pool.volume("disk0").write(old, 0)
+        pool.flush()  # a flush point between the two writes: two versions of group 0
+        pool.volume("disk0").write(new, 0)
+    volume_id = 1
+
+    def change(txn, groups):
+        cursor = txn.cursor()
+        assert cursor.set_range(group_map.newest_key(volume_id, 0))
+        key, value = cursor.key(), cursor.value()
+        if rot == "slot":
+            slots, refs = group_map.decode_state(value)
+            slots = bytes([slots[0] ^ 1]) + slots[1:]  # block 0 -> block 1 of the same record
+            txn.put(key, group_map.encode_state((slots, refs)))
+        else:
+            volume, group, hlc, node = group_map.decode_key(key)
+            txn.delete(key)
+            txn.put(group_map.key(volume, group, hlc >> 1, node), value)  # the top bit of ~hlc flipped
+
+    _rot_index(path, change)
+    with Pool.open(path) as pool:
+        try:
+            data = _read(pool, 0, 64 << 10)
+        except CorruptionError:
+            return
+        assert data == new, ("reads return " + ("the previous version" if data == old else
+                             "other blocks' data") + " without an error")
+
+
 # ---- chunk creation --------------------------------------------------------------------------
 
 def test_interrupted_chunk_creation_leftover_is_removed(tmp_path):
