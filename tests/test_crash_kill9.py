@@ -115,26 +115,44 @@ def _journal_matches(history):
         loaded.close()
 
 
-@pytest.mark.parametrize("seed,compression", [(1, "none"), (2, "zstd"), (3, "none")])
-def test_kill9_under_load_keeps_flushed_writes_and_a_prefix(seed, compression, tmp_path, server_factory):
+class SpreadTarget(NbdTarget):
+    """Each op on one of several connections to the same export, chosen by op index: the
+    server says can_multi_conn, so a flush on any connection covers writes acknowledged on
+    all of them (the oracle's flush rule needs nothing else)."""
+
+    def __init__(self, handles):
+        super().__init__(handles[0])
+        self.handles = handles
+
+    def apply(self, workload, op):
+        self.handle = self.handles[random.Random(f"conn:{op.index}").randrange(len(self.handles))]
+        super().apply(workload, op)
+
+
+@pytest.mark.parametrize("seed,compression,connections", [(1, "none", 1), (2, "zstd", 1), (3, "none", 1),
+                                                          (4, "zstd", 3)])
+def test_kill9_under_load_keeps_flushed_writes_and_a_prefix(seed, compression, connections, tmp_path,
+                                                            server_factory):
     """CYCLES x: write (random sizes, unaligned, multi-group, big, zero, trim, FUA, flush)
-    -> SIGKILL at a seeded moment -> restart -> verify -> go on from the recovered state."""
+    -> SIGKILL at a seeded moment -> restart -> verify -> go on from the recovered state.
+    With several connections, each op goes to one of them (flushes too)."""
     rng = random.Random(f"kill9:{seed}")
     pool = make_pool(str(tmp_path / "pool"), volume_size=64 * MiB, compression=compression)
     params = Params(volume_size=64 * MiB, span=8 * MiB).with_weights(big=6)
     history = History(Workload(seed, params), str(tmp_path / "journal"))
     oracle = Oracle(history.workload)
     server = server_factory(pool)
-    figures = {"seed": seed, "kill_points": 0, "torn_requests": 0, "ops_acknowledged": 0,
+    figures = {"seed": seed, "connections": connections, "kill_points": 0, "torn_requests": 0, "ops_acknowledged": 0,
                "flushed_op_checks": 0, "acked_ops_lost": 0, "inflight_applied": 0}
     for cycle in range(CYCLES):
-        handle = server.connect()
+        handles = [server.connect() for _ in range(connections)]
+        assert connections == 1 or handles[0].can_multi_conn()
         stop = threading.Event()
         failure = []
 
         def work():
             try:
-                run(history, NbdTarget(handle), 10 ** 9, stop=stop)
+                run(history, SpreadTarget(handles), 10 ** 9, stop=stop)
             except nbd.Error as error:
                 if not stop.is_set():
                     failure.append(error)
@@ -148,7 +166,7 @@ def test_kill9_under_load_keeps_flushed_writes_and_a_prefix(seed, compression, t
         worker.join(timeout=60)
         assert not worker.is_alive()
         assert not failure, f"cycle {cycle}: an op failed before the kill: {failure}"
-        handle = None  # libnbd closes the handle when it is collected
+        handles = None  # libnbd closes the handles when they are collected
         figures["kill_points"] += 1
         figures["ops_acknowledged"] += len(history.entries) - acked_before
         _journal_matches(history)
