@@ -23,6 +23,7 @@ import time
 import uuid
 from datetime import datetime, timezone
 
+import lmdb
 import zstandard
 
 from chunkvol.clock import HybridClock
@@ -161,11 +162,7 @@ class Pool:
         index_path = self.index_path
         if not self.index_writable and not os.path.exists(os.path.join(index_path, "data.mdb")):
             raise NotFoundError("the pool has no block map yet; open it read-write once to build it")
-        self.blockmap = BlockMap(index_path, readonly=not self.index_writable)
-        checkpoint = self.blockmap.read_checkpoint()
-        if checkpoint is not None and checkpoint.pool_uuid != self.pool_uuid:
-            raise CorruptionError("the block map belongs to another pool; delete the index directory to rebuild it",
-                                  index_path)
+        checkpoint = self._open_blockmap(index_path)
         if checkpoint is None:
             first = self.chunks.ids()[0] if self.chunks.ids() else 1
             start = chunk_header.address(first, chunk_header.DATA_OFFSET)
@@ -187,6 +184,29 @@ class Pool:
         if not self.readonly and (result.records_applied or result.requests_discarded or checkpoint is None):
             self._flush_locked()
             self._checkpoint_locked()
+
+    def _open_blockmap(self, index_path):
+        """Open the block map and read its checkpoint. It is a cache: when it is damaged (not
+        LMDB, cut short, a checkpoint that fails its checksum or names another pool) a writable
+        open sets it aside as index.damaged-<time> and rebuilds it from the log."""
+        try:
+            self.blockmap = BlockMap(index_path, readonly=not self.index_writable)
+            checkpoint = self.blockmap.read_checkpoint()
+            if checkpoint is not None and checkpoint.pool_uuid != self.pool_uuid:
+                raise CorruptionError("the block map belongs to another pool", index_path)
+            return checkpoint
+        except (CorruptionError, lmdb.Error) as error:
+            if self.blockmap is not None:
+                self.blockmap.close()
+                self.blockmap = None
+            if self.readonly:
+                raise CorruptionError(f"{error}; open the pool read-write (or `chunkvol check --repair`) "
+                                      "to rebuild the block map from the log") from None
+            aside = f"{index_path}.damaged-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+            os.rename(index_path, aside)
+            self.damage.append(CorruptionError(f"block map set aside as {aside} and rebuilt from the log: {error}"))
+            self.blockmap = BlockMap(index_path)
+            return None
 
     def _take_lock(self):
         self.lock_fd = take_pool_lock(self.path)

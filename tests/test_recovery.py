@@ -18,7 +18,7 @@ import subprocess
 import nbd
 import pytest
 
-from chunkvol.errors import ChunkvolError, CorruptionError, OutOfSpaceError
+from chunkvol.errors import CorruptionError, OutOfSpaceError
 from chunkvol.format import chunk_header
 from chunkvol.index.blockmap import BlockMap
 from chunkvol.pool import Pool
@@ -421,17 +421,7 @@ def _open_in_child(path):
                           capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("damage", [
-    "empty",
-    pytest.param("truncate-half", marks=pytest.mark.xfail(strict=True, reason=(
-        "BUG: a truncated index/data.mdb kills the process with SIGBUS in Pool.open (LMDB maps "
-        "pages past the end of the file); `chunkvol check --repair` dies the same way"))),
-    pytest.param("truncate-to-two-pages", marks=pytest.mark.xfail(strict=True, reason=(
-        "BUG: a truncated index/data.mdb kills the process with SIGBUS in Pool.open"))),
-    pytest.param("meta-pages-zeroed", marks=pytest.mark.xfail(strict=True, reason=(
-        "BUG: an index that is no longer an LMDB file makes Pool.open raise a raw lmdb.InvalidError "
-        "(a traceback, not a ChunkvolError) and `chunkvol check --repair` fails on it too"))),
-])
+@pytest.mark.parametrize("damage", ["empty", "truncate-half", "truncate-to-two-pages", "meta-pages-zeroed"])
 def test_damaged_index_file_is_rebuilt_or_refused_never_crashes(damage, tmp_path):
     """The block map is a cache. A damaged index file either gets rebuilt from the log (same
     data), or the open refuses with a ChunkvolError; it never kills the process, and
@@ -476,10 +466,13 @@ def _rot_index(path, change):
         env.close()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the block map's values and keys carry no checksum: one flipped "
-                   "bit in index/data.mdb (a slot, or a version key) makes reads return another block's "
-                   "data or an older version of the block, with no error")
-@pytest.mark.parametrize("rot", ["slot", "version-order"])
+@pytest.mark.parametrize("rot", [
+    "slot",
+    pytest.param("version-order", marks=pytest.mark.xfail(strict=True, reason=(
+        "KNOWN LIMIT: a flipped bit in a version key that makes the newest version sort after an "
+        "older one is not detected: the older version is self-consistent (its value checksum binds "
+        "its own key) and a live read does not look past it"))),
+])
 def test_bit_rot_in_the_index_never_returns_wrong_data(rot, tmp_path):
     """A flipped bit in the index may cost a rebuild or an error, never wrong data: a slot
     that now names the record's next block, or a newest version key that now sorts after an
@@ -498,9 +491,9 @@ def test_bit_rot_in_the_index_never_returns_wrong_data(rot, tmp_path):
         assert cursor.set_range(group_map.newest_key(volume_id, 0))
         key, value = cursor.key(), cursor.value()
         if rot == "slot":
-            slots, refs = group_map.decode_state(value)
-            slots = bytes([slots[0] ^ 1]) + slots[1:]  # block 0 -> block 1 of the same record
-            txn.put(key, group_map.encode_state((slots, refs)))
+            rotten = bytearray(value)
+            rotten[group_map.VALUE_HEAD.size - 16] ^= 1  # slot 0: block 0 -> block 1 of the same record
+            txn.put(key, bytes(rotten))
         else:
             volume, group, hlc, node = group_map.decode_key(key)
             txn.delete(key)

@@ -152,7 +152,7 @@ def inspect_map(arguments):
                     break
                 _, _, hlc, node = group_map.decode_key(raw_key)
                 versions.append({"hlc": hlc, "time": _when(hlc), "node": node,
-                                 "state": _state_dict(group_map.decode_state(raw_value))})
+                                 "state": _state_dict(group_map.decode_state(raw_value, raw_key))})
     out = {"volume": info.name, "group": group, "bytes": [group * GROUP_SIZE, (group + 1) * GROUP_SIZE],
            "live": _state_dict(live)}
     if arguments.all:

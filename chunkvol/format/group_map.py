@@ -12,14 +12,18 @@ Key, big-endian so that LMDB's byte order is numeric order (24 bytes):
 |     12 |    8 | u64  | ~hlc         | 2^64-1 - stamp time: newest version sorts first |
 |     20 |    4 | u32  | ~node        | 2^32-1 - stamp node                             |
 
-Value, little-endian (18 + 22 * record_count bytes):
+Value, little-endian (22 + 22 * record_count bytes):
 
 | offset | size | type     | field        | meaning                                                |
 |-------:|-----:|----------|--------------|--------------------------------------------------------|
 |      0 |    1 | u8       | record_count | distinct records the group's blocks live in (0..16)    |
 |      1 |    1 | u8       | reserved     | 0                                                      |
-|      2 |   16 | u8[16]   | slots        | per block: 0xFF hole, else record_index << 4 | block_in_record |
-|     18 | 22*n | refs     | records      | address u64, stored_length u32, hlc u64, flags u16     |
+|      2 |    4 | u32      | checksum     | low 32 bits of xxh3-64 of key + value with this field 0 |
+|      6 |   16 | u8[16]   | slots        | per block: 0xFF hole, else record_index << 4 | block_in_record |
+|     22 | 22*n | refs     | records      | address u64, stored_length u32, hlc u64, flags u16     |
+
+LMDB keeps no checksums of its own; the value's checksum covers its key too, so a flipped bit
+in a value, or a value found under another key, is detected instead of read as a mapping.
 
 A group state in memory is the tuple (slots: bytes of 16, refs: tuple of ref tuples).
 The reader checks a record's header (volume, offset, hlc) against the ref before use, so a
@@ -29,14 +33,18 @@ stale or misdirected map entry is detected, never returned as data.
 import struct
 from itertools import chain
 
+import xxhash
+
 from chunkvol.errors import CorruptionError
 from chunkvol.format.record import GROUP_BLOCKS
 
 KEY = struct.Struct(">IQQI")
-VALUE_HEAD = struct.Struct("<BB16s")
+VALUE_HEAD = struct.Struct("<BBI16s")
 REF = struct.Struct("<QIQH")
-assert KEY.size == 24 and VALUE_HEAD.size == 18 and REF.size == 22
+assert KEY.size == 24 and VALUE_HEAD.size == 22 and REF.size == 22
 _REFS = [struct.Struct("<" + "QIQH" * count) for count in range(GROUP_BLOCKS + 1)]
+_ZERO_CHECKSUM = bytes(4)
+_xxh3 = xxhash.xxh3_64_intdigest
 
 HOLE = 0xFF
 HOLE_SLOTS = bytes([HOLE]) * GROUP_BLOCKS
@@ -60,22 +68,27 @@ def decode_key(raw):
     return volume_id, group, MAX_U64 - inverted_hlc, MAX_U32 - inverted_node
 
 
-def encode_state(state):
+def encode_state(state, raw_key):
     slots, refs = state
-    head = VALUE_HEAD.pack(len(refs), 0, slots)
     if not refs:
-        return head
-    if len(refs) == 1:
-        return head + REF.pack(*refs[0])
-    return head + _REFS[len(refs)].pack(*chain.from_iterable(refs))
+        body = b""
+    elif len(refs) == 1:
+        body = REF.pack(*refs[0])
+    else:
+        body = _REFS[len(refs)].pack(*chain.from_iterable(refs))
+    unsigned = VALUE_HEAD.pack(len(refs), 0, 0, slots) + body
+    checksum = _xxh3(raw_key + unsigned) & 0xFFFFFFFF
+    return VALUE_HEAD.pack(len(refs), 0, checksum, slots) + body
 
 
-def decode_state(raw):
+def decode_state(raw, raw_key):
     if len(raw) < VALUE_HEAD.size:
-        raise CorruptionError("block map group value too short")
-    count, _, slots = VALUE_HEAD.unpack_from(raw)
+        raise CorruptionError("block map group value too short; `chunkvol check --repair` rebuilds the map")
+    count, _, checksum, slots = VALUE_HEAD.unpack_from(raw)
     if count > GROUP_BLOCKS or len(raw) != VALUE_HEAD.size + count * REF.size:
-        raise CorruptionError("block map group value has a bad length")
+        raise CorruptionError("block map group value has a bad length; `chunkvol check --repair` rebuilds the map")
+    if _xxh3(raw_key + raw[:2] + _ZERO_CHECKSUM + raw[6:]) & 0xFFFFFFFF != checksum:
+        raise CorruptionError("block map group value fails its checksum; `chunkvol check --repair` rebuilds the map")
     if count == 1:
         return slots, (REF.unpack_from(raw, VALUE_HEAD.size),)
     flat = _REFS[count].unpack_from(raw, VALUE_HEAD.size)

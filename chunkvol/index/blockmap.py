@@ -34,8 +34,12 @@ class BlockMap:
         self.path = path
         if not readonly:
             os.makedirs(path, exist_ok=True)
-        self.env = lmdb.open(path, map_size=MAP_SIZE_BYTES, subdir=True, max_dbs=4,
-                             readonly=readonly, readahead=False, meminit=False, create=not readonly)
+        try:
+            self.env = lmdb.open(path, map_size=MAP_SIZE_BYTES, subdir=True, max_dbs=4,
+                                 readonly=readonly, readahead=False, meminit=False, create=not readonly)
+        except lmdb.Error as error:
+            raise CorruptionError(f"the block map is not a readable LMDB file ({error})", path) from None
+        self._check_file_size()
         self.groups_db = self.env.open_db(b"groups", create=not readonly)
         self.meta_db = self.env.open_db(b"meta", create=not readonly)
         self.volumes_db = self.env.open_db(b"volumes", create=not readonly)
@@ -46,6 +50,19 @@ class BlockMap:
         self.volume_puts = {}    # name -> JSON bytes (None: delete) for the next checkpoint
         self._read_txn = None
         self._cursor = None
+
+    def _check_file_size(self):
+        """LMDB maps its file: a page past the end of a truncated file kills the process
+        with SIGBUS. The meta pages say how many pages there must be; check before any is
+        touched."""
+        info = self.env.info()
+        page_size = self.env.stat()["psize"]
+        needed = (info["last_pgno"] + 1) * page_size
+        actual = os.path.getsize(os.path.join(self.path, "data.mdb"))
+        if actual < needed:
+            self.env.close()
+            raise CorruptionError(f"the block map file is cut short ({actual} of {needed} bytes)",
+                                  os.path.join(self.path, "data.mdb"))
 
     # ---- reading -------------------------------------------------------------------
     def read_checkpoint(self):
@@ -87,7 +104,7 @@ class BlockMap:
         raw_key = cursor.key()
         if raw_key[:12] != start[:12]:
             return None
-        return group_map.decode_state(cursor.value())
+        return group_map.decode_state(cursor.value(), raw_key)
 
     def groups_in(self, txn, volume_id, first_group, end_group, limit):
         """The first `limit` groups in [first_group, end_group), in order, that have any
@@ -120,7 +137,8 @@ class BlockMap:
         overlay = self.overlay
         pending = self.pending
         for key, (hlc, node) in self.dirty.items():
-            pending.append((group_map.key(key[0], key[1], hlc, node), group_map.encode_state(overlay[key])))
+            raw_key = group_map.key(key[0], key[1], hlc, node)
+            pending.append((raw_key, group_map.encode_state(overlay[key], raw_key)))
         self.dirty.clear()
 
     def forget_volume(self, volume_id):
