@@ -14,6 +14,7 @@ pool shows after a crash is what the log says. One lock serialises the pool's st
 threads take it per request.
 """
 
+import contextlib
 import fcntl
 import json
 import os
@@ -293,6 +294,24 @@ class Pool:
         self.blockmap.checkpoint(Checkpoint(self.pool_uuid, self.writer.position, self.next_sequence,
                                             self.clock.last, self.next_volume_id, self.records_replayed))
         self.last_checkpoint_time = time.monotonic()
+
+    @contextlib.contextmanager
+    def request(self):
+        """One client request is all or nothing: if appending any of its records fails (a full
+        disk), its records leave the log and its changes the block map. Hold the lock."""
+        mark = self.writer.mark()
+        self.blockmap.undo = undo = []
+        try:
+            yield
+        except BaseException:
+            try:
+                self.writer.roll_back(mark)
+                self.blockmap.roll_back(undo)
+            except OSError as error:
+                self.writer.fail(error)
+            raise
+        finally:
+            self.blockmap.undo = None
 
     def maybe_auto_flush(self):
         """Bound memory when a client never flushes: make a flush point of our own."""

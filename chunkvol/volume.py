@@ -66,7 +66,8 @@ class Volume:
         with pool.lock:
             if offset % BLOCK_SIZE or length % BLOCK_SIZE:
                 data, offset = self._widen(data, offset)
-            self._write_blocks(memoryview(data), offset, last=True)
+            with pool.request():
+                self._write_blocks(memoryview(data), offset, last=True)
             pool.maybe_auto_flush()
         if fua:
             pool.flush()
@@ -92,6 +93,7 @@ class Volume:
         blockmap = pool.blockmap
         overlay = blockmap.overlay
         dirty = blockmap.dirty
+        undo = blockmap.undo
         compressor = pool.compressor if self.compress else None
         volume_id = self.volume_id
         position = 0
@@ -129,6 +131,8 @@ class Volume:
                 if state is None:
                     state = blockmap.stored_state(blockmap.reader(), volume_id, group)
                 state = group_map.apply_write(state, first, count, ref)
+            if undo is not None:
+                undo.append((key, overlay.get(key), dirty.get(key)))
             overlay[key] = state
             dirty[key] = (hlc, node)
             position += piece_bytes
@@ -139,7 +143,7 @@ class Volume:
         if not length:
             return
         pool = self.pool
-        with pool.lock:
+        with pool.lock, pool.request():
             start = -(-offset // BLOCK_SIZE) * BLOCK_SIZE
             end = (offset + length) // BLOCK_SIZE * BLOCK_SIZE
             if start >= end:  # inside one block: write zeros
@@ -152,6 +156,7 @@ class Volume:
                 _, hlc = pool._append(RecordType.ZERO, FLAG_TRIM if trim else 0, self.volume_id, b"",
                                       start, end - start)
                 pool._map_hole(self.volume_id, start, end - start, hlc, pool.node_id)
+        with pool.lock:
             pool.maybe_auto_flush()
         if fua:
             pool.flush()

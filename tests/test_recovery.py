@@ -627,10 +627,6 @@ def test_enospc_on_a_write_leaves_flushed_data_intact_and_the_pool_usable(fault,
         assert _read(pool, 60 * MiB, 256 << 10) == _data("after", 256 << 10)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a write that fails with ENOSPC in the middle leaves its MORE "
-                   "records in the log (the one being appended stays in the writer's buffer and is written "
-                   "later); the next request's last record then closes that run, so recovery applies part "
-                   "of the failed write, more of it than the server showed before the crash")
 def test_enospc_inside_a_request_then_crash_shows_exactly_the_flushed_state(tmp_path):
     """A 1 MiB write (16 records) fails with ENOSPC when the writer's buffer drains inside it;
     space returns, another write and a flush succeed; nothing is written after that flush.

@@ -50,6 +50,7 @@ class BlockMap:
         self.volume_puts = {}    # name -> JSON bytes (None: delete) for the next checkpoint
         self._read_txn = None
         self._cursor = None
+        self.undo = None  # during a client request: (key, state, stamp) before each change
 
     def _check_file_size(self):
         """LMDB maps its file: a page past the end of a truncated file kills the process
@@ -129,8 +130,22 @@ class BlockMap:
     # ---- changing ------------------------------------------------------------------
     def update(self, volume_id, group, state, hlc, node):
         key = (volume_id, group)
+        if self.undo is not None:
+            self.undo.append((key, self.overlay.get(key), self.dirty.get(key)))
         self.overlay[key] = state
         self.dirty[key] = (hlc, node)
+
+    def roll_back(self, undo):
+        """Put back the overlay as it was before the changes logged in `undo`."""
+        for key, state, stamp in reversed(undo):
+            if state is None:
+                self.overlay.pop(key, None)
+            else:
+                self.overlay[key] = state
+            if stamp is None:
+                self.dirty.pop(key, None)
+            else:
+                self.dirty[key] = stamp
 
     def seal(self):
         """A flush point: the groups changed since the last one become versions."""

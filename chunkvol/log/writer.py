@@ -140,6 +140,30 @@ class LogWriter:
         head = self.chunks.pread(chunk_id, self.file_offset - offset, offset)  # spans file and buffer
         return head + bytes(self.view[:offset + length - self.file_offset])
 
+    def mark(self):
+        """Where the log ends now, for `roll_back`."""
+        chunk_id = None if self.chunk is None else self.chunk.chunk_id
+        return chunk_id, self.file_offset + self.used, self.next_chunk_id
+
+    def roll_back(self, mark):
+        """Remove every record appended since `mark` (a client request that failed half way),
+        from the buffer and, where some reached a file, from the file: the log is as if the
+        request never came. Chunks created since are removed."""
+        chunk_id, end_offset, next_chunk_id = mark
+        for created in [other for other in self.chunks.ids() if other >= next_chunk_id]:
+            self.chunks.remove(created)
+        self.next_chunk_id = next_chunk_id
+        if chunk_id is None:
+            self.chunk, self.used = None, 0
+            return
+        chunk = self.chunks.get(chunk_id)
+        if self.chunk is chunk and end_offset >= self.file_offset:
+            self.used = end_offset - self.file_offset
+            return
+        self.chunks.truncate(chunk_id, end_offset)
+        self.chunk, self.file_offset, self.used, self.preallocated_end = chunk, end_offset, 0, 0
+        self.durable_address = min(self.durable_address, self.position)
+
     def read_into(self, log_address, view):
         """Fill `view` with log bytes from `log_address` (no copy when they are in a file)."""
         chunk_id, offset = chunk_header.split_address(log_address)
