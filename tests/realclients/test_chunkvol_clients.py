@@ -33,7 +33,7 @@ CHUNK_SIZE = "16M"
 CHUNK_BYTES = 16 << 20
 VOLUME_SIZE = "384M"  # xfs refuses filesystems below 300 MiB
 VOLUME = "vol0"
-BLOCK = 4096
+SECTOR = 512  # granularity of the "written or still zero" check: below any filesystem block
 KILL_SEED = int(os.environ.get("CHUNKVOL_KILL_SEED", "20240611"))
 
 
@@ -56,6 +56,13 @@ def check_pool(pool: str) -> dict:
     assert report["log_damage"] == [] and report["map_differences"] == [], report
     assert report["records"] > 0
     return report
+
+
+def _run(argv: list[str]) -> str:
+    """Run a system command; fail the test with its output unless it exits 0; return stdout."""
+    result = subprocess.run(argv, capture_output=True, text=True)
+    assert result.returncode == 0, f"{' '.join(argv)} exited {result.returncode}: {result.stderr}{result.stdout}"
+    return result.stdout
 
 
 def pool_status(pool: str) -> dict:
@@ -166,6 +173,7 @@ class FsyncWriter(threading.Thread):
                 rel = path.relative_to(self.src)
                 target = self.dst / rel
                 target.parent.mkdir(parents=True, exist_ok=True)
+                directories = [self.dst.parent, self.dst] + [self.dst / p for p in reversed(rel.parents)][1:]
                 fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
                 try:
                     data = memoryview(path.read_bytes())
@@ -174,8 +182,8 @@ class FsyncWriter(threading.Thread):
                     os.fsync(fd)
                 finally:
                     os.close(fd)
-                for parent in reversed(rel.parents):  # the new directory entries, top down
-                    fd = os.open(self.dst / parent, os.O_RDONLY | os.O_DIRECTORY)
+                for directory in directories:  # the new directory entries, top down
+                    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
                     try:
                         os.fsync(fd)
                     finally:
@@ -197,8 +205,8 @@ def _check_maybe_lost(src: Path, dst: Path) -> list[str]:
         if len(got) > len(want):
             problems.append(f"{target}: {len(got)} bytes, only {len(want)} were written")
             continue
-        for at in range(0, len(got), BLOCK):
-            piece = got[at:at + BLOCK]
+        for at in range(0, len(got), SECTOR):
+            piece = got[at:at + SECTOR]
             if piece != want[at:at + len(piece)] and piece.count(0) != len(piece):
                 problems.append(f"{target}: block at {at} holds bytes never written there")
                 break
@@ -244,15 +252,16 @@ def test_kill9_under_mounted_ext4(block_size, compression, tmp_path, server_fact
     report = []
 
     def verify(dev: str, cycle: int) -> None:
+        history = "\n".join(report)
         with fs.mounted(dev, mnt):  # replays the journal
             for name in synced:
-                assert fs.compare_trees(src / name, mnt / name) == [], f"after crash {cycle}: {name}"
+                assert fs.compare_trees(src / name, mnt / name) == [], f"after crash {cycle}: {name}\n{history}"
             for name, files in fsynced.items():
-                assert _compare_files(src / name, mnt / name, files) == [], f"after crash {cycle}"
+                assert _compare_files(src / name, mnt / name, files) == [], f"after crash {cycle}\n{history}"
             for name in maybe:
-                assert _check_maybe_lost(src / name, mnt / name) == [], f"after crash {cycle}"
+                assert _check_maybe_lost(src / name, mnt / name) == [], f"after crash {cycle}\n{history}"
         check = fs.fsck(dev, "ext4")
-        assert check.clean, f"after crash {cycle}: {check}"
+        assert check.clean, f"after crash {cycle}: {check}\n{history}"
 
     for cycle, point in enumerate(points):
         with attached(server.socket_path, VOLUME, tmp_path) as dev:
@@ -439,4 +448,63 @@ def test_filesystem_survives_clean_restart(tmp_path, server_factory):
         with fs.mounted(dev, tmp_path / "mnt", options="ro") as mnt:
             assert fs.compare_trees(first, mnt / "first") == []
             assert fs.compare_trees(second, mnt / "second") == []
+    stop_cleanly(server)
+
+
+def _physical_blocks(root: Path) -> list[int]:
+    """Last physical block (filesystem blocks) of every extent of every file under ROOT (filefrag)."""
+    ends = []
+    for path in root.rglob("*"):
+        if path.is_file() and not path.is_symlink() and path.stat().st_size:
+            for line in _run(["filefrag", "-e", str(path)]).splitlines():
+                fields = line.replace(":", " ").replace("..", " ").split()
+                if len(fields) >= 6 and fields[0].isdigit():
+                    ends.append(int(fields[4]))
+    return ends
+
+
+def test_grow_volume_under_ext4(tmp_path, server_factory):
+    """`chunkvol volume resize` between two server runs: the client sees the new size, ext4
+    grows into it (offline resize2fs: online growing needs CAP_SYS_RESOURCE, which test
+    containers may lack), the old files stay identical, new ones land past the old end, fsck is
+    clean and the pool checks clean."""
+    pool = make_pool(tmp_path)
+    server = server_factory(pool)
+    old, new = tmp_path / "src-old", tmp_path / "src-new"
+    fs.make_sample_tree(old, seed=31, files=20)
+    fs.make_sample_tree(new, seed=32, files=20)
+    with attached(server.socket_path, VOLUME, tmp_path) as dev:
+        fs.mkfs(dev, "ext4", block_size=4096)
+        with fs.mounted(dev, tmp_path / "mnt") as mnt:
+            _copy_synced(old, mnt / "old")
+            # Take (almost) all free space, so that files written after the resize need blocks
+            # past the old end (fallocate: unwritten extents, no data through the store).
+            free = os.statvfs(mnt).f_bfree * os.statvfs(mnt).f_frsize
+            _run(["fallocate", "-l", str(free - (16 << 20)), str(mnt / "filler")])
+    stop_cleanly(server)
+    chunkvol("--pool", pool, "volume", "resize", VOLUME, "--size", "768M")
+
+    server.start()
+    with attached(server.socket_path, VOLUME, tmp_path) as dev:
+        assert int(_run(["blockdev", "--getsize64", dev])) == 768 << 20
+        check = fs.fsck(dev, "ext4")
+        assert check.clean, str(check)
+        _run(["e2fsck", "-fp", dev])  # records the check resize2fs insists on
+        _run(["resize2fs", dev])
+        with fs.mounted(dev, tmp_path / "mnt") as mnt:
+            assert os.statvfs(mnt).f_blocks * os.statvfs(mnt).f_frsize > 700 << 20
+            assert fs.compare_trees(old, mnt / "old") == []
+            _copy_synced(new, mnt / "new")  # synced: extents allocated, not delayed
+            assert max(_physical_blocks(mnt / "new")) * 4096 >= 384 << 20
+            (mnt / "filler").unlink()
+        check = fs.fsck(dev, "ext4")
+        assert check.clean, str(check)
+    stop_cleanly(server)
+    check_pool(pool)
+
+    server.start()
+    with attached(server.socket_path, VOLUME, tmp_path, readonly=True) as dev:
+        with fs.mounted(dev, tmp_path / "mnt", options="ro") as mnt:
+            assert fs.compare_trees(old, mnt / "old") == []
+            assert fs.compare_trees(new, mnt / "new") == []
     stop_cleanly(server)
