@@ -194,7 +194,7 @@ class Volume:
         volume_id = self.volume_id
         first_block = offset // BLOCK_SIZE
         end_block = first_block + len(out) // BLOCK_SIZE
-        pieces = []  # (ref, block_in_record, block_count, out_offset)
+        pieces = []  # (ref, block_in_record, block_count, out_offset, record's volume offset)
         overlay = blockmap.overlay
         txn = None  # taken on the first group not in the overlay
         block = first_block
@@ -210,15 +210,15 @@ class Volume:
             if state is None or state[0] == _HOLE_SLOTS:
                 out[out_offset:out_offset + count * BLOCK_SIZE] = bytes(count * BLOCK_SIZE)
             elif state[0] == _FULL_SLOTS:
-                pieces.append((state[1][0], first, count, out_offset))
+                pieces.append((state[1][0], first, count, out_offset, group * GROUP_SIZE))
             else:
-                self._plan_mixed(state, first, count, out, out_offset, pieces)
+                self._plan_mixed(state, group, first, count, out, out_offset, pieces)
             block += count
         if pieces:
             self._fetch(pieces, out)
 
     @staticmethod
-    def _plan_mixed(state, first, count, out, out_offset, pieces):
+    def _plan_mixed(state, group, first, count, out, out_offset, pieces):
         slots, refs = state
         index = first
         end = first + count
@@ -231,7 +231,8 @@ class Volume:
             if slot == _HOLE:
                 out[at:at + run * BLOCK_SIZE] = bytes(run * BLOCK_SIZE)
             else:
-                pieces.append((refs[slot >> 4], slot & 0x0F, run, at))
+                record_block = group * GROUP_BLOCKS + index - (slot & 0x0F)
+                pieces.append((refs[slot >> 4], slot & 0x0F, run, at, record_block * BLOCK_SIZE))
             index += run
 
     def _fetch(self, pieces, out):
@@ -258,21 +259,24 @@ class Volume:
                 last += 1
             if wanted * BLOCK_SIZE * 2 >= span_end - span_start:
                 data = memoryview(writer.read(span_start, span_end - span_start))
-                for ref, first, count, at in pieces[index:last]:
+                for ref, first, count, at, record_offset in pieces[index:last]:
                     start = ref[0] - span_start
-                    self._copy_blocks(ref, data[start:start + HEADER_SIZE + ref[1]], first, count, out, at)
+                    self._copy_blocks(ref, data[start:start + HEADER_SIZE + ref[1]], first, count, out, at,
+                                      record_offset)
             else:
-                for ref, first, count, at in pieces[index:last]:
-                    self._read_blocks(ref, first, count, out, at)
+                for ref, first, count, at, record_offset in pieces[index:last]:
+                    self._read_blocks(ref, first, count, out, at, record_offset)
             index = last
 
-    def _header(self, ref, raw):
-        """Check a fetched record's header against its map entry."""
+    def _header(self, ref, raw, record_offset):
+        """Check a fetched record's header against its map entry: stamp, volume, length, and
+        the volume offset the map expects it to hold (a misdirected entry is caught)."""
         try:
             header = record_format.decode_header(raw[:HEADER_SIZE])
         except CorruptionError as error:
             raise CorruptionError(f"{error} at {_where(ref[0])}") from None
-        if header[6] != ref[2] or header[2] != self.volume_id or header[0] != RecordType.EXTENT or header[3] != ref[1]:
+        if (header[6] != ref[2] or header[2] != self.volume_id or header[0] != RecordType.EXTENT
+                or header[3] != ref[1] or header[7] != record_offset):
             raise CorruptionError(f"record at {_where(ref[0])} is not the one the block map expects")
         return header
 
@@ -283,11 +287,11 @@ class Volume:
         except CorruptionError as error:
             raise CorruptionError(f"{error} at {_where(address)}") from None
 
-    def _copy_blocks(self, ref, raw, first, count, out, at):
+    def _copy_blocks(self, ref, raw, first, count, out, at, record_offset):
         """Blocks [first, first+count) of a whole record in memory -> out[at:]."""
         if len(raw) != HEADER_SIZE + ref[1]:
             raise CorruptionError(f"record at {_where(ref[0])} is cut short")
-        header = self._header(ref, raw)
+        header = self._header(ref, raw, record_offset)
         size = count * BLOCK_SIZE
         if ref[3] & FLAG_ZSTD:
             payload = self._decompress(header, raw[HEADER_SIZE:], ref[0])
@@ -299,18 +303,18 @@ class Volume:
         self._verify(header, raw[HEADER_SIZE:HEADER_SIZE + table_bytes], blocks, first, count, ref[0])
         out[at:at + size] = blocks
 
-    def _read_blocks(self, ref, first, count, out, at):
+    def _read_blocks(self, ref, first, count, out, at, record_offset):
         """Blocks of a raw record read alone: header and table, then the blocks straight into out."""
         if ref[3] & FLAG_ZSTD:
             raw = memoryview(self.pool.writer.read(ref[0], HEADER_SIZE + ref[1]))
-            self._copy_blocks(ref, raw, first, count, out, at)
+            self._copy_blocks(ref, raw, first, count, out, at, record_offset)
             return
         writer = self.pool.writer
         table_bytes = ref[1] // RAW_BLOCK_BYTES * CHECKSUM_BYTES
         raw = writer.read(ref[0], HEADER_SIZE + table_bytes)
         if len(raw) != HEADER_SIZE + table_bytes:
             raise CorruptionError(f"record at {_where(ref[0])} is cut short")
-        header = self._header(ref, raw)
+        header = self._header(ref, raw, record_offset)
         size = count * BLOCK_SIZE
         target = out[at:at + size]
         writer.read_into(ref[0] + HEADER_SIZE + table_bytes + first * BLOCK_SIZE, target)

@@ -89,7 +89,7 @@ class Stats:
         self.figures = {"seeds": 0, "power_losses": 0, "recovery_power_losses": 0,
                         "torn_requests": 0, "faults_injected": 0, "faults_then_continued": 0,
                         "checkpoints_committed": 0, "cycles_past_chunk_1": 0, "ops_acknowledged": 0,
-                        "flushed_ops_checked": 0, "lost_flushed_blocks": 0, "damage_reports": 0,
+                        "flushed_ops_checked": 0, "lost_flushed_blocks": 0, "exact_after_flush_checks": 0,
                         "index_modes": {}, "file_modes": {}}
 
     def count(self, key, amount=1):
@@ -142,6 +142,7 @@ def run_seed(seed, templates, workdir, monkeypatch, stats):
             op, number, partial = rng.choice(FAULTS)
             fault = Fault(op, nth=rng.randint(1, 6), error=number, partial=partial)
             faulty.faults.append(fault)
+        served = None
         with track_index(faulty):
             pool = Pool.open(current, files=faulty)
             target = VolumeTarget(pool.volume("disk0"))
@@ -165,6 +166,14 @@ def run_seed(seed, templates, workdir, monkeypatch, stats):
                             continue
                         break
                 if not faulty.dead:
+                    if rng.random() < 0.5:
+                        # A flush with nothing after it: the crash must show exactly what
+                        # the server shows now, failed writes included.
+                        try:
+                            pool.flush()
+                            served = target.read(0, params.region)
+                        except (ChunkvolError, OSError):
+                            pass
                     faulty.power_loss(crashed)
             except PowerLoss:
                 pass
@@ -193,6 +202,10 @@ def run_seed(seed, templates, workdir, monkeypatch, stats):
             shutil.rmtree(current)
             current = again
         pool = _verify_open(current, history, oracle, stats, where)
+        if served is not None:
+            stats.count("exact_after_flush_checks")
+            assert VolumeTarget(pool.volume("disk0")).read(0, params.region) == served, (
+                f"{where}: the volume after the crash differs from what was served at the last flush")
         abandon(pool)
     shutil.rmtree(workdir, ignore_errors=True)
 

@@ -1,34 +1,37 @@
 #!/usr/bin/env python3
 """A seeded block workload and a crash oracle for chunkvol (or any NBD export).
 
-Operation i of a workload is a pure function of (seed, i): its kind (write, FUA write,
-zero, trim, flush), offset and length, and every byte it writes. So a run is recorded by
-the op indices alone and can be recomputed at any time.
+Operation i of a workload is a pure function of (seed, i): its kind (write, FUA write, big
+write, zero, trim, flush), offset and length (aligned or not, one or many 64 KiB groups), and
+every byte it writes. So a run is recorded by op indices alone and can be recomputed.
 
-A `History` records what the server acknowledged: ops are issued ("I i"), acknowledged
-("A i"), and after a crash the oracle says which prefix survived ("R n"). With a journal
-path every change is appended to a text file, and each acknowledgement is fsynced before
-the next op is issued, so the journal survives even if the workload process is killed.
+A `History` records what the server said: ops are issued ("I i"), acknowledged ("A i"), or
+failed while the server went on ("F i": effect unknown, block by block, as NBD allows for a
+failed write); after a crash the oracle says which prefix survived ("R n [i blocks...]").
+With a journal path every event is appended to a text file, and each acknowledgement is
+fsynced before the next op is issued (`run`), or in groups (`run_pipelined`), so the journal
+survives the server's death and, for `run`, the workload's own.
 
-`Oracle.verify` reads the volume back after a restart and checks the guarantees:
-  (a) durability: every op acknowledged before the last acknowledged flush point (FLUSH,
-      or a FUA write/zero/trim) is present;
-  (b) prefix consistency: the content equals the state after some prefix of the
-      acknowledged ops followed by the in-flight ones (in issue order), no shorter than
-      the last flush point. The search starts at the flush point and applies one op at a
-      time, tracking only the blocks the ops after it touch: O(blocks touched), not
-      O(ops x volume).
-With atomicity="block", the op at the cut point may also be partly applied, each 4 KiB
-block old or new (the weaker rule a disk gives); "request" (the default) demands whole
-requests. Each 512-byte sector a write puts down starts with a tag (seed, op index,
-sector), so a mismatch report says which op wrote the bytes found.
+`Oracle.verify(history, read)` reads the volume back after a restart and checks:
+  (a) durability: every op acknowledged before the last acknowledged flush point (a FLUSH,
+      or a FUA write/zero/trim: chunkvol's guarantee 1) is there;
+  (b) prefix consistency: the content is the state after some prefix of the acknowledged
+      ops followed by the in-flight ones (in issue order), no shorter than the last flush
+      point. The search starts at the flush point and applies one op at a time, tracking
+      only the blocks the ops after it touch: O(blocks touched), not O(ops x volume); the
+      image at the flush point is kept between calls.
+atomicity="request" (the default) demands whole requests; "block" lets the op at the cut be
+partly applied, each 4 KiB block old or new (what a disk gives). Each 512-byte sector a write
+puts down starts with a tag (seed, op index, sector), so a mismatch report says which op
+wrote the bytes found. The volume must read as zeros in the span when a journal starts.
 
 By hand, against a running server (journal default: ./workload-<seed>.journal):
 
-    .venv/bin/python tools/workload.py --socket S --export disk0 --seed 1 --ops 500
-    kill -9 the server, restart it, then run the same command again: it verifies the
-    volume against the journal first (exit 1 on a violation), then goes on.
-    --verify-only: verify and stop.
+    .venv/bin/python tools/workload.py --socket S --export disk0 --seed 1 --ops 500 [--wipe]
+
+then kill -9 the server, restart it, and run the same command again: it verifies the volume
+against the journal first (exit 1 on a violation, 2 if it cannot read), records the prefix it
+found, then goes on. --verify-only: verify and stop. One JSON line is printed per run.
 """
 
 import argparse
@@ -47,7 +50,6 @@ ZERO_BLOCK = bytes(BLOCK)
 TAG = struct.Struct("<4sQQI")  # magic, seed, op index, sector number within the op
 TAG_MAGIC = b"CVwl"
 JOURNAL_MAGIC = "chunkvol-workload 1"
-KINDS = ("write", "fua", "big", "zero", "trim", "flush")
 DEFAULT_WEIGHTS = {"write": 60, "fua": 5, "big": 3, "zero": 8, "trim": 7, "flush": 10}
 MiB = 1 << 20
 DATA_CACHE_BYTES = 64 * MiB
