@@ -143,7 +143,8 @@ def test_kill9_under_load_keeps_flushed_writes_and_a_prefix(seed, compression, c
     oracle = Oracle(history.workload)
     server = server_factory(pool)
     figures = {"seed": seed, "connections": connections, "kill_points": 0, "torn_requests": 0, "ops_acknowledged": 0,
-               "flushed_op_checks": 0, "acked_ops_lost": 0, "inflight_applied": 0}
+               "flushed_op_checks": 0, "acked_ops_lost": 0, "inflight_applied": 0,
+               "exact_after_flush_checks": 0}
     for cycle in range(CYCLES):
         handles = [server.connect() for _ in range(connections)]
         assert connections == 1 or handles[0].can_multi_conn()
@@ -162,6 +163,12 @@ def test_kill9_under_load_keeps_flushed_writes_and_a_prefix(seed, compression, c
         worker.start()
         time.sleep(rng.uniform(0.02, 0.6))
         stop.set()
+        served = None
+        if rng.random() < 0.25:
+            # Kill right after a flush: the restart must show exactly what was served then.
+            worker.join(timeout=60)
+            handles[0].flush()
+            served = NbdTarget(handles[0]).read(0, params.region)
         server.kill(signal.SIGKILL)
         worker.join(timeout=60)
         assert not worker.is_alive()
@@ -173,6 +180,12 @@ def test_kill9_under_load_keeps_flushed_writes_and_a_prefix(seed, compression, c
         server.start()
         flushed, acked = history.flushed, len(history.entries)
         result = _verify(server, history, oracle, f"seed {seed} cycle {cycle}")
+        if served is not None:
+            handle = server.connect()
+            assert NbdTarget(handle).read(0, params.region) == served, \
+                f"seed {seed} cycle {cycle}: after kill -9 the volume differs from what was served at the flush"
+            handle.shutdown()
+            figures["exact_after_flush_checks"] += 1
         figures["flushed_op_checks"] += flushed
         figures["acked_ops_lost"] += max(0, acked - result.prefix)
         figures["inflight_applied"] += max(0, result.prefix - acked)
