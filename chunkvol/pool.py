@@ -29,7 +29,7 @@ import zstandard
 
 from chunkvol.clock import HybridClock
 from chunkvol.errors import (AlreadyExistsError, ChunkvolError, CorruptionError, NotFoundError,
-                             OutOfRangeError, PoolBusyError, ReadOnlyError, UsageError)
+                             OutOfRangeError, OutOfSpaceError, PoolBusyError, ReadOnlyError, UsageError)
 from chunkvol.format import chunk_header, pool_metadata
 from chunkvol.format import group_map
 from chunkvol.format.checkpoint import Checkpoint
@@ -105,6 +105,7 @@ class Pool:
         self.closed = False
         self.recovery = None
         self.committed_address = None  # log position just after our last COMMIT record
+        self.notes = []  # things a user should know about this open (status shows them)
 
     # ---- creating and opening -----------------------------------------------------
     @classmethod
@@ -183,8 +184,13 @@ class Pool:
         self.records_replayed += self._replayed_now
         self.writer = LogWriter(self.chunks, self.files, result.end_address, self._next_stamp)
         if not self.readonly and (result.records_applied or result.requests_discarded or checkpoint is None):
-            self._flush_locked()
-            self._checkpoint_locked()
+            try:
+                self._flush_locked()
+                self._checkpoint_locked()
+            except OutOfSpaceError as error:
+                # The replayed state is in memory and the log is intact: serve and read on;
+                # writes fail with ENOSPC until space returns, and the next open replays again.
+                self.notes.append(f"not checkpointed at open: {error}")
 
     def _open_blockmap(self, index_path):
         """Open the block map and read its checkpoint. It is a cache: when it is damaged (not
@@ -227,9 +233,11 @@ class Pool:
             if self.closed:
                 return
             try:
-                if not self.readonly:
+                if not self.readonly and self.writer.failure is None:
                     self._flush_locked()
                     self._checkpoint_locked()
+            except OutOfSpaceError:
+                pass  # the log is intact; the next open replays its tail
             finally:
                 self.closed = True
                 self._release()

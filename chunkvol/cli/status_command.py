@@ -40,6 +40,7 @@ def collect(pool):
         "volumes": space["volumes"],
         "index": stats,
         "damage": [str(error) for error in pool.damage],
+        "notes": list(pool.notes),
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
@@ -62,6 +63,8 @@ def status_command(arguments):
     for name, volume in report["volumes"].items():
         print(f"{name:<20} {format_size(volume['size']):>11} {format_size(volume['mapped_bytes']):>11} "
               f"{format_size(volume['stored_bytes']):>11} {volume['compression_ratio']:>6.2f} {volume['compression']}")
+    for note in report["notes"]:
+        print(f"note: {note}")
     if report["damage"]:
         print("\ndamage found while opening (run `chunkvol check`):")
         for line in report["damage"]:

@@ -20,7 +20,7 @@ import os
 
 import lmdb
 
-from chunkvol.errors import CorruptionError
+from chunkvol.errors import CorruptionError, DeviceFailedError, OutOfSpaceError
 from chunkvol.format import checkpoint as checkpoint_format
 from chunkvol.format import group_map
 
@@ -178,6 +178,19 @@ class BlockMap:
         if self.dirty:
             raise CorruptionError("checkpoint with unsealed block-map changes (a bug)")
         self._drop_reader()
+        try:
+            self._write_checkpoint(checkpoint)
+        except lmdb.Error as error:
+            if "No space" in str(error) or isinstance(error, lmdb.MapFullError):
+                raise OutOfSpaceError(f"no space left for the block map checkpoint ({error})") from None
+            raise DeviceFailedError(f"the block map could not be written ({error})") from None
+        self.pending = []
+        if len(self.overlay) > OVERLAY_CACHE_GROUPS:
+            self.overlay.clear()  # else keep it: every state in it is now also in LMDB
+        self.removed_volumes.clear()
+        self.volume_puts.clear()
+
+    def _write_checkpoint(self, checkpoint):
         with self.env.begin(write=True) as txn:
             if self.pending:
                 self.pending.sort()
@@ -190,11 +203,6 @@ class BlockMap:
                 else:
                     txn.put(name.encode(), value, db=self.volumes_db)
             txn.put(CHECKPOINT_KEY, checkpoint_format.encode(checkpoint), db=self.meta_db)
-        self.pending = []
-        if len(self.overlay) > OVERLAY_CACHE_GROUPS:
-            self.overlay.clear()  # else keep it: every state in it is now also in LMDB
-        self.removed_volumes.clear()
-        self.volume_puts.clear()
 
     def _delete_volume_versions(self, txn, volume_id):
         cursor = txn.cursor(db=self.groups_db)
