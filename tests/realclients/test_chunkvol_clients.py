@@ -2,13 +2,24 @@
 
 Each test runs chunkvol's own nbdkit plugin (tests.server.NbdServer) on a fresh pool with
 16 MiB chunks, so every test's log spans several chunks (chunk switches and SEAL records
-happen under real clients), and a volume of a few hundred MiB.  The clients are the kernel's
-ext4 and xfs (through nbdfuse + a loop device), qemu's NBD client under a booting Linux, and
+happen under real clients), and volumes of 384 MiB.  The clients are the kernel's ext4 and
+xfs (through nbdfuse + a loop device), qemu's NBD client under a booting Linux, and
 user-mode-linux's ubd driver on the nbdfuse file.  Afterwards the pool on disk is checked
 with `chunkvol check` (every record's checksum, block map against the log).
 
-The kill -9 test is seeded ($CHUNKVOL_KILL_SEED, default 20240611): the seed picks the order of
-the kill points and how far past the last sync the log has grown when the server is killed.
+  1. test_filesystem_on_volume, test_ext4_on_compressed_volume: mkfs, copy a tree in, umount,
+     fsck clean, remount, tree identical (ext4 with 1 KiB and 4 KiB blocks, xfs; ext4 on zstd).
+  2. test_kill9_under_mounted_ext4: three seeded kill -9 cycles under a mounted ext4 (also on
+     a zstd volume); test_two_volumes_at_once_kill9: ext4 and xfs on two volumes of one pool.
+  3./4. test_guest_boots_from_volume: qemu and UML boot from a volume; the host verifies the
+     guest's writes, also after a server restart.
+  5. test_filesystem_survives_clean_restart: SIGTERM between runs, `chunkvol check` clean.
+  Also: test_grow_volume_under_ext4 (volume resize + resize2fs), test_full_disk_under_ext4
+  (a client fills the pool's disk), and an xfail showing a bug on a full disk.
+
+The kill -9 tests are seeded ($CHUNKVOL_KILL_SEED, default 20240611): the seed picks the order
+of the kill points, how far past the last sync the log has grown when the server is killed,
+and what is deleted between cycles.
 """
 
 from __future__ import annotations
@@ -566,7 +577,8 @@ def test_full_disk_under_ext4(tmp_path, server_factory):
                     _copy_synced(first, mnt / "first")
                     full = _fill_until_full(mnt)
                     assert full.returncode != 0, f"200 MiB fit on a 128 MiB disk? {full.stderr}"
-                    assert os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize < 1 << 20
+                    # The store refused writes because its disk is (nearly) full, not for another reason.
+                    assert os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize < 4 << 20
             assert server.process.poll() is None, f"the server died on a full disk: {server.log()}"
             ballast.unlink()
 
