@@ -87,7 +87,7 @@ def check_pool(path, busy, progress=None):
     started = time.monotonic()
     if not busy:
         Pool.open(path).close()  # cut a torn tail and checkpoint, as any open does
-    scratch = tempfile.mkdtemp(prefix="chunkvol-check-", dir=path)
+    scratch = tempfile.mkdtemp(prefix="chunkvol-check-")  # not on the pool's disk: it may be full
     try:
         with Pool.open(path, readonly=True) as current:
             log_problems, records, scanned = scan_log(current, progress)
