@@ -272,6 +272,16 @@ def test_pool_path_that_is_not_a_pool(tmp_path):
     assert regular.read_bytes() == b"not a pool"
 
 
+def test_second_server_on_a_pool_in_use(pool_path, server_factory, tmp_path):
+    first = server_factory(pool_path)
+    handle = first.connect()
+    handle.pwrite(b"first" * 1000, 0)
+    result = run_nbdkit(tmp_path, f"pool={pool_path}")
+    assert result.returncode != 0
+    assert "in use" in result.stderr and str(first.process.pid) in result.stderr
+    assert handle.pread(5000, 0) == b"first" * 1000  # the first server is undisturbed
+
+
 def test_volume_key_naming_a_missing_volume(pool_path, server_factory):
     server = server_factory(pool_path, "volume=nosuch")
     with pytest.raises(nbd.Error) as raised:
