@@ -608,3 +608,56 @@ def test_forged_zstd_frame(pool_path, server_factory, declared):
     assert server.connect("zvol").pread(BLOCK, 0) == text[:BLOCK]
     assert "MemoryError" not in server.log()
     assert server.process.poll() is None
+
+
+# ---- a damaged or foreign block map, a chunk cut short ------------------------------------------------
+
+def _three_chunk_pool(pool_path, server_factory):
+    """40 MiB of flushed data on disk0: three 16 MiB chunks; the server stopped cleanly."""
+    data = random_bytes(40 * MiB, 15)
+    write_and_stop(server_factory(pool_path), pool_path, [(0, data)])
+    assert len(chunk_files(pool_path)) == 3
+    return data
+
+
+def test_garbage_block_map_is_rebuilt_from_the_log(pool_path, server_factory):
+    data = _three_chunk_pool(pool_path, server_factory)
+    with open(os.path.join(pool_path, "index", "data.mdb"), "r+b") as handle:
+        handle.write(random_bytes(8192, 16))
+    handle = server_factory(pool_path).connect()
+    for offset in range(0, 40 * MiB, 8 * MiB):
+        assert handle.pread(8 * MiB, offset) == data[offset:offset + 8 * MiB]
+    assert handle.pread(MiB, 50 * MiB) == bytes(MiB)
+
+
+def test_block_map_of_another_pool_is_not_used(pool_path, server_factory, tmp_path):
+    data = _three_chunk_pool(pool_path, server_factory)
+    other = str(tmp_path / "other-pool")
+    run_chunkvol("--pool", other, "init", "--chunk-size", "16M")
+    run_chunkvol("--pool", other, "volume", "create", "disk0", "--size", "64M")
+    shutil.rmtree(os.path.join(pool_path, "index"))
+    shutil.copytree(os.path.join(other, "index"), os.path.join(pool_path, "index"))
+    try:
+        server = server_factory(pool_path)
+    except AssertionError as error:  # refusing, with a clear word, is fine too
+        assert "another pool" in str(error)
+        return
+    handle = server.connect()
+    for offset in range(0, 40 * MiB, 8 * MiB):
+        assert handle.pread(8 * MiB, offset) == data[offset:offset + 8 * MiB]
+
+
+def test_chunk_cut_short_in_the_middle_of_the_log(pool_path, server_factory):
+    """Chunk 1 loses its second half while chunks 2 and 3 are intact: what it held reads as
+    EIO (never as zeros or older data), everything else reads as written."""
+    data = _three_chunk_pool(pool_path, server_factory)
+    first = chunk_files(pool_path)[0]
+    lost = [r for r in _disk0_extents(pool_path) if r["path"] == first and r["position"] >= 8 * MiB]
+    assert lost
+    os.truncate(first, 8 * MiB)
+    handle = server_factory(pool_path).connect()
+    for record in lost[1:]:  # the first may straddle the cut
+        assert_eio(handle.pread, record["length"], record["offset"])
+    assert handle.pread(4 * MiB, 0) == data[:4 * MiB]
+    later = lost[-1]["offset"] + GROUP
+    assert handle.pread(40 * MiB - later, later) == data[later:]
