@@ -17,6 +17,7 @@ import nbd
 import pytest
 
 import chunkvol
+from chunkvol.pool import Pool
 from tests.server import ENVIRONMENT, PLUGIN, chunkvol as run_chunkvol
 
 KiB = 1024
@@ -319,6 +320,13 @@ def test_flush_makes_writes_durable_across_kill(server_factory, pool_path):
     handle.flush()
     handle.flush()  # a flush with nothing new is fine too
     server.kill()
+    # What is on disk, read without a server (read-only: the log is replayed, nothing is cut).
+    with Pool.open(pool_path, readonly=True) as pool:
+        volume = pool.volume("disk0")
+        for offset in range(0, VOLUME_SIZE, 8 * MiB):
+            buffer = bytearray(8 * MiB)
+            volume.read(buffer, offset)
+            assert buffer == model.data[offset:offset + 8 * MiB], offset
     handle = server_factory(pool_path).connect()
     assert_reads(handle, model)
 
