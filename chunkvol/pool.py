@@ -118,11 +118,17 @@ class Pool:
             raise UsageError("chunk size must be between 16M and 512G")
         if chunk_size % BLOCK_SIZE:
             raise UsageError("chunk size must be a multiple of 4096")
-        os.makedirs(path, exist_ok=True)
+        try:
+            os.makedirs(path, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise UsageError(f"cannot create a pool at {path}: a file is in the way") from None
         directories = []
         for directory in chunk_dirs or ["chunks"]:
             absolute = os.path.join(path, directory)
-            os.makedirs(absolute, exist_ok=True)
+            try:
+                os.makedirs(absolute, exist_ok=True)
+            except (FileExistsError, NotADirectoryError):
+                raise UsageError(f"cannot create chunk directory {absolute}: a file is in the way") from None
             directories.append(directory if not os.path.isabs(directory) else absolute)
         fields = {
             "pool_uuid": uuid.uuid4().hex,

@@ -102,9 +102,6 @@ def test_init_twice_refused(tmp_path):
     assert set(listing(path)) == {"disk0"}
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: `init` where --pool is (or is under) a regular file dies "
-                   "with a FileExistsError/NotADirectoryError traceback from os.makedirs in Pool.create "
-                   "(chunkvol/pool.py): OSError is not turned into a ChunkvolError")
 def test_init_on_a_regular_file_is_a_clean_error(tmp_path):
     regular = tmp_path / "regular"
     regular.write_bytes(b"data")
@@ -374,9 +371,6 @@ def test_usage_errors_exit_2_without_traceback(tmp_path):
         assert "error:" in result.stderr.strip().splitlines()[-1]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (minor): argparse usage errors (missing argument, unknown verb, "
-                   "bad --compression, no --pool) print the usage text as well as the error: 2-3 lines on "
-                   "stderr, not one (chunkvol/cli/main.py uses argparse's default error())")
 def test_usage_errors_are_one_line(tmp_path):
     path = new_pool(tmp_path)
     result = chunkvol("--pool", path, "volume", "create", "v", check=False)

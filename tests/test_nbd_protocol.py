@@ -900,12 +900,6 @@ def test_concurrent_sub_block_writes_to_the_same_blocks(server_factory, pool_pat
     assert_reads(server_factory(pool_path).connect(), model, 0, 2 * GROUP)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a readonly=true server beside a writing server (Pool.open(readonly=True) "
-                   "says a server may be running) mixes its replayed overlay with block-map versions the "
-                   "writer checkpoints into LMDB after it opened (when its first LMDB read transaction "
-                   "starts after that checkpoint), and those name chunk files its ChunkTable never "
-                   "loaded: reads fail with EIO 'log refers to chunk 3, which does not exist' "
-                   "(chunkvol/pool.py open(readonly), index/blockmap.py reader(), storage/chunks.py get())")
 def test_readonly_server_beside_a_writer_reads_consistently(pool_path, server_factory):
     writer = server_factory(pool_path)
     handle = writer.connect()

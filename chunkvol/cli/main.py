@@ -23,11 +23,19 @@ EXIT_CODES = (
 )
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors are one line on stderr (exit 2), like every other chunkvol error;
+    `chunkvol ... --help` still prints the whole usage."""
+
+    def error(self, message):
+        self.exit(2, f"chunkvol: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(prog="chunkvol", description="Volumes on a log-structured chunk store, served over NBD.")
+    parser = OneLineParser(prog="chunkvol", description="Volumes on a log-structured chunk store, served over NBD.")
     parser.add_argument("--pool", default=os.environ.get("CHUNKVOL_POOL"),
                         help="pool directory (default: $CHUNKVOL_POOL)")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     commands.required = True
     pool_commands.register(commands)
     volume_commands.register(commands)
@@ -50,6 +58,10 @@ def main(argv=None):
         for kind, code in EXIT_CODES:
             if isinstance(error, kind):
                 return code
+        return 1
+    except OSError as error:  # the system said no (permissions, a file where a folder should be)
+        where = f" ({error.filename})" if error.filename else ""
+        print(f"chunkvol: {error.strerror or error}{where}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

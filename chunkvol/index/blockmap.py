@@ -12,6 +12,10 @@ overlay then stays as a cache of checkpointed states until it outgrows OVERLAY_C
 memory is bounded by that and by the checkpoint interval, not by the volume, and a crash loses
 only what replaying the log's tail rebuilds. Delete the `index` directory and the map is rebuilt from the whole log.
 
+A read-only map (beside a running server) reads everything, checkpoint included, through the
+one LMDB snapshot it takes at open, so it never mixes versions the writer checkpoints later
+with the log tail it replayed itself.
+
 Callers hold the pool lock around every method.
 """
 
@@ -39,6 +43,7 @@ class BlockMap:
                                  readonly=readonly, readahead=False, meminit=False, create=not readonly)
         except lmdb.Error as error:
             raise CorruptionError(f"the block map is not a readable LMDB file ({error})", path) from None
+        self.readonly = readonly
         self._check_file_size()
         self.groups_db = self.env.open_db(b"groups", create=not readonly)
         self.meta_db = self.env.open_db(b"meta", create=not readonly)
@@ -67,13 +72,12 @@ class BlockMap:
 
     # ---- reading -------------------------------------------------------------------
     def read_checkpoint(self):
-        with self.env.begin(db=self.meta_db) as txn:
-            raw = txn.get(CHECKPOINT_KEY)
+        raw = self.reader().get(CHECKPOINT_KEY, db=self.meta_db)
         return None if raw is None else checkpoint_format.decode(raw, self.path)
 
     def stored_volumes(self):
-        with self.env.begin(db=self.volumes_db) as txn:
-            return [json.loads(value) for _, value in txn.cursor()]
+        cursor = self.reader().cursor(db=self.volumes_db)
+        return [json.loads(value) for _, value in cursor]
 
     def reader(self):
         """The read transaction for lookups. One is kept open between checkpoints (a new
@@ -84,7 +88,9 @@ class BlockMap:
             self._cursor = self._read_txn.cursor()
         return self._read_txn
 
-    def _drop_reader(self):
+    def _drop_reader(self, closing=False):
+        if self.readonly and not closing:
+            return  # a read-only map keeps the snapshot it was opened with: see __init__
         if self._read_txn is not None:
             self._read_txn.abort()
             self._read_txn = self._cursor = None
@@ -214,11 +220,9 @@ class BlockMap:
                 break
 
     def stats(self):
-        self._drop_reader()
-        with self.env.begin() as txn:
-            return {"versions": txn.stat(self.groups_db)["entries"],
-                    "index_bytes": self.env.info()["last_pgno"] * self.env.stat()["psize"]}
+        return {"versions": self.reader().stat(self.groups_db)["entries"],
+                "index_bytes": self.env.info()["last_pgno"] * self.env.stat()["psize"]}
 
     def close(self):
-        self._drop_reader()
+        self._drop_reader(closing=True)
         self.env.close()

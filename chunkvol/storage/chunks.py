@@ -106,7 +106,7 @@ class ChunkTable:
             self.files.close(fd)
             for leftover in (temporary, path):
                 try:
-                    os.unlink(leftover)
+                    self.files.remove(leftover)
                 except OSError:
                     pass
             raise

@@ -15,7 +15,7 @@ with `chunkvol check` (every record's checksum, block map against the log).
      guest's writes, also after a server restart.
   5. test_filesystem_survives_clean_restart: SIGTERM between runs, `chunkvol check` clean.
   Also: test_grow_volume_under_ext4 (volume resize + resize2fs), test_full_disk_under_ext4
-  (a client fills the pool's disk), and an xfail showing a bug on a full disk.
+  (a client fills the pool's disk), and one-line errors from commands on a full disk.
 
 The kill -9 tests are seeded ($CHUNKVOL_KILL_SEED, default 20240611): the seed picks the order
 of the kill points, how far past the last sync the log has grown when the server is killed,
@@ -605,14 +605,6 @@ def test_full_disk_under_ext4(tmp_path, server_factory):
             server.kill()  # before the disk goes away (a no-op after a clean stop)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: when the pool's disk is full and the pool needs a log replay (the server hit ENOSPC, "
-    "so its SIGTERM close could not checkpoint), every command that opens the pool -- also the "
-    "read-only `status`, `volume list` and `check` -- dies with an uncaught lmdb.Error "
-    "traceback (mdb_txn_commit: No space left on device / Input/output error), exit 1, instead "
-    "of a one-line error with exit 7; the server cannot start either (traceback in after_fork). "
-    "Pool.open replays and checkpoints the block map (pool.py _open -> _checkpoint_locked -> "
-    "blockmap.checkpoint) and LMDB errors are not mapped to OutOfSpaceError."))
 def test_commands_on_full_disk_give_one_line_errors(tmp_path, server_factory):
     """README: a full disk gets a clear error; errors are one line on stderr, exit 7 = out of
     space.  After a real client filled the pool's disk and the server was stopped, the
