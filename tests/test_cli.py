@@ -360,19 +360,20 @@ def test_pool_in_use_by_a_server(tmp_path, server_factory):
 
 # ---- error format -------------------------------------------------------------------------------------
 
-def test_usage_errors_exit_2_without_traceback(tmp_path):
+def test_usage_errors_are_one_line_exit_2(tmp_path):
     path = new_pool(tmp_path)
+    environment = {key: value for key, value in ENVIRONMENT.items() if key != "CHUNKVOL_POOL"}
+    no_pool = subprocess.run([CHUNKVOL, "volume", "list"], capture_output=True, text=True, env=environment)
+    results = [no_pool]
     for arguments in (["--pool", path], ["--pool", path, "volume"], ["--pool", path, "volume", "create", "v"],
                       ["--pool", path, "volume", "frobnicate"], ["--pool", path, "nosuchcommand"],
-                      ["--pool", path, "volume", "create", "--size", "1M"]):
-        result = chunkvol(*arguments, check=False)
-        assert result.returncode == 2, (arguments, result.stderr)
+                      ["--pool", path, "volume", "create", "--size", "1M"],
+                      ["--pool", path, "volume", "create", "v", "--size", "1M", "--compression", "lz4"],
+                      ["--pool", path, "init", "--chunk-size"], ["--pool", path, "volume", "list", "--bogus"]):
+        results.append(chunkvol(*arguments, check=False))
+    for result in results:
+        assert result.returncode == 2, (result.args, result.stderr)
         assert "Traceback" not in result.stderr
-        assert "error:" in result.stderr.strip().splitlines()[-1]
-
-
-def test_usage_errors_are_one_line(tmp_path):
-    path = new_pool(tmp_path)
-    result = chunkvol("--pool", path, "volume", "create", "v", check=False)
-    assert result.returncode == 2
-    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("chunkvol"), (result.args, result.stderr)
+    assert listing(path) == {}
