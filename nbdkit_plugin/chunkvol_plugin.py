@@ -7,8 +7,8 @@
 # A thin adapter: it checks its keys, opens the pool after nbdkit forks (LMDB must not cross
 # a fork), and maps chunkvol's errors to errno. The work is in the chunkvol package.
 
-import builtins
 import errno
+import functools
 import os
 import site
 import sys
@@ -206,60 +206,49 @@ def can_multi_conn(volume):
     return True
 
 
+def _translated(callback):
+    """Data-path callbacks: chunkvol errors become the errno the client sees."""
+    @functools.wraps(callback)
+    def wrapper(*arguments):
+        try:
+            return callback(*arguments)
+        except errors.ChunkvolError as error:
+            _fail(error)
+            raise
+    return wrapper
+
+
+@_translated
 def pread(volume, buf, offset, flags):
-    try:
-        volume.read(buf, offset)
-    except errors.ChunkvolError as error:
-        _fail(error)
-        raise
+    volume.read(buf, offset)
 
 
+@_translated
 def pwrite(volume, buf, offset, flags):
-    try:
-        volume.write(buf, offset, fua=bool(flags & nbdkit.FLAG_FUA))
-    except errors.ChunkvolError as error:
-        _fail(error)
-        raise
+    volume.write(buf, offset, fua=bool(flags & nbdkit.FLAG_FUA))
 
 
+@_translated
 def flush(volume, flags):
-    try:
-        volume.flush()
-    except errors.ChunkvolError as error:
-        _fail(error)
-        raise
+    volume.flush()
 
 
+@_translated
 def trim(volume, count, offset, flags):
-    try:
-        volume.trim(offset, count, fua=bool(flags & nbdkit.FLAG_FUA))
-    except errors.ChunkvolError as error:
-        _fail(error)
-        raise
+    volume.trim(offset, count, fua=bool(flags & nbdkit.FLAG_FUA))
 
 
+@_translated
 def zero(volume, count, offset, flags):
-    try:
-        volume.zero(offset, count, fua=bool(flags & nbdkit.FLAG_FUA))
-    except errors.ChunkvolError as error:
-        _fail(error)
-        raise
+    volume.zero(offset, count, fua=bool(flags & nbdkit.FLAG_FUA))
 
 
+@_translated
 def extents(volume, count, offset, flags):
-    try:
-        found = volume.extents(offset, count)
-    except errors.ChunkvolError as error:
-        _fail(error)
-        raise
-    if flags & nbdkit.FLAG_REQ_ONE:
-        return found[:1]
-    return found
+    found = volume.extents(offset, count)
+    return found[:1] if flags & nbdkit.FLAG_REQ_ONE else found
 
 
+@_translated
 def cache(volume, count, offset, flags):
-    try:
-        volume.cache(offset, count)
-    except errors.ChunkvolError as error:
-        _fail(error)
-        raise
+    volume.cache(offset, count)
