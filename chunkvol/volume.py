@@ -328,7 +328,13 @@ class Volume:
         if declared != length or length > GROUP_SIZE:
             raise CorruptionError(f"compressed record at {_where(address)} declares {declared} bytes, "
                                   f"expected {length}")
-        return memoryview(self.pool.decompressor.decompress(frame, max_output_size=length))
+        try:
+            data = self.pool.decompressor.decompress(frame, max_output_size=length)
+        except zstandard.ZstdError as error:
+            raise CorruptionError(f"compressed record at {_where(address)} does not decompress ({error})") from None
+        if len(data) != length:
+            raise CorruptionError(f"compressed record at {_where(address)} holds {len(data)} bytes, expected {length}")
+        return memoryview(data)
 
     # ---- extents and cache ------------------------------------------------------------
     def extents(self, offset, length):

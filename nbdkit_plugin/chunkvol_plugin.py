@@ -115,6 +115,9 @@ def after_fork():
         state["pool"] = Pool.open(settings["pool"], readonly=settings["readonly"])
     except errors.ChunkvolError as error:
         raise RuntimeError(f"chunkvol: {error}") from None
+    if settings["volume"] and settings["volume"] not in state["pool"].volumes:
+        raise RuntimeError(f"chunkvol: volume={settings['volume']}: no such volume in the pool "
+                           f"(it has: {', '.join(sorted(state['pool'].volumes)) or 'none'})")
     for damage in state["pool"].damage:
         nbdkit.debug(f"chunkvol: damage found while opening the pool: {damage}")
 
