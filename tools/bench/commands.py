@@ -52,7 +52,8 @@ class Completed:
 
     def check(self) -> "Completed":
         if self.returncode != 0:
-            raise CommandFailed(self.argv, self.returncode, self.stderr + self.stdout)
+            # fio prints its whole JSON even when it fails; the reason is on stderr.
+            raise CommandFailed(self.argv, self.returncode, self.stderr if self.stderr.strip() else self.stdout)
         return self
 
 

@@ -75,7 +75,7 @@ class OpenTimer:
 
     def floor(self) -> dict:
         server = PythonMemory()
-        workdir = fresh_workdir(self.paths.scratch, "open-floor")
+        workdir = fresh_workdir(self.paths.run_dir, "open-floor")
         try:
             running, seconds = self.start(server, workdir, FLOOR_SIZE_BYTES, "floor")
             running.stop()
@@ -88,7 +88,7 @@ def measure_open_times(server: Chunkvol, timer: OpenTimer, volume_bytes: int, lo
                        compress_percent: int, say) -> dict:
     """Run steps 1-3 of the module docstring for one chunkvol server; return its figures."""
     paths = timer.paths
-    workdir = fresh_workdir(paths.scratch, f"open-{server.name}")
+    workdir = fresh_workdir(paths.run_dir, f"open-{server.name}")
     result: dict = {"server": server.name, "log_bytes_written": log_bytes, "checkpointed": [], "rebuild": []}
     try:
         prepared = server.setup(workdir, volume_bytes, paths)

@@ -23,6 +23,7 @@ path, Ctrl-C included (the partial results are still written).
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import shlex
@@ -128,12 +129,44 @@ def select(names: str | None, known: list[str], default: list[str], what: str) -
     return chosen
 
 
-def socket_path(scratch: Path) -> Path:
-    """SCRATCH/nbd.sock, or a short path under /tmp if that is too long for a Unix socket."""
-    candidate = scratch / "nbd.sock"
+def socket_path(run_dir: Path) -> Path:
+    """RUN_DIR/nbd.sock, or a short path under /tmp if that is too long for a Unix socket."""
+    candidate = run_dir / "nbd.sock"
     if len(str(candidate).encode()) <= MAX_SOCKET_PATH_BYTES:
         return candidate
     return Path(tempfile.mkdtemp(prefix="cvbench-")) / "nbd.sock"
+
+
+class ScratchLock:
+    """One benchmark at a time per scratch folder (and, in practice, per machine).
+
+    Two runs at once on two cores measure each other, and would share image files; the
+    second one stops at once and names the first one's PID.
+    """
+
+    def __init__(self, scratch: Path):
+        self.path = scratch / "bench.lock"
+        self.file = None
+
+    def __enter__(self) -> "ScratchLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "unknown"
+            self.file.close()
+            raise SystemExit(f"another benchmark (pid {holder}) is using {self.path.parent}; "
+                             "wait for it or pass another --scratch")
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"{os.getpid()}\n")
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exception) -> None:
+        self.file.close()
 
 
 class Bench:
@@ -150,7 +183,8 @@ class Bench:
         self.open_log_bytes = parse_size(arguments.open_log_size)
         self.timing = Timing(ramp_seconds=arguments.ramp, runtime_seconds=arguments.runtime)
         scratch = Path(arguments.scratch).resolve()
-        self.paths = BenchPaths(repo_root=REPO_ROOT, scratch=scratch, socket=socket_path(scratch),
+        run_dir = scratch / f"run-{os.getpid()}"
+        self.paths = BenchPaths(repo_root=REPO_ROOT, scratch=scratch, run_dir=run_dir, socket=socket_path(run_dir),
                                 venv_bin=Path(sys.executable).parent, compress_percent=arguments.compress_percent)
         self.log_dir = scratch / "logs"
         self.records: list[dict] = []
@@ -171,7 +205,7 @@ class Bench:
         say(f"SKIP {server.name}: {reason}")
 
     def run(self) -> None:
-        self.paths.scratch.mkdir(parents=True, exist_ok=True)
+        self.paths.run_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         for server in self.servers:
             try:
@@ -192,7 +226,7 @@ class Bench:
     def lifecycle(self, server: Server, rep: int, phase: str, size_bytes: int, body) -> None:
         """Set up a fresh store, start the server, run ``body``, stop it, remove the store."""
         say(f"rep {rep + 1}/{self.arguments.reps} {server.name} ({phase}): setting up")
-        workdir = fresh_workdir(self.paths.scratch, server.name)
+        workdir = fresh_workdir(self.paths.run_dir, server.name)
         entry = {"rep": rep, "server": server.name, "phase": phase, "description": server.description,
                  "size_bytes": size_bytes}
         running = None
@@ -245,6 +279,9 @@ class Bench:
         os.sync()
         quiet = self.wait_for_quiet()
         os.sync()
+        if not running.alive():
+            raise CommandFailed([running.argv[0]], running.process.returncode,
+                                f"the server exited before the measurement: {running.log_tail()}")
         server_cpu_before = running.cpu_seconds()
         busy_before = procstat.machine_busy_seconds()
         start = time.perf_counter()
@@ -403,19 +440,21 @@ def main(argv: list[str]) -> int:
     # cannot be interrupted leaves servers behind, so take SIGINT back, and treat SIGTERM alike.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    exit_code = 0
-    try:
-        bench.run()
-    except KeyboardInterrupt:
-        exit_code = 130
-        say("interrupted: stopping servers, writing partial results")
-    except Exception:
-        exit_code = 1
-        traceback.print_exc()
-        say("harness error: stopping servers, writing partial results")
-    finally:
-        stop_all()
-    bench.write_results(interrupted=exit_code != 0)
+    with ScratchLock(bench.paths.scratch):
+        exit_code = 0
+        try:
+            bench.run()
+        except KeyboardInterrupt:
+            exit_code = 130
+            say("interrupted: stopping servers, writing partial results")
+        except Exception:
+            exit_code = 1
+            traceback.print_exc()
+            say("harness error: stopping servers, writing partial results")
+        finally:
+            stop_all()
+            remove_workdir(bench.paths.run_dir)
+        bench.write_results(interrupted=exit_code != 0)
     return exit_code
 
 

@@ -45,9 +45,12 @@ class SetupFailed(RuntimeError):
 
 @dataclass
 class BenchPaths:
-    """Where things are: the repository, the scratch folder, the socket, the venv."""
+    """Where things are: the repository, the scratch folder, this run's own folder and
+    socket (named after the harness's PID, so nothing else that uses the scratch folder can
+    take over the socket path), the venv."""
     repo_root: Path
     scratch: Path
+    run_dir: Path
     socket: Path
     venv_bin: Path
     compress_percent: int = 50
@@ -338,9 +341,9 @@ def stop_all() -> None:
             _running.pop(running.pid, None)
 
 
-def fresh_workdir(scratch: Path, name: str) -> Path:
+def fresh_workdir(run_dir: Path, name: str) -> Path:
     """An empty folder for one server lifecycle (removed again by ``remove_workdir``)."""
-    workdir = scratch / "run" / name
+    workdir = run_dir / name
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
     return workdir
