@@ -41,7 +41,7 @@ from chunkvol.storage.chunks import ChunkTable
 from chunkvol.storage.files import LocalFiles
 
 DEFAULT_CHUNK_SIZE = 8 << 30
-CHECKPOINT_GROUPS = 65536      # unsaved group versions that force a checkpoint
+CHECKPOINT_GROUPS = 16384      # unsaved group versions that force a checkpoint (memory bound)
 AUTO_FLUSH_GROUPS = 16384      # unsealed groups that force a flush point (1 GiB of data)
 CHECKPOINT_SECONDS = 30.0
 VOLUME_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")

@@ -30,7 +30,7 @@ from chunkvol.format import group_map
 
 MAP_SIZE_BYTES = 1 << 40  # address space only; the file grows as needed
 CHECKPOINT_KEY = b"checkpoint"
-OVERLAY_CACHE_GROUPS = 131072  # checkpointed group states kept in memory (~40 MiB at most)
+OVERLAY_CACHE_GROUPS = 16384  # checkpointed group states kept in memory (a few tens of MiB)
 
 
 class BlockMap:
