@@ -204,15 +204,30 @@ def _open_lines(open_times: list[dict]) -> list[str]:
 
 
 def _disturbed_lines(summary: Summary) -> list[str]:
-    disturbed = [record for record in summary.records
-                 if record.get("other_cpu_percent", 0) >= DISTURBED_OTHER_CPU_PERCENT]
+    """How much other work ran beside each server's measurements (see docs/BENCH.md)."""
+    by_server = defaultdict(list)
+    for record in summary.records:
+        if "other_cpu_percent" in record:
+            by_server[record["server"]].append(record["other_cpu_percent"])
+    disturbed = sum(1 for values in by_server.values() for value in values
+                    if value >= DISTURBED_OTHER_CPU_PERCENT)
     if not disturbed:
-        return ["", f"No run had other processes using ≥{DISTURBED_OTHER_CPU_PERCENT:.0f} % of a core."]
-    lines = ["", f"Runs during which other processes used ≥{DISTURBED_OTHER_CPU_PERCENT:.0f} % of a core "
-                 "(kept in the medians; consider re-running):", ""]
-    lines += [f"- rep {record['rep']} {record['server']} {record['workload']}: {record['other_cpu_percent']:.0f} %"
-              for record in disturbed]
-    return lines
+        return ["", f"No measurement had other work using ≥{DISTURBED_OTHER_CPU_PERCENT:.0f} % of a core."]
+    lines = ["", "## Other work on the machine", "",
+             f"CPU used beside the measurement by everything outside the server and the client (busy CPU in "
+             f"/proc/stat minus both; includes the kernel writing back dirty pages). {disturbed} measurements had "
+             f"≥{DISTURBED_OTHER_CPU_PERCENT:.0f} % of a core of it; they stay in the medians, so re-run on a "
+             "quieter machine if this table is not near zero. Per-run figures are in the JSON (`other_cpu_percent`).",
+             ""]
+    rows = []
+    for server in summary.server_order:
+        values = by_server.get(server)
+        if not values:
+            continue
+        count = sum(1 for value in values if value >= DISTURBED_OTHER_CPU_PERCENT)
+        rows.append([server, f"{count} / {len(values)}", _cell(_stats(values))])
+    return lines + _table(["server", f"measurements with ≥{DISTURBED_OTHER_CPU_PERCENT:.0f} %",
+                           "others, % of a core: median (min–max)"], rows)
 
 
 def _command_lines(meta: dict, lifecycles: list[dict], records: list[dict]) -> list[str]:
