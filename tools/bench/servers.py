@@ -20,6 +20,7 @@ chunkvol checkpoint), then SIGKILL if it does not exit. ``stop_all`` runs on eve
 
 from __future__ import annotations
 
+import abc
 import os
 import shutil
 import signal
@@ -63,7 +64,7 @@ class Prepared:
     prefill: dict | None = None
 
 
-class Server:
+class Server(abc.ABC):
     """One kind of server. Subclasses say how to make its store and its command line."""
 
     name = ""
@@ -79,8 +80,9 @@ class Server:
         """Make the backing store in ``workdir`` (empty and fresh for every lifecycle)."""
         return Prepared()
 
+    @abc.abstractmethod
     def argv(self, workdir: Path, size_bytes: int, paths: BenchPaths) -> list[str]:
-        raise NotImplementedError
+        """The server's command line."""
 
     def uri(self, paths: BenchPaths) -> str:
         return f"nbd+unix:///{self.export_name}?socket={paths.socket}"
