@@ -9,11 +9,6 @@ import time
 COUNTER_BITS = 16
 
 
-def wall_hlc(nanoseconds=None):
-    nanoseconds = time.time_ns() if nanoseconds is None else nanoseconds
-    return (nanoseconds // 1_000_000) << COUNTER_BITS
-
-
 def hlc_to_seconds(hlc):
     return (hlc >> COUNTER_BITS) / 1000.0
 

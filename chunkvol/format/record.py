@@ -128,20 +128,6 @@ def block_table(data):
     return BLOCK_TABLES[count].pack(*[_xxh3(view[i * BLOCK_SIZE:(i + 1) * BLOCK_SIZE]) for i in range(count)])
 
 
-def encode(record_type, flags, volume_id, payload, origin_node, origin_sequence, hlc,
-           offset_bytes, length_bytes):
-    """A whole record as bytes (header + payload); raw EXTENTs get their block table."""
-    table = None
-    if record_type == RecordType.EXTENT and not flags & FLAG_ZSTD:
-        table = block_table(payload)
-        payload = table + bytes(payload)
-    out = bytearray(HEADER_SIZE + len(payload))
-    encode_header_into(out, 0, record_type, flags, volume_id, payload[len(table or b""):], origin_node,
-                       origin_sequence, hlc, offset_bytes, length_bytes, table=table)
-    out[HEADER_SIZE:] = payload
-    return bytes(out)
-
-
 def decode_header(view, path=None, offset=None):
     """Check rules 1-4 on a 72-byte header and return its fields; raise CorruptionError."""
     if len(view) < HEADER_SIZE:
