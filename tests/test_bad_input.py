@@ -3,7 +3,6 @@ odd NBD requests, wrong plugin keys, missing or foreign pools, damaged chunk fil
 metadata, corrupted and hostile records. Always through a real nbdkit server and libnbd.
 """
 
-import glob
 import json
 import os
 import random
@@ -15,6 +14,7 @@ import nbd
 import pytest
 
 from chunkvol.format.record import encode_header_into
+from tests.ondisk import DATA_OFFSET, HEADER_SIZE, chunk_files, log_records, volume_id
 from tests.server import ENVIRONMENT, PLUGIN, NbdServer, chunkvol as run_chunkvol
 
 KiB = 1024
@@ -24,9 +24,6 @@ BLOCK = 4096
 GROUP = 64 * KiB
 
 # Record layout (format/record.py, docs/FORMAT.md): 72-byte header, then stored_length bytes.
-HEADER = struct.Struct("<4sBBHIIQQQQQQ")
-HEADER_SIZE = 72
-DATA_OFFSET = 4096
 EXTENT = 1
 FLAG_ZSTD = 1
 
@@ -37,31 +34,10 @@ def random_bytes(count, seed):
     return random.Random(seed).randbytes(count)
 
 
-def chunk_files(pool):
-    return sorted(glob.glob(os.path.join(pool, "chunks", "chunk-*.cvc")))
 
 
-def log_records(pool):
-    """Every record of the pool's chunk files in log order, as dicts of header fields."""
-    records = []
-    for path in chunk_files(pool):
-        with open(path, "rb") as handle:
-            data = handle.read()
-        position = DATA_OFFSET
-        while position + HEADER_SIZE <= len(data):
-            fields = HEADER.unpack_from(data, position)
-            if fields[0] != b"CVrc":
-                break
-            records.append({"path": path, "position": position, "type": fields[2], "flags": fields[3],
-                            "volume": fields[4], "stored": fields[5], "node": fields[6], "sequence": fields[7],
-                            "hlc": fields[8], "offset": fields[9], "length": fields[10]})
-            position += HEADER_SIZE + fields[5]
-    return records
 
 
-def volume_id(pool, name):
-    listing = json.loads(run_chunkvol("--pool", pool, "volume", "list", "--json").stdout)
-    return next(row["id"] for row in listing if row["name"] == name)
 
 
 def flip_byte(path, position):

@@ -6,11 +6,9 @@ Fixtures (tests/conftest.py): `pool_path` (16 MiB chunks, 64 MiB volume disk0),
 `server_factory(pool, *plugin_keys)`, `server`.
 """
 
-import glob
 import json
 import os
 import random
-import struct
 import subprocess
 
 import nbd
@@ -18,6 +16,7 @@ import pytest
 
 import chunkvol
 from chunkvol.pool import Pool
+from tests.ondisk import chunk_files, log_records, volume_id
 from tests.server import ENVIRONMENT, PLUGIN, chunkvol as run_chunkvol
 
 KiB = 1024
@@ -28,9 +27,6 @@ GROUP = 64 * KiB
 MAX_REQUEST = 32 * MiB
 
 # Record layout (format/record.py, docs/FORMAT.md): 72-byte header, then stored_length bytes.
-HEADER = struct.Struct("<4sBBHIIQQQQQQ")
-HEADER_SIZE = 72
-DATA_OFFSET = 4096
 EXTENT, ZERO, COMMIT = 1, 2, 3
 FLAG_ZSTD, FLAG_TRIM = 1, 2
 
@@ -101,35 +97,14 @@ def allocation(handle, offset, length):
     return merged
 
 
-def chunk_files(pool):
-    return sorted(glob.glob(os.path.join(pool, "chunks", "chunk-*.cvc")))
 
 
 def chunk_bytes(pool):
     return sum(os.path.getsize(path) for path in chunk_files(pool))
 
 
-def log_records(pool):
-    """Every record in the pool's chunk files, in log order: dicts of header fields."""
-    records = []
-    for path in chunk_files(pool):
-        with open(path, "rb") as handle:
-            data = handle.read()
-        position = DATA_OFFSET
-        while position + HEADER_SIZE <= len(data):
-            fields = HEADER.unpack_from(data, position)
-            if fields[0] != b"CVrc":
-                break
-            records.append({"path": path, "position": position, "type": fields[2], "flags": fields[3],
-                            "volume": fields[4], "stored": fields[5], "offset": fields[9],
-                            "length": fields[10]})
-            position += HEADER_SIZE + fields[5]
-    return records
 
 
-def volume_id(pool, name):
-    listing = json.loads(run_chunkvol("--pool", pool, "volume", "list", "--json").stdout)
-    return next(row["id"] for row in listing if row["name"] == name)
 
 
 def nbdinfo_json(*arguments):
