@@ -27,6 +27,7 @@ from datetime import datetime, timezone
 import lmdb
 import zstandard
 
+from chunkvol import history
 from chunkvol.clock import HybridClock
 from chunkvol.errors import (AlreadyExistsError, ChunkvolError, CorruptionError, NotFoundError,
                              OutOfRangeError, OutOfSpaceError, PoolBusyError, ReadOnlyError, UsageError)
@@ -57,18 +58,34 @@ def validate_volume_name(name):
 
 
 class VolumeInfo:
-    __slots__ = ("volume_id", "name", "size_bytes", "compression", "created_hlc")
+    __slots__ = ("volume_id", "name", "size_bytes", "compression", "created_hlc", "parent", "retained_from",
+                 "detail_from")
 
-    def __init__(self, volume_id, name, size_bytes, compression, created_hlc):
+    def __init__(self, volume_id, name, size_bytes, compression, created_hlc, parent=None, retained_from=0,
+                 detail_from=0):
         self.volume_id = volume_id
         self.name = name
         self.size_bytes = size_bytes
         self.compression = compression
         self.created_hlc = created_hlc
+        self.parent = parent  # a clone: {"id", "stamp", "snapshot"} of what it was cloned from
+        self.retained_from = retained_from  # stamp: the oldest point still readable (pruning)
+        self.detail_from = detail_from  # stamp: every flush point after it is kept
+
+    @classmethod
+    def from_dict(cls, info):
+        return cls(info["id"], info["name"], info["size"], info["compression"], info["created_hlc"],
+                   info.get("parent"), info.get("retained_from", 0), info.get("detail_from", 0))
 
     def as_dict(self):
-        return {"id": self.volume_id, "name": self.name, "size": self.size_bytes,
+        info = {"id": self.volume_id, "name": self.name, "size": self.size_bytes,
                 "compression": self.compression, "created_hlc": self.created_hlc}
+        if self.parent:
+            info["parent"] = self.parent
+        if self.retained_from:
+            info["retained_from"] = self.retained_from
+            info["detail_from"] = self.detail_from
+        return info
 
 
 class Pool:
@@ -90,6 +107,7 @@ class Pool:
         self.clock = HybridClock()
         self.volumes = {}
         self.volumes_by_id = {}
+        self.snapshots = {}  # volume_id -> {name: {"name", "stamp", "size", "created"}}
         self.next_sequence = 1
         self.next_volume_id = 1
         self.records_replayed = 0
@@ -97,7 +115,7 @@ class Pool:
         self.damage = []
         self.compressor = zstandard.ZstdCompressor(level=1, write_content_size=True)
         self.decompressor = zstandard.ZstdDecompressor()
-        self.last_checkpoint_time = time.monotonic()
+        self.last_checkpoint_time = self.last_retention_time = time.monotonic()
         self.lock_fd = None
         self.chunks = None
         self.blockmap = None
@@ -105,6 +123,7 @@ class Pool:
         self.closed = False
         self.recovery = None
         self.committed_address = None  # log position just after our last COMMIT record
+        self.committed_stamp = 0  # stamp of the last flush point
         self.notes = []  # things a user should know about this open (status shows them)
 
     # ---- creating and opening -----------------------------------------------------
@@ -181,8 +200,9 @@ class Pool:
             self.next_volume_id = checkpoint.next_volume_id
             self.records_replayed = checkpoint.records_replayed
         for info in self.blockmap.stored_volumes():
-            self._add_volume(VolumeInfo(info["id"], info["name"], info["size"], info["compression"],
-                                        info["created_hlc"]), persist=False)
+            self._add_volume(VolumeInfo.from_dict(info), persist=False)
+        for volume_id, snapshot in self.blockmap.stored_snapshots():
+            self.snapshots.setdefault(volume_id, {})[snapshot["name"]] = snapshot
         result = recover(self.chunks, start, self._apply_replayed, writable=not self.readonly,
                          volume_sizes=lambda: {v.volume_id: v.size_bytes for v in self.volumes.values()})
         self.damage = result.damage
@@ -287,18 +307,24 @@ class Pool:
             if (self.blockmap.unsaved >= CHECKPOINT_GROUPS
                     or time.monotonic() - self.last_checkpoint_time >= CHECKPOINT_SECONDS):
                 self._checkpoint_locked()
+                if time.monotonic() - self.last_retention_time >= history.RETENTION_INTERVAL:
+                    self.last_retention_time = time.monotonic()
+                    history.apply_retention(self)
 
     def _flush_locked(self, durable=None):
+        """A flush point; returns its stamp (the last one's when nothing changed since)."""
         if durable is None:
             durable = self.writer.sync()
-        if durable == self.committed_address and not self.blockmap.dirty:
-            return  # nothing since the last flush point
-        self._append(RecordType.COMMIT, 0, 0, COMMIT_PAYLOAD.pack(durable), 0, 0)
+        if durable == self.committed_address and not self.blockmap.dirty and not self.blockmap.written:
+            return self.committed_stamp  # nothing since the last flush point
+        _, stamp = self._append(RecordType.COMMIT, 0, 0, COMMIT_PAYLOAD.pack(durable), 0, 0)
         # Into the file now (no sync): a kill -9 keeps it, so recovery can still tell damage in
         # the flushed records from a torn tail (it is synced with the next flush anyway).
         self.writer.drain()
         self.committed_address = self.writer.position
-        self.blockmap.seal()
+        self.committed_stamp = stamp
+        self.blockmap.seal(stamp, self.node_id)
+        return stamp
 
     def _checkpoint_locked(self):
         """Log durable up to here, then the block map and this address in one synced txn."""
@@ -345,16 +371,26 @@ class Pool:
             if volume_id in self.volumes_by_id:
                 self._map_extent(volume_id, offset_bytes, length_bytes,
                                  (address, stored_length, hlc, flags & FLAG_ZSTD), hlc, node)
+                self.count_written(volume_id, length_bytes)
         elif record_type == RecordType.ZERO:
             if header[2] in self.volumes_by_id:
                 self._map_hole(header[2], header[7], header[8], hlc, header[4])
+                self.count_written(volume_id, length_bytes)
         elif record_type == RecordType.COMMIT:
-            self.blockmap.seal()
+            self.blockmap.seal(hlc, node)
+            self.committed_stamp = hlc
             if self.index_writable and self.blockmap.unsaved >= CHECKPOINT_GROUPS:
                 self._replay_checkpoint(address + HEADER_SIZE + header[3])
         elif record_type in (RecordType.VOLUME_CREATE, RecordType.VOLUME_RESIZE, RecordType.VOLUME_REMOVE):
             if payload is not None:
                 self._apply_volume_record(record_type, header[2], bytes(payload), hlc)
+        elif record_type in (RecordType.SNAPSHOT, RecordType.ROLLBACK, RecordType.PRUNE):
+            if payload is not None and volume_id in self.volumes_by_id:
+                history.apply_record(self, record_type, volume_id, bytes(payload), hlc, node)
+
+    def count_written(self, volume_id, length_bytes):
+        written = self.blockmap.written
+        written[volume_id] = written.get(volume_id, 0) + length_bytes
 
     def _replay_checkpoint(self, next_address):
         """Bound memory while replaying a long log: checkpoint at a commit record. The log up to
@@ -406,6 +442,8 @@ class Pool:
     def _add_volume(self, info, persist=True):
         self.volumes[info.name] = info
         self.volumes_by_id[info.volume_id] = info
+        if info.parent:
+            self.blockmap.parents[info.volume_id] = (info.parent["id"], info.parent["stamp"])
         if info.volume_id >= self.next_volume_id:
             self.next_volume_id = info.volume_id + 1
         if persist:
@@ -419,7 +457,7 @@ class Pool:
             return
         if record_type == RecordType.VOLUME_CREATE:
             self._add_volume(VolumeInfo(volume_id, description["name"], description["size"],
-                                        description["compression"], hlc))
+                                        description["compression"], hlc, description.get("parent")))
         else:
             info = self.volumes_by_id.get(volume_id)
             if info is None:
@@ -430,6 +468,7 @@ class Pool:
             else:
                 del self.volumes[info.name]
                 del self.volumes_by_id[volume_id]
+                self.snapshots.pop(volume_id, None)
                 self.blockmap.forget_volume(volume_id)
                 self.blockmap.put_volume(info.name, None)
 
@@ -440,7 +479,7 @@ class Pool:
         self._flush_locked()
         self._checkpoint_locked()
 
-    def create_volume(self, name, size_bytes, compression="none"):
+    def create_volume(self, name, size_bytes, compression="none", parent=None):
         validate_volume_name(name)
         size_bytes = _check_volume_size(size_bytes)
         if compression not in COMPRESSIONS:
@@ -448,8 +487,10 @@ class Pool:
         with self.lock:
             if name in self.volumes:
                 raise AlreadyExistsError(f"volume {name!r} already exists")
-            self._volume_change(RecordType.VOLUME_CREATE, self.next_volume_id,
-                                {"name": name, "size": size_bytes, "compression": compression})
+            description = {"name": name, "size": size_bytes, "compression": compression}
+            if parent is not None:
+                description["parent"] = parent
+            self._volume_change(RecordType.VOLUME_CREATE, self.next_volume_id, description)
             return self.volumes[name]
 
     def resize_volume(self, name, size_bytes):
@@ -462,9 +503,17 @@ class Pool:
                 self._volume_change(RecordType.VOLUME_RESIZE, info.volume_id, {"name": name, "size": size_bytes})
             return info
 
-    def remove_volume(self, name):
+    def remove_volume(self, name, with_snapshots=False):
         with self.lock:
             info = self.volume_info(name)
+            clones = sorted(other.name for other in self.volumes.values()
+                            if other.parent and other.parent["id"] == info.volume_id)
+            if clones:
+                raise UsageError(f"volume {name!r} has clones ({', '.join(clones)}); remove them first")
+            snapshots = self.snapshots.get(info.volume_id)
+            if snapshots and not with_snapshots:
+                raise UsageError(f"volume {name!r} has {len(snapshots)} snapshots; remove them first, "
+                                 "or remove the volume with its snapshots (--with-snapshots)")
             self._volume_change(RecordType.VOLUME_REMOVE, info.volume_id, {"name": name})
 
     def volume_info(self, name):
@@ -474,7 +523,12 @@ class Pool:
             raise NotFoundError(f"no volume named {name!r} in pool {self.path}") from None
 
     def volume(self, name, readonly=False):
+        """A volume by name; `VOL@SNAPSHOT` or `VOL@<UTC time>` is a read-only view of a past point."""
         from chunkvol.volume import Volume
+        if "@" in name:
+            with self.lock:
+                point = history.resolve_point(self, name)
+            return Volume(self, point.info, readonly=True, point=point)
         return Volume(self, self.volume_info(name), readonly=readonly or self.readonly)
 
 

@@ -32,27 +32,40 @@ def _where(address):
 
 
 class Volume:
-    def __init__(self, pool, info, readonly=False):
+    """A volume, or (with `point`, see history.Point) a read-only view of it at a past point."""
+
+    def __init__(self, pool, info, readonly=False, point=None):
         self.pool = pool
         self.info = info
         self.volume_id = info.volume_id
-        self.readonly = readonly
+        self.readonly = readonly or point is not None
         self.compress = info.compression == "zstd"
+        self.point = point
+        self.at = point.stamp if point is not None else None
+        # A clone reads its parent's records for blocks it never wrote: their headers name
+        # the parent (or its parent), and that is no misdirection.
+        lineage = [info.volume_id]
+        parent = info.parent
+        while parent:
+            lineage.append(parent["id"])
+            ancestor = pool.volumes_by_id.get(parent["id"])
+            parent = ancestor.parent if ancestor is not None else None
+        self.lineage = frozenset(lineage)
 
     @property
     def name(self):
-        return self.info.name
+        return self.info.name if self.point is None else self.point.label
 
     @property
     def size_bytes(self):
-        return self.info.size_bytes
+        return self.info.size_bytes if self.point is None else self.point.size_bytes
 
     def _check(self, offset, length, writing=False):
         if writing and self.readonly:
             raise ReadOnlyError(f"volume {self.name!r} is read-only here")
-        if offset < 0 or length < 0 or offset + length > self.info.size_bytes:
+        if offset < 0 or length < 0 or offset + length > self.size_bytes:
             raise OutOfRangeError(f"request [{offset}, +{length}) is outside volume {self.name!r} "
-                                  f"of {self.info.size_bytes} bytes")
+                                  f"of {self.size_bytes} bytes")
         if self.pool.volumes_by_id.get(self.volume_id) is not self.info:
             raise OutOfRangeError(f"volume {self.name!r} was removed")
 
@@ -136,6 +149,8 @@ class Volume:
             overlay[key] = state
             dirty[key] = (hlc, node)
             position += piece_bytes
+        written = blockmap.written
+        written[volume_id] = written.get(volume_id, 0) + total
 
     # ---- zero and trim ----------------------------------------------------------------
     def zero(self, offset, length, fua=False, trim=False):
@@ -156,6 +171,7 @@ class Volume:
                 _, hlc = pool._append(RecordType.ZERO, FLAG_TRIM if trim else 0, self.volume_id, b"",
                                       start, end - start)
                 pool._map_hole(self.volume_id, start, end - start, hlc, pool.node_id)
+                pool.count_written(self.volume_id, end - start)
         with pool.lock:
             pool.maybe_auto_flush()
         if fua:
@@ -183,10 +199,10 @@ class Volume:
                 start = offset - offset % BLOCK_SIZE
                 end = -(-(offset + length) // BLOCK_SIZE) * BLOCK_SIZE
                 scratch = bytearray(end - start)
-                self._read_locked(memoryview(scratch), start)
+                self._read_locked(memoryview(scratch), start, self.at)
                 memoryview(buffer)[:] = memoryview(scratch)[offset - start:offset - start + length]
             else:
-                self._read_locked(memoryview(buffer).cast("B"), offset)
+                self._read_locked(memoryview(buffer).cast("B"), offset, self.at)
 
     def _read_locked(self, out, offset, hlc=None):
         """Aligned read into memoryview `out`: plan the pieces, then fetch records."""
@@ -275,7 +291,7 @@ class Volume:
             header = record_format.decode_header(raw[:HEADER_SIZE])
         except CorruptionError as error:
             raise CorruptionError(f"{error} at {_where(ref[0])}") from None
-        if (header[6] != ref[2] or header[2] != self.volume_id or header[0] != RecordType.EXTENT
+        if (header[6] != ref[2] or header[2] not in self.lineage or header[0] != RecordType.EXTENT
                 or header[3] != ref[1] or header[7] != record_offset):
             raise CorruptionError(f"record at {_where(ref[0])} is not the one the block map expects")
         return header
@@ -361,7 +377,11 @@ class Volume:
             cursor_group = first_group
             for group in blockmap.groups_in(txn, self.volume_id, first_group, end_group, MAX_EXTENT_GROUPS):
                 add(cursor_group * GROUP_SIZE, group * GROUP_SIZE, EXTENT_HOLE_ZERO)
-                slots = blockmap.get(txn, self.volume_id, group)[0]
+                if self.at is None:
+                    state = blockmap.get(txn, self.volume_id, group)
+                else:
+                    state = blockmap.stored_state(txn, self.volume_id, group, self.at)
+                slots = state[0] if state is not None else _HOLE_SLOTS
                 base = group * GROUP_SIZE
                 if slots == _HOLE_SLOTS or _HOLE not in slots:
                     add(base, base + GROUP_SIZE, EXTENT_HOLE_ZERO if slots == _HOLE_SLOTS else EXTENT_DATA)

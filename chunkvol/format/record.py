@@ -31,7 +31,14 @@ Payloads by type:
 - COMMIT: 8 bytes, u64 log address up to which every byte was made durable before this record
   was written. A flush point of the whole pool.
 - SEAL: none; the last record of a chunk that was synced before the next chunk got a record.
-- VOLUME_CREATE / VOLUME_RESIZE / VOLUME_REMOVE: UTF-8 JSON describing the volume.
+- VOLUME_CREATE / VOLUME_RESIZE / VOLUME_REMOVE: UTF-8 JSON describing the volume
+  ({"name", "size", "compression"}; a clone adds "parent": {"id", "stamp", "snapshot"}).
+- SNAPSHOT: UTF-8 JSON {"op": "create"|"remove", "name", "stamp", "size", "created"}: a named
+  flush point of the volume (stamp: the COMMIT just before it), or its removal.
+- ROLLBACK: UTF-8 JSON {"stamp", "label"}: from here on the volume's content is what it was
+  at that stamp (every group is set to its version as of the stamp).
+- PRUNE: UTF-8 JSON {"before", "keep": [stamps]}: versions and history of the volume that no
+  point after `before` or in `keep` needs are released.
 
 One client request may need several records (a write longer than a map group, a zero with
 unaligned edges). Every record of a request but its last carries flag bit 2 (MORE). Replay
@@ -83,6 +90,9 @@ class RecordType(enum.IntEnum):
     VOLUME_CREATE = 5
     VOLUME_RESIZE = 6
     VOLUME_REMOVE = 7
+    SNAPSHOT = 8
+    ROLLBACK = 9
+    PRUNE = 10
 
 
 _KNOWN_TYPES = frozenset(int(t) for t in RecordType)

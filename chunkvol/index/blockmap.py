@@ -6,8 +6,15 @@ one seek (the newest version) and so is any past flush point (the newest version
 its stamp), however deep the history.
 
 Writes do not touch LMDB. They change an in-memory overlay of group states; at each flush
-point the groups changed since the previous one are sealed into versions; a checkpoint writes
-the sealed versions and the log address they reflect in one synced LMDB transaction. The
+point the groups changed since the previous one are sealed into versions keyed by the flush
+point's stamp, so "as of stamp T" is the newest version at or before T; a checkpoint writes
+the sealed versions and the log address they reflect in one synced LMDB transaction. Until
+then, sealed versions are looked up in memory, so past points read the same either way.
+
+Beside the groups, LMDB holds the volume table, each volume's flush-point history
+(format/history.py) and its named snapshots (JSON, keyed by volume id and name). A clone has
+no versions of its own until written: a group it never wrote is read from its parent as of
+the snapshot it was cloned from (`parents`), the way rbd layers a clone on its parent. The
 overlay then stays as a cache of checkpointed states until it outgrows OVERLAY_CACHE_GROUPS, so
 memory is bounded by that and by the checkpoint interval, not by the volume, and a crash loses
 only what replaying the log's tail rebuilds. Delete the `index` directory and the map is rebuilt from the whole log.
@@ -27,6 +34,7 @@ import lmdb
 from chunkvol.errors import CorruptionError, DeviceFailedError, OutOfSpaceError
 from chunkvol.format import checkpoint as checkpoint_format
 from chunkvol.format import group_map
+from chunkvol.format import history as history_format
 
 MAP_SIZE_BYTES = 1 << 40  # address space only; the file grows as needed
 CHECKPOINT_KEY = b"checkpoint"
@@ -39,7 +47,7 @@ class BlockMap:
         if not readonly:
             os.makedirs(path, exist_ok=True)
         try:
-            self.env = lmdb.open(path, map_size=MAP_SIZE_BYTES, subdir=True, max_dbs=4,
+            self.env = lmdb.open(path, map_size=MAP_SIZE_BYTES, subdir=True, max_dbs=6,
                                  readonly=readonly, readahead=False, meminit=False, create=not readonly)
         except lmdb.Error as error:
             raise CorruptionError(f"the block map is not a readable LMDB file ({error})", path) from None
@@ -48,11 +56,19 @@ class BlockMap:
         self.groups_db = self.env.open_db(b"groups", create=not readonly)
         self.meta_db = self.env.open_db(b"meta", create=not readonly)
         self.volumes_db = self.env.open_db(b"volumes", create=not readonly)
+        self.history_db = self.env.open_db(b"history", create=not readonly)
+        self.snapshots_db = self.env.open_db(b"snapshots", create=not readonly)
         self.overlay = {}        # (volume_id, group) -> state, changed since the last checkpoint
         self.dirty = {}          # (volume_id, group) -> (hlc, node) changed since the last seal
-        self.pending = []        # sealed (key, value) versions not yet in LMDB
+        self.written = {}        # volume_id -> bytes written since its last flush point
+        self.sealed = {}         # (volume_id, group) -> [(stamp, node, state)], oldest first, not yet in LMDB
+        self.sealed_count = 0
+        self.history_puts = {}   # history key -> value, not yet in LMDB
         self.removed_volumes = []  # volume ids whose versions go at the next checkpoint
         self.volume_puts = {}    # name -> JSON bytes (None: delete) for the next checkpoint
+        self.snapshot_puts = {}  # (volume_id, name) -> JSON bytes (None: delete)
+        self.prunes = []         # (volume_id, before, keep stamps) for the next checkpoint
+        self.parents = {}        # clone volume_id -> (parent volume_id, snapshot stamp)
         self._read_txn = None
         self._cursor = None
         self.undo = None  # during a client request: (key, state, stamp) before each change
@@ -79,6 +95,49 @@ class BlockMap:
         cursor = self.reader().cursor(db=self.volumes_db)
         return [json.loads(value) for _, value in cursor]
 
+    def stored_snapshots(self):
+        cursor = self.reader().cursor(db=self.snapshots_db)
+        return [(int.from_bytes(key[:4], "big"), json.loads(value)) for key, value in cursor]
+
+    def history(self, volume_id, after=0, before=group_map.MAX_U64):
+        """[(stamp, bytes_written, node)] of a volume's flush points in [after, before], oldest first."""
+        found = {}
+        cursor = self.reader().cursor(db=self.history_db)
+        prefix = history_format.volume_prefix(volume_id)
+        if cursor.set_range(history_format.key(volume_id, after)):
+            for raw_key, raw in cursor:
+                if raw_key[:4] != prefix:
+                    break
+                _, stamp, written, node = history_format.decode(raw_key, raw)
+                if stamp > before:
+                    break
+                found[stamp] = (stamp, written, node)
+        for raw_key, raw in self.history_puts.items():
+            if raw_key[:4] == prefix:
+                _, stamp, written, node = history_format.decode(raw_key, raw)
+                if after <= stamp <= before:
+                    found[stamp] = (stamp, written, node)
+        return [found[stamp] for stamp in sorted(found)]
+
+    def last_flush_point(self, volume_id, at_or_before):
+        """The stamp of the volume's newest flush point at or before a stamp, or None."""
+        best = None
+        for raw_key in self.history_puts:
+            volume, stamp = history_format.KEY.unpack(raw_key)
+            if volume == volume_id and stamp <= at_or_before and (best is None or stamp > best):
+                best = stamp
+        cursor = self.reader().cursor(db=self.history_db)
+        if cursor.set_range(history_format.key(volume_id, at_or_before + 1)):
+            if cursor.prev():
+                volume, stamp = history_format.KEY.unpack(cursor.key())
+                if volume == volume_id and (best is None or stamp > best):
+                    best = stamp
+        elif cursor.last():
+            volume, stamp = history_format.KEY.unpack(cursor.key())
+            if volume == volume_id and stamp <= at_or_before and (best is None or stamp > best):
+                best = stamp
+        return best
+
     def reader(self):
         """The read transaction for lookups. One is kept open between checkpoints (a new
         one per request costs more than the lookup); py-lmdb opens environments with
@@ -103,15 +162,24 @@ class BlockMap:
         return self.stored_state(txn, volume_id, group)
 
     def stored_state(self, txn, volume_id, group, hlc=None):
-        """The newest checkpointed version of a group, or the newest at or before stamp `hlc`."""
+        """The newest sealed version of a group, or the newest at or before stamp `hlc`
+        (None: never written). A clone falls back to its parent as of its snapshot."""
+        if hlc is not None and self.sealed:
+            versions = self.sealed.get((volume_id, group))
+            if versions:
+                for stamp, _, state in reversed(versions):
+                    if stamp <= hlc:
+                        return state
         cursor = self._cursor if txn is self._read_txn else txn.cursor()
         start = group_map.newest_key(volume_id, group) if hlc is None else group_map.key(volume_id, group, hlc, group_map.MAX_U32)
-        if not cursor.set_range(start):
-            return None
-        raw_key = cursor.key()
-        if raw_key[:12] != start[:12]:
-            return None
-        return group_map.decode_state(cursor.value(), raw_key)
+        if cursor.set_range(start):
+            raw_key = cursor.key()
+            if raw_key[:12] == start[:12]:
+                return group_map.decode_state(cursor.value(), raw_key)
+        parent = self.parents.get(volume_id)
+        if parent is not None:
+            return self.stored_state(txn, parent[0], group, parent[1] if hlc is None else min(hlc, parent[1]))
+        return None
 
     def groups_in(self, txn, volume_id, first_group, end_group, limit):
         """The first `limit` groups in [first_group, end_group), in order, that have any
@@ -131,6 +199,9 @@ class BlockMap:
         for volume, group in self.overlay:
             if volume == volume_id and first_group <= group < end_group:
                 found.add(group)
+        parent = self.parents.get(volume_id)
+        if parent is not None:
+            found.update(self.groups_in(txn, parent[0], first_group, end_group, limit))
         return sorted(found)[:limit]
 
     # ---- changing ------------------------------------------------------------------
@@ -153,30 +224,56 @@ class BlockMap:
             else:
                 self.dirty[key] = stamp
 
-    def seal(self):
-        """A flush point: the groups changed since the last one become versions."""
+    def seal(self, stamp, node):
+        """A flush point with this stamp: the groups changed since the last one become
+        versions, and each volume that changed gets a history entry."""
         overlay = self.overlay
-        pending = self.pending
-        for key, (hlc, node) in self.dirty.items():
-            raw_key = group_map.key(key[0], key[1], hlc, node)
-            pending.append((raw_key, group_map.encode_state(overlay[key], raw_key)))
+        sealed = self.sealed
+        touched = dict.fromkeys(self.written, 0)
+        touched.update(self.written)
+        for key in self.dirty:
+            versions = sealed.get(key)
+            if versions is None:
+                sealed[key] = [(stamp, node, overlay[key])]
+            else:
+                versions.append((stamp, node, overlay[key]))
+            if key[0] not in touched:
+                touched[key[0]] = 0
+        self.sealed_count += len(self.dirty)
+        for volume_id, written in touched.items():
+            raw_key = history_format.key(volume_id, stamp)
+            self.history_puts[raw_key] = history_format.encode(raw_key, written, node)
         self.dirty.clear()
+        self.written.clear()
 
     def forget_volume(self, volume_id):
         for key in [key for key in self.overlay if key[0] == volume_id]:
             del self.overlay[key]
             self.dirty.pop(key, None)
-        self.pending = [(key, value) for key, value in self.pending
-                        if group_map.KEY.unpack(key)[0] != volume_id]
+        for key in [key for key in self.sealed if key[0] == volume_id]:
+            self.sealed_count -= len(self.sealed.pop(key))
+        prefix = history_format.volume_prefix(volume_id)
+        self.history_puts = {key: value for key, value in self.history_puts.items() if key[:4] != prefix}
+        self.snapshot_puts = {key: value for key, value in self.snapshot_puts.items() if key[0] != volume_id}
+        self.written.pop(volume_id, None)
+        self.parents.pop(volume_id, None)
         self.removed_volumes.append(volume_id)
 
     def put_volume(self, name, info):
         self.volume_puts[name] = None if info is None else json.dumps(info, sort_keys=True).encode()
 
+    def put_snapshot(self, volume_id, name, info):
+        self.snapshot_puts[(volume_id, name)] = None if info is None else json.dumps(info, sort_keys=True).encode()
+
+    def prune(self, volume_id, before, keep):
+        """At the next checkpoint, drop the volume's versions and history that no point in
+        `keep`, and no point after `before`, needs (see _prune_groups)."""
+        self.prunes.append((volume_id, before, tuple(keep)))
+
     @property
     def unsaved(self):
         """Changes not yet in LMDB: unsealed groups plus sealed versions."""
-        return len(self.dirty) + len(self.pending)
+        return len(self.dirty) + self.sealed_count
 
     def checkpoint(self, checkpoint):
         """Write sealed versions, volume changes and the checkpoint in one synced transaction.
@@ -190,34 +287,112 @@ class BlockMap:
             if "No space" in str(error) or isinstance(error, lmdb.MapFullError):
                 raise OutOfSpaceError(f"no space left for the block map checkpoint ({error})") from None
             raise DeviceFailedError(f"the block map could not be written ({error})") from None
-        self.pending = []
+        self.sealed.clear()
+        self.sealed_count = 0
+        self.history_puts.clear()
         if len(self.overlay) > OVERLAY_CACHE_GROUPS:
             self.overlay.clear()  # else keep it: every state in it is now also in LMDB
         self.removed_volumes.clear()
         self.volume_puts.clear()
+        self.snapshot_puts.clear()
+        self.prunes.clear()
+
+    def _sealed_items(self):
+        items = []
+        for (volume_id, group), versions in self.sealed.items():
+            for stamp, node, state in versions:
+                raw_key = group_map.key(volume_id, group, stamp, node)
+                items.append((raw_key, group_map.encode_state(state, raw_key)))
+        items.sort()
+        return items
 
     def _write_checkpoint(self, checkpoint):
         with self.env.begin(write=True) as txn:
-            if self.pending:
-                self.pending.sort()
-                txn.cursor(db=self.groups_db).putmulti(self.pending, overwrite=True)
+            if self.sealed:
+                txn.cursor(db=self.groups_db).putmulti(self._sealed_items(), overwrite=True)
+            if self.history_puts:
+                txn.cursor(db=self.history_db).putmulti(sorted(self.history_puts.items()), overwrite=True)
+            for volume_id, before, keep in self.prunes:
+                self._prune_groups(txn, volume_id, before, keep)
             for volume_id in self.removed_volumes:
-                self._delete_volume_versions(txn, volume_id)
+                for db in (self.groups_db, self.history_db, self.snapshots_db):
+                    self._delete_prefix(txn, db, volume_id.to_bytes(4, "big"))
             for name, value in self.volume_puts.items():
                 if value is None:
                     txn.delete(name.encode(), db=self.volumes_db)
                 else:
                     txn.put(name.encode(), value, db=self.volumes_db)
+            for (volume_id, name), value in self.snapshot_puts.items():
+                raw_key = volume_id.to_bytes(4, "big") + name.encode()
+                if value is None:
+                    txn.delete(raw_key, db=self.snapshots_db)
+                else:
+                    txn.put(raw_key, value, db=self.snapshots_db)
             txn.put(CHECKPOINT_KEY, checkpoint_format.encode(checkpoint), db=self.meta_db)
 
-    def _delete_volume_versions(self, txn, volume_id):
-        cursor = txn.cursor(db=self.groups_db)
-        prefix = volume_id.to_bytes(4, "big")
+    @staticmethod
+    def _delete_prefix(txn, db, prefix):
+        cursor = txn.cursor(db=db)
         if not cursor.set_range(prefix):
             return
-        while cursor.key()[:4] == prefix:
+        while cursor.key()[:len(prefix)] == prefix:
             if not cursor.delete():
                 break
+
+    def _prune_groups(self, txn, volume_id, before, keep):
+        """Delete the versions of a volume's groups that no point needs: a version is kept if
+        it is newer than `before`, or if it is the newest one at or before `before` or at or
+        before a stamp in `keep` (snapshots, clones, retained flush points). Flush-point
+        history before `before` goes too, but for the points in `keep`."""
+        holds = sorted(set(keep) | {before}, reverse=True)
+        prefix = volume_id.to_bytes(4, "big")
+        doomed = []
+        cursor = txn.cursor(db=self.groups_db)
+        if cursor.set_range(prefix):
+            group = None
+            hold = 0
+            for raw_key in cursor.iternext(values=False):
+                if raw_key[:4] != prefix:
+                    break
+                if raw_key[4:12] != group:
+                    group, hold = raw_key[4:12], 0  # versions come newest first within a group
+                stamp = group_map.MAX_U64 - int.from_bytes(raw_key[12:20], "big")
+                needed = stamp > before
+                while hold < len(holds) and holds[hold] >= stamp:
+                    needed = True  # the newest version at or before that hold
+                    hold += 1
+                if not needed:
+                    doomed.append(raw_key)
+        for raw_key in doomed:
+            txn.delete(raw_key, db=self.groups_db)
+        kept = set(keep)
+        doomed = []
+        cursor = txn.cursor(db=self.history_db)
+        if cursor.set_range(prefix):
+            for raw_key in cursor.iternext(values=False):
+                if raw_key[:4] != prefix or history_format.KEY.unpack(raw_key)[1] >= before:
+                    break
+                if history_format.KEY.unpack(raw_key)[1] not in kept:
+                    doomed.append(raw_key)
+        for raw_key in doomed:
+            txn.delete(raw_key, db=self.history_db)
+
+    def versions_of(self, volume_id):
+        """Every stored (group, stamp, state) of a volume, checkpointed or sealed: for space
+        accounting. One pass over the volume's entries."""
+        txn = self.reader()
+        cursor = txn.cursor(db=self.groups_db)
+        prefix = volume_id.to_bytes(4, "big")
+        if cursor.set_range(prefix):
+            for raw_key, raw in cursor:
+                if raw_key[:4] != prefix:
+                    break
+                _, group, stamp, _ = group_map.decode_key(raw_key)
+                yield group, stamp, group_map.decode_state(raw, raw_key)
+        for (volume, group), versions in self.sealed.items():
+            if volume == volume_id:
+                for stamp, _, state in versions:
+                    yield group, stamp, state
 
     def stats(self):
         return {"versions": self.reader().stat(self.groups_db)["entries"],
