@@ -144,11 +144,18 @@ def rollback(pool, spec):
     point, so the content just before it stays readable (and can be rolled back to)."""
     with pool.lock:
         point = resolve_point(pool, spec)
+        before, after = rollback_to_stamp(pool, point.info, point.stamp, spec)
+        return point, before, after
+
+
+def rollback_to_stamp(pool, info, stamp, label):
+    """Returns the stamps of the flush points just before and just after the rollback."""
+    with pool.lock:
         before = pool._flush_locked()
-        _log(pool, RecordType.ROLLBACK, point.info.volume_id, {"stamp": point.stamp, "label": spec}, sync=False)
+        _log(pool, RecordType.ROLLBACK, info.volume_id, {"stamp": stamp, "label": label}, sync=False)
         after = pool._flush_locked()
         pool._checkpoint_locked()
-        return point, before, after
+        return before, after
 
 
 def clone(pool, spec, new_name):

@@ -108,6 +108,7 @@ class Pool:
         self.volumes = {}
         self.volumes_by_id = {}
         self.snapshots = {}  # volume_id -> {name: {"name", "stamp", "size", "created"}}
+        self.users = {}  # volume name -> open NBD connections to it or its past points
         self.next_sequence = 1
         self.next_volume_id = 1
         self.records_replayed = 0
@@ -503,9 +504,20 @@ class Pool:
                 self._volume_change(RecordType.VOLUME_RESIZE, info.volume_id, {"name": name, "size": size_bytes})
             return info
 
+    def attach(self, name):
+        with self.lock:
+            self.users[name] = self.users.get(name, 0) + 1
+
+    def detach(self, name):
+        with self.lock:
+            self.users[name] = max(0, self.users.get(name, 0) - 1)
+
     def remove_volume(self, name, with_snapshots=False):
         with self.lock:
             info = self.volume_info(name)
+            if self.users.get(name):
+                raise PoolBusyError(f"volume {name!r} is in use by {self.users[name]} NBD connection(s); "
+                                    "disconnect them first")
             clones = sorted(other.name for other in self.volumes.values()
                             if other.parent and other.parent["id"] == info.volume_id)
             if clones:

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 
 import nbd
 import pytest
@@ -326,36 +327,60 @@ def test_no_pool_given(tmp_path):
 
 # ---- a pool held by a running server -------------------------------------------------------------------
 
-def test_pool_in_use_by_a_server(tmp_path, server_factory):
+def test_changes_reach_a_running_server(tmp_path, server_factory):
+    """Beside a running server, changing commands go through its control socket."""
     path = new_pool(tmp_path)
     chunkvol("--pool", path, "volume", "create", "disk0", "--size", "64M")
     server = server_factory(path)
     handle = server.connect("disk0")
     handle.pwrite(b"busy" * 1024, 0)
     handle.flush()
-    before = metadata(path)
 
-    for verb in (["create", "v2", "--size", "1M"], ["resize", "disk0", "--size", "128M"], ["remove", "disk0"]):
-        result = chunkvol("--pool", path, "volume", *verb, check=False)
-        assert_error(result, 5, "in use")
-        assert str(server.process.pid) in result.stderr
-    # Listing works beside the server (read-only).
-    assert listing(path) == {"disk0": {"id": listing(path)["disk0"]["id"], "name": "disk0",
-                                       "size": 64 * MiB, "compression": "none"}}
-    assert "disk0" in chunkvol("--pool", path, "volume", "list").stdout
-    # The server was not disturbed, and nothing changed.
+    assert "created volume v2" in chunkvol("--pool", path, "volume", "create", "v2", "--size", "1M").stdout
+    other = server.connect("v2")
+    assert other.get_size() == 1 * MiB
+    other.shutdown()
+    chunkvol("--pool", path, "volume", "resize", "disk0", "--size", "128M")
+    # A volume with a client connected is not removed under it.
+    result = chunkvol("--pool", path, "volume", "remove", "disk0", check=False)
+    assert_error(result, 5, "in use", "connection")
+    chunkvol("--pool", path, "volume", "remove", "v2")
+    assert sorted(listing(path)) == ["disk0"]
+    assert listing(path)["disk0"]["size"] == 128 * MiB
+    # The server was not disturbed: the open connection keeps its size and data.
     assert handle.pread(4096, 0) == b"busy" * 1024
     handle.pwrite(b"still" * 100, 8192)
     handle.flush()
     assert handle.get_size() == 64 * MiB
-    assert metadata(path) == before
     handle.shutdown()
+    assert server.connect("disk0").get_size() == 128 * MiB
     server.stop()
 
-    # Once the server is gone the pool is free again.
+
+def test_pool_held_without_a_control_socket(tmp_path):
+    """A process that holds the pool but serves no control socket: changes are refused with
+    the reason, and nothing changes."""
+    path = new_pool(tmp_path)
+    chunkvol("--pool", path, "volume", "create", "disk0", "--size", "64M")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from chunkvol.pool import Pool; "
+                               "pool = Pool.open(sys.argv[1]); print('open', flush=True); time.sleep(600)", path],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        before = metadata(path)
+        for verb in (["create", "v2", "--size", "1M"], ["resize", "disk0", "--size", "128M"], ["remove", "disk0"]):
+            result = chunkvol("--pool", path, "volume", *verb, check=False)
+            assert_error(result, 5, "control socket")
+        result = chunkvol("--pool", path, "snapshot", "create", "disk0@s", check=False)
+        assert_error(result, 5, "control socket")
+        assert metadata(path) == before
+        assert listing(path)["disk0"]["size"] == 64 * MiB and sorted(listing(path)) == ["disk0"]
+    finally:
+        holder.kill()
+        holder.wait()
+    # Once the holder is gone the pool is free again.
     chunkvol("--pool", path, "volume", "create", "v2", "--size", "1M")
     assert set(listing(path)) == {"disk0", "v2"}
-    assert server_factory(path).connect("disk0").pread(500, 8192) == b"still" * 100
 
 
 # ---- error format -------------------------------------------------------------------------------------

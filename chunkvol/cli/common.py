@@ -25,3 +25,14 @@ def open_pool_for_reading(path):
     """Read-write when free (so a torn tail is cut and the map brought up to date), read-only
     beside a running server."""
     return Pool.open(path, readonly=pool_is_busy(path))
+
+
+def run_operation(path, op, **args):
+    """A change to a pool (chunkvol.operations): through its server's control socket when a
+    server holds it, else on the pool opened here."""
+    from chunkvol import control
+    from chunkvol.operations import OPERATIONS
+    if pool_is_busy(path):
+        return control.call(path, op, **args)
+    with Pool.open(path) as pool:
+        return OPERATIONS[op](pool, **args)

@@ -10,7 +10,8 @@ import os
 import sys
 
 from chunkvol import errors
-from chunkvol.cli import check_command, inspect_command, pool_commands, serve_command, status_command, volume_commands
+from chunkvol.cli import (check_command, history_commands, inspect_command, pool_commands, serve_command,
+                          status_command, volume_commands)
 
 EXIT_CODES = (
     (errors.UsageError, 2),
@@ -43,6 +44,7 @@ def build_parser():
     status_command.register(commands)
     check_command.register(commands)
     inspect_command.register(commands)
+    history_commands.register(commands)
     return parser
 
 

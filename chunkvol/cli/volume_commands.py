@@ -2,9 +2,9 @@
 
 import json
 
-from chunkvol.cli.common import open_pool_for_reading
+from chunkvol.cli.common import open_pool_for_reading, run_operation
 from chunkvol.cli.sizes import format_size, parse_size
-from chunkvol.pool import COMPRESSIONS, Pool
+from chunkvol.pool import COMPRESSIONS
 
 
 def register(commands):
@@ -24,6 +24,7 @@ def register(commands):
 
     remove = verbs.add_parser("remove", aliases=["rm"], help="remove a volume and its data")
     remove.add_argument("name")
+    remove.add_argument("--with-snapshots", action="store_true", help="remove its snapshots too")
     remove.set_defaults(run=remove_volume)
 
     resize = verbs.add_parser("resize", help="grow a volume")
@@ -34,9 +35,9 @@ def register(commands):
 
 def create_volume(arguments):
     size = parse_size(arguments.size)
-    with Pool.open(arguments.pool) as pool:
-        info = pool.create_volume(arguments.name, size, arguments.compression)
-        print(f"created volume {info.name}: {format_size(info.size_bytes)}, compression {info.compression}")
+    info = run_operation(arguments.pool, "volume_create", name=arguments.name, size=size,
+                         compression=arguments.compression)
+    print(f"created volume {info['name']}: {format_size(info['size'])}, compression {info['compression']}")
 
 
 def list_volumes(arguments):
@@ -53,13 +54,11 @@ def list_volumes(arguments):
 
 
 def remove_volume(arguments):
-    with Pool.open(arguments.pool) as pool:
-        pool.remove_volume(arguments.name)
+    run_operation(arguments.pool, "volume_remove", name=arguments.name, with_snapshots=arguments.with_snapshots)
     print(f"removed volume {arguments.name}")
 
 
 def resize_volume(arguments):
     size = parse_size(arguments.size)
-    with Pool.open(arguments.pool) as pool:
-        info = pool.resize_volume(arguments.name, size)
-        print(f"volume {info.name} is now {format_size(info.size_bytes)}")
+    info = run_operation(arguments.pool, "volume_resize", name=arguments.name, size=size)
+    print(f"volume {info['name']} is now {format_size(info['size'])}")

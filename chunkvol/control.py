@@ -1,0 +1,140 @@
+"""Control socket: how `chunkvol` changes a pool while a server holds it open.
+
+The process that has the pool open for writing (the nbdkit plugin `serve` starts) listens on
+POOL/control.sock, mode 0600: only the pool's owner may connect. A client sends one request
+line and reads one reply line, both UTF-8 JSON of at most MAX_LINE bytes:
+
+    {"op": "snapshot_create", "args": {"points": ["disk0@before-upgrade"]}}
+    {"ok": true, "result": ...}    or    {"ok": false, "error": "NotFoundError", "message": "..."}
+
+The operations are chunkvol.operations; each runs under the pool's lock, between requests.
+"""
+
+import json
+import os
+import socket
+import threading
+
+from chunkvol import errors
+from chunkvol.operations import OPERATIONS
+
+SOCKET_NAME = "control.sock"
+MAX_LINE = 1 << 20
+CLIENT_TIMEOUT = 3600.0  # a compaction may take long; a dead server still fails at connect
+
+
+def socket_path(pool_path):
+    return os.path.join(os.path.abspath(pool_path), SOCKET_NAME)
+
+
+class ControlServer:
+    def __init__(self, pool):
+        self.pool = pool
+        self.path = socket_path(pool.path)
+        self.listener = None
+        self.thread = None
+        self.stopping = False
+
+    def start(self):
+        """Listen (replacing a stale socket: we hold the pool lock, so no one else does)."""
+        if len(self.path.encode()) > 107:
+            raise errors.UsageError(f"pool path too long for a control socket ({self.path})")
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        old_mask = os.umask(0o177)
+        try:
+            listener.bind(self.path)
+        finally:
+            os.umask(old_mask)
+        listener.listen(8)
+        self.listener = listener
+        self.thread = threading.Thread(target=self._serve, name="chunkvol-control", daemon=True)
+        self.thread.start()
+        return self
+
+    def _serve(self):
+        while not self.stopping:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return  # closed by stop()
+            with connection:
+                try:
+                    connection.settimeout(30)
+                    reply = self._handle(_read_line(connection))
+                except (OSError, ValueError) as error:
+                    reply = {"ok": False, "error": "UsageError", "message": f"bad control request: {error}"}
+                try:
+                    connection.sendall(json.dumps(reply).encode() + b"\n")
+                except OSError:
+                    pass  # the client went away; the operation itself is done
+
+    def _handle(self, line):
+        request = json.loads(line)
+        if not isinstance(request, dict) or request.get("op") not in OPERATIONS \
+                or not isinstance(request.get("args", {}), dict):
+            return {"ok": False, "error": "UsageError", "message": f"unknown control request {str(request)[:200]!r}"}
+        try:
+            result = OPERATIONS[request["op"]](self.pool, **request.get("args", {}))
+        except errors.ChunkvolError as error:
+            return {"ok": False, "error": type(error).__name__, "message": str(error)}
+        except TypeError as error:
+            return {"ok": False, "error": "UsageError", "message": f"bad arguments for {request['op']}: {error}"}
+        return {"ok": True, "result": result}
+
+    def stop(self):
+        self.stopping = True
+        if self.listener is not None:
+            try:
+                self.listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self.listener.close()
+        if self.thread is not None:
+            self.thread.join(timeout=CLIENT_TIMEOUT)
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def _read_line(connection):
+    data = bytearray()
+    while not data.endswith(b"\n"):
+        piece = connection.recv(65536)
+        if not piece:
+            break
+        data += piece
+        if len(data) > MAX_LINE:
+            raise ValueError("request longer than 1 MiB")
+    return data.decode()
+
+
+def call(pool_path, op, **args):
+    """Run an operation in the server that holds the pool; its errors are raised here."""
+    path = socket_path(pool_path)
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    client.settimeout(CLIENT_TIMEOUT)
+    try:
+        try:
+            client.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise errors.PoolBusyError(f"pool {os.path.dirname(path)} is held by a process without a control "
+                                       "socket (a read-only server, or another command); stop it first") from None
+        client.sendall(json.dumps({"op": op, "args": args}).encode() + b"\n")
+        line = _read_line(client)
+    finally:
+        client.close()
+    if not line:
+        raise errors.ChunkvolError("the server closed the control connection without a reply")
+    reply = json.loads(line)
+    if reply.get("ok"):
+        return reply.get("result")
+    kind = getattr(errors, str(reply.get("error")), errors.ChunkvolError)
+    if not (isinstance(kind, type) and issubclass(kind, errors.ChunkvolError)):
+        kind = errors.ChunkvolError
+    raise kind(reply.get("message", "the server refused the request"))
+

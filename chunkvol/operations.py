@@ -1,0 +1,56 @@
+"""Operations that change a pool, by name: the CLI runs them on a pool it opens itself, or,
+when a server holds the pool, sends them over the server's control socket (control.py).
+
+Each takes the open pool and JSON-able keyword arguments and returns a JSON-able result.
+"""
+
+from chunkvol import history
+
+
+def volume_create(pool, name, size, compression="none"):
+    return pool.create_volume(name, size, compression).as_dict()
+
+
+def volume_resize(pool, name, size):
+    return pool.resize_volume(name, size).as_dict()
+
+
+def volume_remove(pool, name, with_snapshots=False):
+    pool.remove_volume(name, with_snapshots=with_snapshots)
+    return {"name": name}
+
+
+def snapshot_create(pool, points):
+    """Several snapshots in one call: `chunkvol snapshot create v@a v@b ...`."""
+    made = []
+    for point in points:
+        volume, name = history.split_point(point)
+        snapshot = history.create_snapshot(pool, volume, name)
+        made.append({"point": point, "stamp": snapshot["stamp"], "time": history.format_stamp(snapshot["stamp"])})
+    return made
+
+
+def snapshot_remove(pool, point):
+    volume, name = history.split_point(point)
+    history.remove_snapshot(pool, volume, name)
+    return {"point": point}
+
+
+def snapshot_rollback(pool, point):
+    target, before, after = history.rollback(pool, point)
+    return {"point": point, "target_stamp": target.stamp, "before_stamp": before, "rollback_stamp": after,
+            "undo_with": f"{target.info.name}@{history.format_stamp(before)}"}
+
+
+def snapshot_clone(pool, point, name):
+    return history.clone(pool, point, name).as_dict()
+
+
+def prune(pool, volumes, keep_seconds=None):
+    names = volumes or sorted(pool.volumes)
+    return {name: history.prune(pool, name, keep_seconds) for name in names}
+
+
+OPERATIONS = {function.__name__: function for function in (
+    volume_create, volume_resize, volume_remove, snapshot_create, snapshot_remove, snapshot_rollback,
+    snapshot_clone, prune)}
