@@ -4,7 +4,7 @@ when a server holds the pool, sends them over the server's control socket (contr
 Each takes the open pool and JSON-able keyword arguments and returns a JSON-able result.
 """
 
-from chunkvol import history
+from chunkvol import compaction, history
 
 
 def volume_create(pool, name, size, compression="none"):
@@ -51,6 +51,10 @@ def prune(pool, volumes, keep_seconds=None):
     return {name: history.prune(pool, name, keep_seconds) for name in names}
 
 
+def compact(pool, min_dead=None):
+    return compaction.compact(pool, min_dead=min_dead)
+
+
 OPERATIONS = {function.__name__: function for function in (
     volume_create, volume_resize, volume_remove, snapshot_create, snapshot_remove, snapshot_rollback,
-    snapshot_clone, prune)}
+    snapshot_clone, prune, compact)}

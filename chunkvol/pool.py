@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 import lmdb
 import zstandard
 
-from chunkvol import history
+from chunkvol import compaction, history
 from chunkvol.clock import HybridClock
 from chunkvol.errors import (AlreadyExistsError, ChunkvolError, CorruptionError, NotFoundError,
                              OutOfRangeError, OutOfSpaceError, PoolBusyError, ReadOnlyError, UsageError)
@@ -191,6 +191,12 @@ class Pool:
         if not self.index_writable and not os.path.exists(os.path.join(index_path, "data.mdb")):
             raise NotFoundError("the pool has no block map yet; open it read-write once to build it")
         checkpoint = self._open_blockmap(index_path)
+        if checkpoint is None and self.chunks.ids():
+            # A rebuild. Chunks that compaction freed are summarized by a base in the log.
+            checkpoint = compaction.load_base(self)
+            if checkpoint is None and self.chunks.ids()[0] != 1:
+                raise CorruptionError(f"the log starts at chunk {self.chunks.ids()[0]} (earlier ones were compacted "
+                                      "away) and no complete base summary of them is readable", self.path)
         if checkpoint is None:
             first = self.chunks.ids()[0] if self.chunks.ids() else 1
             start = chunk_header.address(first, chunk_header.DATA_OFFSET)

@@ -10,7 +10,7 @@ import os
 import sys
 
 from chunkvol import errors
-from chunkvol.cli import (check_command, history_commands, inspect_command, pool_commands, serve_command,
+from chunkvol.cli import (check_command, compact_command, history_commands, inspect_command, pool_commands, serve_command,
                           status_command, volume_commands)
 
 EXIT_CODES = (
@@ -45,6 +45,7 @@ def build_parser():
     check_command.register(commands)
     inspect_command.register(commands)
     history_commands.register(commands)
+    compact_command.register(commands)
     return parser
 
 
@@ -61,14 +62,14 @@ def main(argv=None):
             if isinstance(error, kind):
                 return code
         return 1
+    except BrokenPipeError:  # `chunkvol status | head`: the reader has what it wanted
+        return 1
     except OSError as error:  # the system said no (permissions, a file where a folder should be)
         where = f" ({error.filename})" if error.filename else ""
         print(f"chunkvol: {error.strerror or error}{where}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
-    except BrokenPipeError:
-        return 1
 
 
 if __name__ == "__main__":

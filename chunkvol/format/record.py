@@ -10,7 +10,7 @@ Header, little-endian:
 |      0 |    4 | 4s   | magic           | b"CVrc"                                                  |
 |      4 |    1 | u8   | version         | 1                                                        |
 |      5 |    1 | u8   | record_type     | see RecordType                                           |
-|      6 |    2 | u16  | flags           | bit 0: zstd frame; bit 1: ZERO is a trim; bit 2: MORE    |
+|      6 |    2 | u16  | flags           | bit 0: zstd; bit 1: ZERO is a trim; bit 2: MORE; bit 3: RELOCATED |
 |      8 |    4 | u32  | volume_id       | 0 for pool-wide records (COMMIT, SEAL)                   |
 |     12 |    4 | u32  | stored_length   | payload bytes on disk                                    |
 |     16 |    8 | u64  | origin_node     | node id that wrote the record first                      |
@@ -37,8 +37,12 @@ Payloads by type:
   flush point of the volume (stamp: the COMMIT just before it), or its removal.
 - ROLLBACK: UTF-8 JSON {"stamp", "label"}: from here on the volume's content is what it was
   at that stamp (every group is set to its version as of the stamp).
-- PRUNE: UTF-8 JSON {"before", "keep": [stamps]}: versions and history of the volume that no
-  point after `before` or in `keep` needs are released.
+- PRUNE: UTF-8 JSON {"before", "keep": [stamps], "retained_from"}: versions and history of the
+  volume that no point after `before` or in `keep` needs are released.
+- BASE / BASE_END: the block map as of a log address, written by compaction (format/base.py).
+- An EXTENT with flag bit 3 (RELOCATED) is compaction's copy of an older record: same header
+  fields and payload, new place. Replay skips it (the map is pointed at it by compaction, and
+  a base records that), so it never counts as a new write.
 
 One client request may need several records (a write longer than a map group, a zero with
 unaligned edges). Every record of a request but its last carries flag bit 2 (MORE). Replay
@@ -69,6 +73,7 @@ assert HEADER_BODY.size == 64 and HEADER_SIZE == 72
 FLAG_ZSTD = 1
 FLAG_TRIM = 2
 FLAG_MORE = 4  # more records of the same client request follow
+FLAG_RELOCATED = 8  # compaction's copy of an older EXTENT record
 
 BLOCK_SIZE = 4096
 GROUP_BLOCKS = 16  # one map group: 64 KiB; an EXTENT record never crosses a group
@@ -93,6 +98,8 @@ class RecordType(enum.IntEnum):
     SNAPSHOT = 8
     ROLLBACK = 9
     PRUNE = 10
+    BASE = 11
+    BASE_END = 12
 
 
 _KNOWN_TYPES = frozenset(int(t) for t in RecordType)

@@ -27,7 +27,8 @@ from chunkvol.errors import CorruptionError
 from chunkvol.format import chunk_header
 from chunkvol.format.chunk_header import DATA_OFFSET, address, split_address
 from chunkvol.format import record
-from chunkvol.format.record import BLOCK_SIZE, COMMIT_PAYLOAD, FLAG_MORE, GROUP_SIZE, HEADER_SIZE, RecordType
+from chunkvol.format.record import (BLOCK_SIZE, COMMIT_PAYLOAD, FLAG_MORE, FLAG_RELOCATED, GROUP_SIZE, HEADER_SIZE,
+                                    RecordType)
 from chunkvol.log.reader import ChunkScan, find_next_header
 
 
@@ -51,6 +52,8 @@ class _Requests:
     def take(self, log_address, header, payload):
         record_type = header[0]
         if record_type in _REQUEST_TYPES:
+            if header[1] & FLAG_RELOCATED:
+                return  # compaction's copy: the map (or a base) already points at it
             if header[1] & FLAG_MORE:
                 self.pending.append((log_address, header))
                 return
@@ -58,6 +61,8 @@ class _Requests:
                 self.apply(pending_address, pending_header, None)
             self.applied += len(self.pending)
             self.pending.clear()
+        elif record_type in _SUMMARY_TYPES:
+            return  # a base is read as a whole at rebuild, never replayed
         elif self.pending and record_type != RecordType.SEAL:
             self.discarded += len(self.pending)  # a request that never finished
             self.pending.clear()
@@ -66,6 +71,7 @@ class _Requests:
 
 
 _REQUEST_TYPES = (RecordType.EXTENT, RecordType.ZERO)
+_SUMMARY_TYPES = (RecordType.BASE, RecordType.BASE_END)
 
 
 def recover(chunks, start_address, apply, writable=True, volume_sizes=None):
