@@ -185,14 +185,14 @@ def prune(pool, volume_name, keep_seconds=None, now=None):
                 raise UsageError("--keep must not be negative")
             before = _stamp_at(now - keep_seconds)
             keep, retained_from = [], before
-        keep = sorted(set(keep) | set(held_stamps(pool, info.volume_id)))
+        held = set(keep) | set(held_stamps(pool, info.volume_id))
         released = [stamp for stamp, _, _ in pool.blockmap.history(info.volume_id, 0, before - 1)
-                    if stamp not in keep]
+                    if stamp not in held]
         if not released:
             return 0
         retained_from = max(retained_from, info.retained_from)
         _log(pool, RecordType.PRUNE, info.volume_id,
-             {"before": before, "keep": keep, "retained_from": retained_from}, sync=False)
+             {"before": before, "keep": sorted(keep), "retained_from": retained_from}, sync=False)
         pool._flush_locked()
         pool._checkpoint_locked()
         return len(released)
@@ -258,7 +258,9 @@ def apply_record(pool, record_type, volume_id, payload, stamp, node):
     elif record_type == RecordType.ROLLBACK:
         _roll_back_groups(pool, info, description["stamp"], stamp, node)
     elif record_type == RecordType.PRUNE:
-        blockmap.prune(volume_id, description["before"], description["keep"])
+        # Snapshots are held as they are at this point of the log (live and at replay alike).
+        keep = set(description["keep"]) | set(held_stamps(pool, volume_id))
+        blockmap.prune(volume_id, description["before"], sorted(keep))
         info.retained_from = description["retained_from"]
         info.detail_from = description["before"]
         blockmap.put_volume(info.name, info.as_dict())
