@@ -1,7 +1,9 @@
 """Control socket: how `chunkvol` changes a pool while a server holds it open.
 
 The process that has the pool open for writing (the nbdkit plugin `serve` starts) listens on
-POOL/control.sock, mode 0600: only the pool's owner may connect. A client sends one request
+a Unix socket named after the pool's absolute path in /run/chunkvol (or /tmp/chunkvol-UID when
+/run is not writable), in a directory of mode 0700: only the owner may connect. It is kept out
+of the pool directory so that copying a pool never meets a socket, and a path of any length works. A client sends one request
 line and reads one reply line, both UTF-8 JSON of at most MAX_LINE bytes:
 
     {"op": "snapshot_create", "args": {"points": ["disk0@before-upgrade"]}}
@@ -10,6 +12,7 @@ line and reads one reply line, both UTF-8 JSON of at most MAX_LINE bytes:
 The operations are chunkvol.operations; each runs under the pool's lock, between requests.
 """
 
+import hashlib
 import json
 import os
 import socket
@@ -18,13 +21,21 @@ import threading
 from chunkvol import errors
 from chunkvol.operations import OPERATIONS
 
-SOCKET_NAME = "control.sock"
+RUNTIME_DIRECTORIES = ("/run/chunkvol", f"/tmp/chunkvol-{os.getuid()}")
 MAX_LINE = 1 << 20
 CLIENT_TIMEOUT = 3600.0  # a compaction may take long; a dead server still fails at connect
 
 
 def socket_path(pool_path):
-    return os.path.join(os.path.abspath(pool_path), SOCKET_NAME)
+    name = hashlib.sha256(os.path.realpath(pool_path).encode()).hexdigest()[:24]
+    for directory in RUNTIME_DIRECTORIES:
+        try:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+        except OSError:
+            continue
+        if os.access(directory, os.W_OK):
+            return os.path.join(directory, f"pool-{name}.sock")
+    raise errors.ChunkvolError(f"no runtime directory for control sockets ({', '.join(RUNTIME_DIRECTORIES)})")
 
 
 class ControlServer:
@@ -37,8 +48,6 @@ class ControlServer:
 
     def start(self):
         """Listen (replacing a stale socket: we hold the pool lock, so no one else does)."""
-        if len(self.path.encode()) > 107:
-            raise errors.UsageError(f"pool path too long for a control socket ({self.path})")
         try:
             os.unlink(self.path)
         except FileNotFoundError:
@@ -122,8 +131,8 @@ def call(pool_path, op, **args):
         try:
             client.connect(path)
         except (FileNotFoundError, ConnectionRefusedError):
-            raise errors.PoolBusyError(f"pool {os.path.dirname(path)} is held by a process without a control "
-                                       "socket (a read-only server, or another command); stop it first") from None
+            raise errors.PoolBusyError(f"pool {os.path.abspath(pool_path)} is held by a process without a "
+                                       "control socket (another command); try again when it ends") from None
         client.sendall(json.dumps({"op": op, "args": args}).encode() + b"\n")
         line = _read_line(client)
     finally:
