@@ -11,6 +11,7 @@ same functions live and at replay, so a rebuilt block map has the same history.
 """
 
 import json
+import os
 import re
 import time
 from datetime import datetime, timezone
@@ -208,9 +209,36 @@ def held_stamps(pool, volume_id):
     return [snapshot["stamp"] for snapshot in pool.snapshots.get(volume_id, {}).values()]
 
 
-def _policy_points(pool, info, now):
+def retention_policy(pool):
     policy = dict(DEFAULT_RETENTION)
     policy.update(pool.fields.get("retention") or {})
+    return policy
+
+
+def set_retention(pool, all_seconds=None, hourly_seconds=None, daily_seconds=None):
+    """Change the pool's retention policy (pool.json); unnamed parts stay as they are."""
+    from chunkvol.format import pool_metadata
+    with pool.lock:
+        if pool.readonly:
+            raise UsageError("the pool is open read-only")
+        policy = retention_policy(pool)
+        for key, value in (("all", all_seconds), ("hourly", hourly_seconds), ("daily", daily_seconds)):
+            if value is not None:
+                if not isinstance(value, int) or value < 0:
+                    raise UsageError(f"retention {key} must be a non-negative number of seconds")
+                policy[key] = value
+        if not policy["all"] <= policy["hourly"] <= policy["daily"]:
+            raise UsageError("retention must keep every point <= hourly points <= daily points "
+                             f"(got {policy['all']}s, {policy['hourly']}s, {policy['daily']}s)")
+        fields = dict(pool.fields, retention=policy)
+        fields.pop("checksum", None)
+        pool.files.publish(os.path.join(pool.path, "pool.json"), pool_metadata.encode(fields))
+        pool.fields = pool_metadata.decode(pool_metadata.encode(fields))
+        return policy
+
+
+def _policy_points(pool, info, now):
+    policy = retention_policy(pool)
     before = _stamp_at(now - policy["all"])
     hourly_from = _stamp_at(now - policy["hourly"])
     daily_from = _stamp_at(now - policy["daily"])

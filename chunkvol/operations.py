@@ -51,10 +51,16 @@ def prune(pool, volumes, keep_seconds=None):
     return {name: history.prune(pool, name, keep_seconds) for name in names}
 
 
+def retention(pool, all_seconds=None, hourly_seconds=None, daily_seconds=None):
+    if all_seconds is None and hourly_seconds is None and daily_seconds is None:
+        return history.retention_policy(pool)
+    return history.set_retention(pool, all_seconds, hourly_seconds, daily_seconds)
+
+
 def compact(pool, min_dead=None):
     return compaction.compact(pool, min_dead=min_dead)
 
 
 OPERATIONS = {function.__name__: function for function in (
     volume_create, volume_resize, volume_remove, snapshot_create, snapshot_remove, snapshot_rollback,
-    snapshot_clone, prune, compact)}
+    snapshot_clone, prune, retention, compact)}

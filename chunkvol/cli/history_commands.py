@@ -70,6 +70,13 @@ def register(commands):
                                       "default: the pool's retention policy")
     prune.set_defaults(run=prune_command)
 
+    retention = commands.add_parser("retention", help="show or set the history retention policy")
+    retention.add_argument("--all", metavar="DURATION", help="keep every flush point this long (default 1h)")
+    retention.add_argument("--hourly", metavar="DURATION", help="then the last point of each hour (default 1d)")
+    retention.add_argument("--daily", metavar="DURATION", help="then the last point of each day (default 30d)")
+    retention.add_argument("--json", action="store_true")
+    retention.set_defaults(run=retention_command)
+
 
 def history_command(arguments):
     with open_pool_for_reading(arguments.pool) as pool:
@@ -167,3 +174,23 @@ def prune_command(arguments):
     released = run_operation(arguments.pool, "prune", volumes=arguments.volumes, keep_seconds=keep)
     for name, count in released.items():
         print(f"{name}: released {count} flush points")
+
+
+def retention_command(arguments):
+    values = {key: parse_duration(getattr(arguments, key)) if getattr(arguments, key) is not None else None
+              for key in ("all", "hourly", "daily")}
+    policy = run_operation(arguments.pool, "retention", all_seconds=values["all"],
+                           hourly_seconds=values["hourly"], daily_seconds=values["daily"])
+    if arguments.json:
+        print(json.dumps(policy))
+        return
+    print(f"every flush point for {_duration(policy['all'])}, the last of each hour for "
+          f"{_duration(policy['hourly'])}, the last of each day for {_duration(policy['daily'])}; "
+          "snapshots until removed")
+
+
+def _duration(seconds):
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
