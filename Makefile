@@ -13,7 +13,7 @@ DEBIAN_PACKAGES := nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd python3
 	psmisc util-linux busybox-static
 export PATH := /usr/bin:/bin:/usr/sbin:/sbin:$(PATH)
 
-.PHONY: all install system-packages run test test-fast bench clean
+.PHONY: all install system-packages run test test-fast bench bench-history clean
 
 all: install
 
@@ -48,6 +48,9 @@ test: install
 
 bench: install
 	$(PY) tools/bench/run.py
+
+bench-history: install
+	$(PY) tools/bench/history_bench.py $(HISTORY_ARGS)
 
 clean:
 	rm -rf $(VENV) .stamp-system-packages var build *.egg-info
