@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from typing import NamedTuple
 
 from chunkvol.clock import COUNTER_BITS, hlc_to_seconds
-from chunkvol.errors import AlreadyExistsError, NotFoundError, UsageError
+from chunkvol.errors import AlreadyExistsError, NotFoundError, PoolBusyError, UsageError
 from chunkvol.format import group_map
 from chunkvol.format.record import GROUP_SIZE, HEADER_SIZE, RecordType
 
@@ -145,6 +145,10 @@ def rollback(pool, spec):
     point, so the content just before it stays readable (and can be rolled back to)."""
     with pool.lock:
         point = resolve_point(pool, spec)
+        if pool.connections(point.info.name, live_only=True):
+            raise PoolBusyError(f"volume {point.info.name!r} has {pool.connections(point.info.name, True)} NBD "
+                                "connection(s): disconnect them first (a filesystem or VM on it would see its "
+                                "disk change underneath)")
         before, after = rollback_to_stamp(pool, point.info, point.stamp, spec)
         return point, before, after
 

@@ -108,7 +108,7 @@ class Pool:
         self.volumes = {}
         self.volumes_by_id = {}
         self.snapshots = {}  # volume_id -> {name: {"name", "stamp", "size", "created"}}
-        self.users = {}  # volume name -> open NBD connections to it or its past points
+        self.users = {}  # volume name -> (open NBD connections to it or its points, to it live)
         self.next_sequence = 1
         self.next_volume_id = 1
         self.records_replayed = 0
@@ -510,19 +510,25 @@ class Pool:
                 self._volume_change(RecordType.VOLUME_RESIZE, info.volume_id, {"name": name, "size": size_bytes})
             return info
 
-    def attach(self, name):
+    def attach(self, name, live=True):
+        """An NBD connection opened the volume (live=False: one of its past points)."""
         with self.lock:
-            self.users[name] = self.users.get(name, 0) + 1
+            count, live_count = self.users.get(name, (0, 0))
+            self.users[name] = (count + 1, live_count + (1 if live else 0))
 
-    def detach(self, name):
+    def detach(self, name, live=True):
         with self.lock:
-            self.users[name] = max(0, self.users.get(name, 0) - 1)
+            count, live_count = self.users.get(name, (0, 0))
+            self.users[name] = (max(0, count - 1), max(0, live_count - (1 if live else 0)))
+
+    def connections(self, name, live_only=False):
+        return self.users.get(name, (0, 0))[1 if live_only else 0]
 
     def remove_volume(self, name, with_snapshots=False):
         with self.lock:
             info = self.volume_info(name)
-            if self.users.get(name):
-                raise PoolBusyError(f"volume {name!r} is in use by {self.users[name]} NBD connection(s); "
+            if self.connections(name):
+                raise PoolBusyError(f"volume {name!r} is in use by {self.connections(name)} NBD connection(s); "
                                     "disconnect them first")
             clones = sorted(other.name for other in self.volumes.values()
                             if other.parent and other.parent["id"] == info.volume_id)

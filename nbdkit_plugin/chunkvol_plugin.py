@@ -175,13 +175,13 @@ def open(readonly):  # noqa: A001 (nbdkit's callback name)
     except errors.ChunkvolError as error:
         _fail(error)
         raise
-    state["pool"].attach(volume.info.name)
+    state["pool"].attach(volume.info.name, live=volume.point is None)
     return volume
 
 
 def close(volume):
     if state["pool"] is not None:
-        state["pool"].detach(volume.info.name)
+        state["pool"].detach(volume.info.name, live=volume.point is None)
 
 
 def export_description(volume):

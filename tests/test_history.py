@@ -202,3 +202,21 @@ def test_diff_between_points_and_against_live(pool):
         history.diff(pool, "v@a", "w@b")
     with pytest.raises(NotFoundError):
         history.diff(pool, "v@a", "nosuch@b")
+
+
+def test_rollback_waits_for_clients_of_the_live_volume(pool):
+    from chunkvol.errors import PoolBusyError
+    volume = pool.volume("v")
+    volume.write(b"1" * 4096, 0)
+    history.create_snapshot(pool, "v", "one")
+    volume.write(b"2" * 4096, 0)
+    pool.attach("v", live=False)  # a client reading a past point does not stop a rollback
+    pool.attach("v")
+    with pytest.raises(PoolBusyError, match="1 NBD connection"):
+        history.rollback(pool, "v@one")
+    with pytest.raises(PoolBusyError, match="2 NBD connection"):
+        pool.remove_volume("v", with_snapshots=True)
+    assert read(pool, "v", 4096) == b"2" * 4096
+    pool.detach("v")
+    history.rollback(pool, "v@one")
+    assert read(pool, "v", 4096) == b"1" * 4096
