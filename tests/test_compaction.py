@@ -226,3 +226,42 @@ def test_compact_cli_on_a_served_pool_while_a_client_writes(tmp_path, server_fac
     server = server_factory(path)
     assert server.connect("v").pread(VOLUME_BYTES, 0) == model
     assert server.connect("v@s").pread(VOLUME_BYTES, 0) == snapshot
+
+
+@pytest.mark.parametrize("moment", ["before-prune-record", "in-prune-checkpoint"])
+def test_kill_9_during_prune_loses_nothing(tmp_path, moment):
+    """Prune is a PRUNE record, then a checkpoint that drops the versions: dying between the
+    two, or inside the LMDB transaction, leaves every snapshot and the live volume intact."""
+    path = str(tmp_path / "pool")
+    expected = _fill(path)
+    with Pool.open(path) as pool:  # more history to release
+        volume = pool.volume("v")
+        for number in range(50):
+            volume.write(bytes([number]) * 4096, number * 4096)
+            volume.flush()
+        expected = _digests(pool)
+    target, function = (("chunkvol.history", "_log") if moment == "before-prune-record"
+                        else ("chunkvol.index.blockmap", "BlockMap._prune_groups"))
+    child = textwrap.dedent(f"""
+        import importlib, os, signal, sys
+        sys.path.insert(0, {ROOT!r})
+        from chunkvol import history
+        from chunkvol.pool import Pool
+        owner = importlib.import_module({target!r})
+        name = {function!r}
+        if "." in name:
+            owner, name = getattr(owner, name.split(".")[0]), name.split(".")[1]
+        def die(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGKILL)
+        setattr(owner, name, die)
+        pool = Pool.open({path!r})
+        history.prune(pool, "v", 0)
+        print("prune finished without reaching the kill point")
+    """)
+    result = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120)
+    assert result.returncode == -signal.SIGKILL, (result.stdout, result.stderr)
+    _check(path, expected)
+    with Pool.open(path) as pool:
+        history.prune(pool, "v", 0)
+        assert _digests(pool) == expected
+    _check(path, expected)
