@@ -23,7 +23,7 @@ from chunkvol.format import group_map
 from chunkvol.format.record import GROUP_SIZE, HEADER_SIZE, RecordType
 
 SNAPSHOT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
-TIME_POINT = re.compile(r"^(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})(\.\d{1,6})?Z$")
+TIME_POINT = re.compile(r"^(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})(\.\d{1,6})?Z(?:~(\d{1,5}))?$")
 SCAN_BATCH = 4096
 # Default retention (pool.json "retention" overrides): every flush point for an hour, then the
 # last of each hour for a day, then the last of each day for 30 days; named snapshots always.
@@ -44,8 +44,15 @@ def format_stamp(stamp):
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
+def format_point(stamp):
+    """A time that names exactly this stamp: several flush points can share a millisecond, so
+    the clock's counter follows as `~N` (`VOL@2026-11-24T15:04:05.123Z~2`)."""
+    return f"{format_stamp(stamp)}~{stamp & ((1 << COUNTER_BITS) - 1)}"
+
+
 def stamp_of_time(text):
-    """The largest stamp inside the UTC moment `text` (to the millisecond)."""
+    """The largest stamp inside the UTC moment `text` (to the millisecond), or exactly the
+    stamp `TIME~N` names."""
     match = TIME_POINT.match(text)
     if not match:
         raise UsageError(f"{text!r} is not a UTC time like 2026-11-24T15:04:05Z")
@@ -55,6 +62,11 @@ def stamp_of_time(text):
         raise UsageError(f"{text!r} is not a valid time") from None
     fraction = match.group(2) or ""
     millis = int(moment.timestamp()) * 1000 + (int((fraction[1:] + "000")[:3]) if fraction else 0)
+    if match.group(3) is not None:
+        counter = int(match.group(3))
+        if counter >= 1 << COUNTER_BITS:
+            raise UsageError(f"{text!r}: the counter after ~ must be below {1 << COUNTER_BITS}")
+        return (millis << COUNTER_BITS) | counter
     return (millis << COUNTER_BITS) | ((1 << COUNTER_BITS) - 1)
 
 
@@ -77,7 +89,7 @@ def resolve_point(pool, spec):
     """The Point a spec names. Hold the pool lock."""
     name, what = split_point(spec)
     info = pool.volume_info(name)
-    if "T" in what and what.endswith("Z") and ":" in what:
+    if "T" in what and ":" in what:
         bound = stamp_of_time(what)
         if hlc_to_seconds(bound) > time.time() + 1:
             raise UsageError(f"{spec}: that time is in the future")
@@ -321,7 +333,8 @@ def _roll_back_groups(pool, info, target_stamp, stamp, node):
 def history_rows(pool, volume_name):
     with pool.lock:
         info = pool.volume_info(volume_name)
-        rows = [{"stamp": stamp, "time": format_stamp(stamp), "bytes_written": written}
+        rows = [{"stamp": stamp, "time": format_stamp(stamp), "point": f"{volume_name}@{format_point(stamp)}",
+                 "bytes_written": written}
                 for stamp, written, _ in pool.blockmap.history(info.volume_id)]
     return rows
 

@@ -5,6 +5,7 @@ Each takes the open pool and JSON-able keyword arguments and returns a JSON-able
 """
 
 from chunkvol import compaction, history
+from chunkvol.errors import AlreadyExistsError, UsageError
 
 
 def volume_create(pool, name, size, compression="none"):
@@ -22,12 +23,20 @@ def volume_remove(pool, name, with_snapshots=False):
 
 def snapshot_create(pool, points):
     """Several snapshots in one call: `chunkvol snapshot create v@a v@b ...`."""
-    made = []
-    for point in points:
-        volume, name = history.split_point(point)
-        snapshot = history.create_snapshot(pool, volume, name)
-        made.append({"point": point, "stamp": snapshot["stamp"], "time": history.format_stamp(snapshot["stamp"])})
-    return made
+    with pool.lock:  # all or none: every name is checked before the first is taken
+        wanted = [history.split_point(point) for point in points]
+        for volume, name in wanted:
+            history.validate_snapshot_name(name)
+            if name in pool.snapshots.get(pool.volume_info(volume).volume_id, {}):
+                raise AlreadyExistsError(f"volume {volume!r} already has a snapshot {name!r}")
+        if len(set(wanted)) != len(wanted):
+            raise UsageError("the same snapshot is named twice")
+        made = []
+        for volume, name in wanted:
+            snapshot = history.create_snapshot(pool, volume, name)
+            made.append({"point": f"{volume}@{name}", "stamp": snapshot["stamp"],
+                         "time": history.format_stamp(snapshot["stamp"])})
+        return made
 
 
 def snapshot_remove(pool, point):
@@ -39,7 +48,7 @@ def snapshot_remove(pool, point):
 def snapshot_rollback(pool, point):
     target, before, after = history.rollback(pool, point)
     return {"point": point, "target_stamp": target.stamp, "before_stamp": before, "rollback_stamp": after,
-            "undo_with": f"{target.info.name}@{history.format_stamp(before)}"}
+            "undo_with": f"{target.info.name}@{history.format_point(before)}"}
 
 
 def snapshot_clone(pool, point, name):

@@ -216,6 +216,7 @@ class Pool:
         self.recovery = result
         self.records_replayed += self._replayed_now
         self.writer = LogWriter(self.chunks, self.files, result.end_address, self._next_stamp)
+        self.committed_stamp = max(self.committed_stamp, self.clock.last)  # every version is at or before it
         if not self.readonly and (result.records_applied or result.requests_discarded or checkpoint is None):
             try:
                 self._flush_locked()

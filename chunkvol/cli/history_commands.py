@@ -1,5 +1,6 @@
 """`chunkvol history`, `chunkvol snapshot ...` and `chunkvol prune`: a volume's past."""
 
+import contextlib
 import json
 import os
 import sys
@@ -86,7 +87,7 @@ def history_command(arguments):
         return
     print(f"{'TIME (UTC)':<25} {'WRITTEN':>11}  POINT")
     for row in rows:
-        print(f"{row['time']:<25} {format_size(row['bytes_written']):>11}  {arguments.volume}@{row['time']}")
+        print(f"{row['time']:<25} {format_size(row['bytes_written']):>11}  {row['point']}")
 
 
 def create_command(arguments):
@@ -141,10 +142,15 @@ def export_command(arguments):
     with open_pool_for_reading(arguments.pool) as pool:
         if out is None:
             temporary = arguments.file + ".part"
-            with open(temporary, "wb") as out_file, progress_bar(None, "exporting") as advance:
-                stats = diff_transfer.export_diff(pool, arguments.point, from_spec, out_file, advance)
-                out_file.flush()
-                os.fsync(out_file.fileno())
+            try:
+                with open(temporary, "wb") as out_file, progress_bar(None, "exporting") as advance:
+                    stats = diff_transfer.export_diff(pool, arguments.point, from_spec, out_file, advance)
+                    out_file.flush()
+                    os.fsync(out_file.fileno())
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(temporary)
+                raise
             os.rename(temporary, arguments.file)  # a finished stream or none
         else:
             stats = diff_transfer.export_diff(pool, arguments.point, from_spec, out)
