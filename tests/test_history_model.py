@@ -6,8 +6,9 @@ clones), the bytes of every snapshot at its creation, and the bytes of the point
 each rollback (readable as `VOL@TIME~N`, the undo that rollback prints). Operations: writes of
 any offset and length, zero, trim, flush, snapshot create and remove (refused while a clone
 hangs from it), rollback to a snapshot or to a pre-rollback point, clone a snapshot (then write
-to the clone), prune with keep 0, diff (two points, or a point and the live volume), clean
-reopen, crash (kill -9: the unflushed tail may be lost) and block-map rebuild.
+to the clone), prune with keep 0, diff (two points, or a point and the live volume), compaction
+(after rewrites that leave a sealed chunk mostly dead), clean reopen, crash (kill -9: the
+unflushed tail may be lost) and block-map rebuild (through compaction's base, once compacted).
 
 Checked after every step: every live volume equals the model; every snapshot and tracked
 past point equals its bytes at creation (they never change, whatever happens to the live
@@ -28,7 +29,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from chunkvol import history
+from chunkvol import compaction, history
 from chunkvol.errors import AlreadyExistsError, ReadOnlyError, UsageError
 from chunkvol.pool import Pool
 
@@ -92,6 +93,7 @@ class HistoryMachine(RuleBasedStateMachine):
         self.time_points = {}   # "VOL@TIME~N" -> bytes (the content just before a rollback), oldest first
         self.parents = {}       # clone -> (volume, snapshot) it hangs from
         self.counter = 0
+        self.compactions = 0
         self._flushed()
 
     def teardown(self):
@@ -304,6 +306,28 @@ class HistoryMachine(RuleBasedStateMachine):
             new = points[end]
         ranges = history.diff(self.pool, start, end)
         _check_diff(ranges, points[start], new, f"diff {start} {end or name}")
+
+    # ---- compaction ---------------------------------------------------------------------
+    @precondition(lambda self: self.pool is not None and self.compactions < 1)
+    @rule(data=st.data())
+    def compact(self, data):
+        """Rewrite a volume with its own content until a chunk is sealed full of records no
+        flush point kept (only the last rewrite is sealed), then compact: nothing any point
+        reads may change (the invariants check every one, and later steps rebuild the map)."""
+        self.compactions += 1
+        name = data.draw(st.sampled_from(self._names()), label="volume")
+        volume = self._volume(name)
+        content = bytes(self.live[name])
+        first_chunk = self.pool.writer.position >> 40
+        for _ in range(64):
+            if (self.pool.writer.position >> 40) > first_chunk + 1:
+                break
+            volume.write(content, 0)
+        volume.flush()
+        self._flushed()
+        report = compaction.compact(self.pool, min_dead=0.5)
+        assert not report["skipped"], report
+        assert set(report["victims"]).isdisjoint(self.pool.chunks.ids())
 
     # ---- the pool: reopen, crash, rebuild ---------------------------------------------
     @rule()
