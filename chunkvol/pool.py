@@ -317,7 +317,10 @@ class Pool:
                 self._checkpoint_locked()
                 if time.monotonic() - self.last_retention_time >= history.RETENTION_INTERVAL:
                     self.last_retention_time = time.monotonic()
-                    history.apply_retention(self)
+                    try:
+                        history.apply_retention(self)
+                    except ChunkvolError as error:  # the flush itself succeeded: say so, retry later
+                        self.notes.append(f"retention pass failed: {error}")
 
     def _flush_locked(self, durable=None):
         """A flush point; returns its stamp (the last one's when nothing changed since)."""

@@ -220,3 +220,24 @@ def test_rollback_waits_for_clients_of_the_live_volume(pool):
     pool.detach("v")
     history.rollback(pool, "v@one")
     assert read(pool, "v", 4096) == b"1" * 4096
+
+
+def test_a_failed_retention_pass_does_not_fail_the_flush(pool, monkeypatch):
+    """The server's periodic retention runs inside a flush: if it fails (a full disk), the
+    flush still succeeds (its data is durable) and the failure is noted for `status`."""
+    from chunkvol.errors import OutOfSpaceError
+    from chunkvol import pool as pool_module
+
+    def fail(_pool, now=None):
+        raise OutOfSpaceError("no space for the PRUNE record")
+
+    monkeypatch.setattr(history, "apply_retention", fail)
+    monkeypatch.setattr(pool_module, "CHECKPOINT_SECONDS", 0.0)
+    pool.last_retention_time = time.monotonic() - history.RETENTION_INTERVAL - 1
+    volume = pool.volume("v")
+    volume.write(b"r" * 4096, 0)
+    volume.flush()
+    assert any("retention pass failed" in note for note in pool.notes)
+    pool = reopen(pool)
+    assert read(pool, "v", 4096) == b"r" * 4096
+    pool.close()

@@ -32,19 +32,13 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from chunkvol import compaction, history
 from chunkvol.errors import AlreadyExistsError, ReadOnlyError, UsageError
 from chunkvol.pool import Pool
+from tests.test_model import _crash
 
 VOLUME_BYTES = 1 << 20
 BLOCK = 4096
 MAX_SNAPSHOTS = 8       # live snapshots over all volumes
 MAX_CLONES = 2
 MAX_TIME_POINTS = 4     # pre-rollback points tracked at once
-
-
-def _crash(pool):
-    """What kill -9 leaves: nothing drained, checkpointed or closed; just drop the process's
-    resources (the buffer is process memory)."""
-    pool.writer.used = 0
-    pool._release()
 
 
 def _read_all(volume, size=VOLUME_BYTES):
