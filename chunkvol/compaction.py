@@ -27,7 +27,6 @@ from chunkvol.errors import ChunkvolError, CorruptionError, FormatError
 from chunkvol.format import base as base_format
 from chunkvol.format import chunk_header, group_map
 from chunkvol.format import checkpoint as checkpoint_format
-from chunkvol.format.checkpoint import Checkpoint
 from chunkvol.format import record
 from chunkvol.format.record import CHECKSUM_BYTES, FLAG_RELOCATED, FLAG_ZSTD, HEADER_SIZE, RAW_BLOCK_BYTES, RecordType
 from chunkvol.index.blockmap import CHECKPOINT_KEY
@@ -151,10 +150,9 @@ def _copy_one(pool, chunk_id, offset, stored):
 
 def _point_map_at_copies(pool, remap):
     """Step 3, under the lock: every version that names a moved record names its copy."""
-    pool._checkpoint_locked()
+    pool._checkpoint_locked()  # the map is at the log's end: the remap changes only addresses
     blockmap = pool.blockmap
     blockmap._drop_reader()
-    position = pool.writer.position
     try:
         with blockmap.env.begin(write=True) as txn:
             cursor = txn.cursor(db=blockmap.groups_db)
@@ -166,16 +164,9 @@ def _point_map_at_copies(pool, remap):
                     updates.append((bytes(raw_key), group_map.encode_state((slots, moved), raw_key)))
             for raw_key, value in updates:
                 txn.put(raw_key, value, db=blockmap.groups_db)
-            checkpoint = _checkpoint_now(pool, position)
-            txn.put(CHECKPOINT_KEY, checkpoint_format.encode(checkpoint), db=blockmap.meta_db)
     except lmdb.Error as error:
         raise ChunkvolError(f"compaction could not update the block map ({error}); nothing was freed") from None
     blockmap.overlay.clear()  # a cache of states that may name the originals
-
-
-def _checkpoint_now(pool, position):
-    return Checkpoint(pool.pool_uuid, position, pool.next_sequence, pool.clock.last, pool.next_volume_id,
-                      pool.records_replayed + pool._replayed_now)
 
 
 # ---- the base -------------------------------------------------------------------------------

@@ -22,13 +22,11 @@ def export_diff(pool, to_spec, from_spec, out, progress=lambda count: None):
             raise UsageError(f"{from_spec} and {to_spec} are points of different volumes")
         if start is not None and start.stamp > end.stamp:
             raise UsageError(f"{from_spec} is later than {to_spec}")
+        view = pool.volume(to_spec)
         if start is not None:
             changes = history.diff(pool, from_spec, to_spec)
         else:
-            view = pool.volume(to_spec)
-            changes = [(offset, length, kind == 0) for offset, length, kind in _all_extents(view)
-                       if kind == 0]
-        view = pool.volume(to_spec)
+            changes = [(offset, length, True) for offset, length, kind in _all_extents(view) if kind == 0]
     description = {"volume": end.info.name, "size": end.size_bytes, "pool_uuid": pool.pool_uuid.hex(),
                    "from": start.snapshot if start else None, "to": end.snapshot,
                    "from_stamp": start.stamp if start else 0, "to_stamp": end.stamp}

@@ -18,9 +18,10 @@ from datetime import datetime, timezone
 from typing import NamedTuple
 
 from chunkvol.clock import COUNTER_BITS, hlc_to_seconds
-from chunkvol.errors import AlreadyExistsError, NotFoundError, PoolBusyError, UsageError
+from chunkvol.errors import AlreadyExistsError, CorruptionError, NotFoundError, PoolBusyError, UsageError
 from chunkvol.format import group_map
 from chunkvol.format.record import GROUP_SIZE, HEADER_SIZE, RecordType
+from chunkvol.space import live_groups
 
 SNAPSHOT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
 TIME_POINT = re.compile(r"^(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})(\.\d{1,6})?Z(?:~(\d{1,5}))?$")
@@ -284,7 +285,6 @@ def apply_record(pool, record_type, volume_id, payload, stamp, node):
     try:
         description = json.loads(payload)
     except ValueError:
-        from chunkvol.errors import CorruptionError
         pool.damage.append(CorruptionError(f"history record of volume id {volume_id} is not JSON"))
         return
     info = pool.volumes_by_id[volume_id]
@@ -402,7 +402,7 @@ def history_space(pool):
         per_volume = {}
         for name, info in sorted(pool.volumes.items()):
             live = set()
-            for _, state in _live_states(pool, info):
+            for _, state in live_groups(pool, info.volume_id):
                 live.update(ref[0] for ref in state[1])
             history_only = 0
             for _, _, (_, refs) in pool.blockmap.versions_of(info.volume_id):
@@ -414,11 +414,6 @@ def history_space(pool):
             per_volume[name] = {"history_bytes": history_only,
                                 "snapshots": len(pool.snapshots.get(info.volume_id, {}))}
         return per_volume, sum(referenced.values())
-
-
-def _live_states(pool, info):
-    from chunkvol.space import live_groups
-    return live_groups(pool, info.volume_id)
 
 
 def diff(pool, spec_from, spec_to=None):
