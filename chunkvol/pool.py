@@ -88,10 +88,13 @@ class VolumeInfo:
         return info
 
 
+CACHE_MODES = ("writeback", "none")
+
+
 class Pool:
     """An opened pool. Use `Pool.create` then `Pool.open`; close it (or use `with`)."""
 
-    def __init__(self, path, fields, files, readonly, index_path=None):
+    def __init__(self, path, fields, files, readonly, index_path=None, cache=None):
         self.path = path
         self.index_path = index_path or os.path.join(path, "index")
         # A read-only pool may still build a block map of its own elsewhere (`check`).
@@ -103,6 +106,7 @@ class Pool:
         self.node_id = fields["node_id"]
         self.chunk_size = fields["chunk_size"]
         self.chunk_dirs = [os.path.join(path, d) for d in fields["chunk_dirs"]]
+        self.cache = cache or fields.get("cache", "writeback")
         self.lock = threading.RLock()
         self.clock = HybridClock()
         self.volumes = {}
@@ -129,7 +133,8 @@ class Pool:
 
     # ---- creating and opening -----------------------------------------------------
     @classmethod
-    def create(cls, path, chunk_size=DEFAULT_CHUNK_SIZE, chunk_dirs=None, files=None, node_id=None):
+    def create(cls, path, chunk_size=DEFAULT_CHUNK_SIZE, chunk_dirs=None, files=None, node_id=None,
+               cache="writeback"):
         files = files or LocalFiles()
         path = os.path.abspath(path)
         if os.path.exists(os.path.join(path, "pool.json")):
@@ -138,6 +143,8 @@ class Pool:
             raise UsageError("chunk size must be between 16M and 512G")
         if chunk_size % BLOCK_SIZE:
             raise UsageError("chunk size must be a multiple of 4096")
+        if cache not in CACHE_MODES:
+            raise UsageError(f"cache must be one of {', '.join(CACHE_MODES)}")
         try:
             os.makedirs(path, exist_ok=True)
         except (FileExistsError, NotADirectoryError):
@@ -157,6 +164,8 @@ class Pool:
             "chunk_dirs": directories,
             "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         }
+        if cache != "writeback":
+            fields["cache"] = cache
         files.publish(os.path.join(path, "pool.json"), pool_metadata.encode(fields))
         return path
 
@@ -169,12 +178,16 @@ class Pool:
         return pool_metadata.decode(files.read_file(metadata_path), metadata_path)
 
     @classmethod
-    def open(cls, path, readonly=False, files=None, index_path=None):
+    def open(cls, path, readonly=False, files=None, index_path=None, cache=None):
         """Open a pool. `readonly`: no lock, nothing written to the log (a server may be
-        running). `index_path`: build the block map there instead of POOL/index."""
+        running). `index_path`: build the block map there instead of POOL/index. `cache`:
+        "writeback" (log writes go through the page cache) or "none" (O_DIRECT, as qemu's
+        cache=none); None takes the pool's setting (pool.json "cache", default writeback)."""
         files = files or LocalFiles()
         path = os.path.abspath(path)
-        pool = cls(path, cls.read_metadata(path, files), files, readonly, index_path)
+        if cache not in (None,) + CACHE_MODES:
+            raise UsageError(f"cache must be one of {', '.join(CACHE_MODES)}")
+        pool = cls(path, cls.read_metadata(path, files), files, readonly, index_path, cache)
         try:
             pool._open()
         except BaseException:
@@ -215,7 +228,8 @@ class Pool:
         self.damage = result.damage
         self.recovery = result
         self.records_replayed += self._replayed_now
-        self.writer = LogWriter(self.chunks, self.files, result.end_address, self._next_stamp)
+        self.writer = LogWriter(self.chunks, self.files, result.end_address, self._next_stamp,
+                                direct=not self.readonly and self.cache == "none")
         self.committed_stamp = max(self.committed_stamp, self.clock.last)  # every version is at or before it
         if not self.readonly and (result.records_applied or result.requests_discarded or checkpoint is None):
             try:
@@ -253,6 +267,8 @@ class Pool:
         self.lock_fd = take_pool_lock(self.path)
 
     def _release(self):
+        if self.writer is not None:
+            self.writer.close()
         if self.blockmap is not None:
             self.blockmap.close()
             self.blockmap = None
@@ -270,6 +286,7 @@ class Pool:
                 if not self.readonly and self.writer.failure is None:
                     self._flush_locked()
                     self._checkpoint_locked()
+                    self.writer.trim_padding()
             except OutOfSpaceError:
                 pass  # the log is intact; the next open replays its tail
             finally:

@@ -50,7 +50,7 @@ PAGE = 4096
 SECTOR = 512
 
 # Seam methods FaultyFiles models (overrides) or knows to be harmless (reads, listings).
-MODELLED = {"open_read", "open_write", "close", "pread", "preadv", "pwrite", "fdatasync", "fsync",
+MODELLED = {"open_read", "open_write", "open_direct", "close", "pread", "preadv", "pwrite", "fdatasync", "fsync",
             "truncate", "size", "fsync_directory", "listdir", "remove", "rename", "read_file",
             "publish", "preallocate"}
 
@@ -243,6 +243,20 @@ class FaultyFiles(LocalFiles):
 
     def open_read(self, path):
         fd = super().open_read(path)
+        return fd
+
+    def open_direct(self, path):
+        """The writer's O_DIRECT descriptor: modelled as a plain one on the same file (same
+        durability rules); real alignment is exercised by the tests on LocalFiles."""
+        fd = super().open_write(path)
+        if self._tracked(path):
+            directory, name = os.path.split(os.path.abspath(path))
+            state = self._dir(directory)
+            file_state = state.current.get(name)
+            if file_state is None:
+                file_state = state.current[name] = FileState(os.path.abspath(path))
+                state.durable[name] = file_state
+            self.fds[fd] = file_state
         return fd
 
     def close(self, fd):
@@ -557,10 +571,10 @@ def unmodelled_seam_methods():
 
 
 def make_pool(path, chunk_size=16 << 20, volume_size=64 << 20, compression="none", name="disk0",
-              chunk_dirs=None):
+              chunk_dirs=None, cache="writeback"):
     """A pool with one volume, made in-process (no CLI), closed cleanly."""
     from chunkvol.pool import Pool
-    Pool.create(path, chunk_size=chunk_size, chunk_dirs=chunk_dirs)
+    Pool.create(path, chunk_size=chunk_size, chunk_dirs=chunk_dirs, cache=cache)
     with Pool.open(path) as pool:
         pool.create_volume(name, volume_size, compression)
     return str(path)

@@ -161,6 +161,34 @@ def test_created_volumes_are_served(tmp_path, server_factory):
     assert server.connect("disk0").get_size() == 64 * MiB
 
 
+def test_cache_none_is_kept_in_the_pool_and_served(tmp_path, server_factory):
+    """`init --cache none`: the log is written with O_DIRECT; pool.json and status say so;
+    data written through a server reads back after a kill -9 and a clean restart. The
+    plugin's cache= key overrides the pool's setting; a wrong value is refused."""
+    path = str(tmp_path / "pool")
+    chunkvol("--pool", path, "init", "--chunk-size", "16M", "--cache", "none")
+    assert metadata(path)["cache"] == "none"
+    chunkvol("--pool", path, "volume", "create", "disk0", "--size", "64M")
+    assert json.loads(chunkvol("--pool", path, "status", "--json").stdout)["cache"] == "none"
+    data = os.urandom(3 * MiB + 1000)
+    server = server_factory(path)
+    handle = server.connect("disk0")
+    handle.pwrite(data, 12345)
+    handle.flush()
+    server.kill()
+    server = server_factory(path, "cache=writeback")
+    handle = server.connect("disk0")
+    assert handle.pread(len(data), 12345) == data
+    handle.pwrite(b"x" * 5000, 7)
+    handle.flush()
+    handle.shutdown()
+    server.stop()
+    result = subprocess.run([CHUNKVOL, "--pool", path, "serve", "--socket", str(tmp_path / "s"), "--cache", "some"],
+                            capture_output=True, text=True, env=ENVIRONMENT)
+    assert result.returncode == 2 and "--cache" in result.stderr
+    assert_error(chunkvol("--pool", str(tmp_path / "other"), "init", "--cache", "direct", check=False), 2, "cache")
+
+
 BAD_SIZES = ["12Q", "-1", "0", "4097", "1.5G", "", " ", "64 M B", "2P", "0x1000", "1e6", "-4096"]
 
 

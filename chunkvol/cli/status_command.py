@@ -39,6 +39,7 @@ def collect(pool):
         "pool_uuid": pool.pool_uuid.hex(),
         "node_id": pool.node_id,
         "chunk_size": pool.chunk_size,
+        "cache": pool.cache,
         "log": {"chunk": chunk_id, "offset": offset, "written_bytes": written, "live_bytes": live,
                 "history_bytes": max(0, referenced - live), "referenced_bytes": referenced,
                 "reclaimable_bytes": max(0, written - referenced), "next_sequence": pool.next_sequence,
@@ -59,7 +60,8 @@ def status_command(arguments):
         print(json.dumps(report, indent=2))
         return
     log = report["log"]
-    print(f"pool {report['pool']}  node {report['node_id']}  chunks of {format_size(report['chunk_size'])}")
+    print(f"pool {report['pool']}  node {report['node_id']}  chunks of {format_size(report['chunk_size'])}  "
+          f"cache {report['cache']}")
     print(f"log: at chunk {log['chunk']} offset {log['offset']}; written {format_size(log['written_bytes'])}: "
           f"live {format_size(log['live_bytes'])}, history {format_size(log['history_bytes'])}, "
           f"reclaimable {format_size(log['reclaimable_bytes'])} (`chunkvol compact`)")

@@ -30,6 +30,7 @@ from chunkvol.format import record
 from chunkvol.format.record import (BLOCK_SIZE, COMMIT_PAYLOAD, FLAG_MORE, FLAG_RELOCATED, GROUP_SIZE, HEADER_SIZE,
                                     RecordType)
 from chunkvol.log.reader import ChunkScan, find_next_header
+from chunkvol.log.writer import PAGE
 
 
 class RecoveryResult(NamedTuple):
@@ -113,11 +114,21 @@ def recover(chunks, start_address, apply, writable=True, volume_sizes=None):
             else:
                 offset = resync
             continue
+        # A writer with cache=none pads its last page with zeros: cut, but not a torn write.
+        cut = 0 if not later and _zero_padding(chunks, chunk_id, stop) else address(chunk_id, stop)
         if writable:
             chunks.truncate(chunk_id, stop)
             for other in later:
                 chunks.remove(other)
-        return _end(chunks, requests, address(chunk_id, stop), damage, address(chunk_id, stop), writable)
+        return _end(chunks, requests, address(chunk_id, stop), damage, cut, writable)
+
+
+def _zero_padding(chunks, chunk_id, stop):
+    """True when the file from `stop` is zeros up to a page boundary within one page."""
+    size = chunks.get(chunk_id).size_bytes
+    if size % PAGE or not 0 < size - stop < PAGE:
+        return False
+    return not chunks.pread(chunk_id, size - stop, stop).strip(b"\x00")
 
 
 def _end(chunks, requests, end_address, damage, cut_address, writable):

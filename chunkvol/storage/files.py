@@ -47,6 +47,17 @@ class LocalFiles:
         flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT | os.O_EXCL if create else 0)
         return os.open(path, flags, 0o644)
 
+    def open_direct(self, path):
+        """A second descriptor of a file for writes that bypass the page cache (O_DIRECT:
+        page-aligned memory, offsets and lengths), or None where the filesystem refuses
+        O_DIRECT (tmpfs): the caller then writes through its ordinary descriptor."""
+        try:
+            return os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_DIRECT)
+        except OSError as error:
+            if error.errno == errno.EINVAL:
+                return None
+            raise
+
     def close(self, fd):
         os.close(fd)
 

@@ -109,7 +109,8 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
 
 def chunkvol_servers(arguments: argparse.Namespace) -> list[Server]:
     servers = [Chunkvol("chunkvol-none", "none", arguments.chunkvol_arg),
-               Chunkvol("chunkvol-zstd", "zstd", arguments.chunkvol_arg)]
+               Chunkvol("chunkvol-zstd", "zstd", arguments.chunkvol_arg),
+               Chunkvol("chunkvol-direct", "none", arguments.chunkvol_arg + ["cache=none"])]
     for variant in arguments.chunkvol_variant:
         name, _, keys = variant.partition(":")
         settings = dict(pair.split("=", 1) for pair in keys.split(",") if pair)
