@@ -44,6 +44,7 @@ from chunkvol.storage.files import LocalFiles
 DEFAULT_CHUNK_SIZE = 8 << 30
 CHECKPOINT_GROUPS = 16384      # unsaved group versions that force a checkpoint (memory bound)
 AUTO_FLUSH_GROUPS = 16384      # unsealed groups that force a flush point (1 GiB of data)
+AUTO_FLUSH_BYTES = 64 << 20    # bytes written since the last flush point that force one
 CHECKPOINT_SECONDS = 30.0
 VOLUME_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
 COMPRESSIONS = ("none", "zstd")
@@ -107,6 +108,7 @@ class Pool:
         self.chunk_size = fields["chunk_size"]
         self.chunk_dirs = [os.path.join(path, d) for d in fields["chunk_dirs"]]
         self.cache = cache or fields.get("cache", "writeback")
+        self.role = fields.get("role", "primary")
         self.lock = threading.RLock()
         self.clock = HybridClock()
         self.volumes = {}
@@ -114,6 +116,7 @@ class Pool:
         self.snapshots = {}  # volume_id -> {name: {"name", "stamp", "size", "created"}}
         self.users = {}  # volume name -> (open NBD connections to it or its points, to it live)
         self.next_sequence = 1
+        self.origins = {}  # other node -> greatest origin sequence of its records in our log
         self.next_volume_id = 1
         self.records_replayed = 0
         self._replayed_now = 0
@@ -134,7 +137,8 @@ class Pool:
     # ---- creating and opening -----------------------------------------------------
     @classmethod
     def create(cls, path, chunk_size=DEFAULT_CHUNK_SIZE, chunk_dirs=None, files=None, node_id=None,
-               cache="writeback"):
+               cache="writeback", pool_uuid=None, mirror_of=None):
+        """`pool_uuid` and `mirror_of` (the source's node id) make a mirror of another pool."""
         files = files or LocalFiles()
         path = os.path.abspath(path)
         if os.path.exists(os.path.join(path, "pool.json")):
@@ -158,7 +162,7 @@ class Pool:
                 raise UsageError(f"cannot create chunk directory {absolute}: a file is in the way") from None
             directories.append(directory if not os.path.isabs(directory) else absolute)
         fields = {
-            "pool_uuid": uuid.uuid4().hex,
+            "pool_uuid": pool_uuid.hex() if pool_uuid else uuid.uuid4().hex,
             "node_id": node_id or (int.from_bytes(os.urandom(4), "little") or 1),
             "chunk_size": chunk_size,
             "chunk_dirs": directories,
@@ -166,6 +170,8 @@ class Pool:
         }
         if cache != "writeback":
             fields["cache"] = cache
+        if mirror_of is not None:
+            fields["role"], fields["mirror_of"] = "mirror", mirror_of
         files.publish(os.path.join(path, "pool.json"), pool_metadata.encode(fields))
         return path
 
@@ -219,6 +225,7 @@ class Pool:
             self.clock.observe(checkpoint.max_hlc)
             self.next_volume_id = checkpoint.next_volume_id
             self.records_replayed = checkpoint.records_replayed
+            self.origins = self.blockmap.read_origins()
         for info in self.blockmap.stored_volumes():
             self._add_volume(VolumeInfo.from_dict(info), persist=False)
         for volume_id, snapshot in self.blockmap.stored_snapshots():
@@ -332,7 +339,8 @@ class Pool:
             if (self.blockmap.unsaved >= CHECKPOINT_GROUPS
                     or time.monotonic() - self.last_checkpoint_time >= CHECKPOINT_SECONDS):
                 self._checkpoint_locked()
-                if time.monotonic() - self.last_retention_time >= history.RETENTION_INTERVAL:
+                if (time.monotonic() - self.last_retention_time >= history.RETENTION_INTERVAL
+                        and self.role != "mirror"):  # a mirror prunes when its source does
                     self.last_retention_time = time.monotonic()
                     try:
                         history.apply_retention(self)
@@ -360,7 +368,8 @@ class Pool:
             self._flush_locked()
         self.writer.sync()
         self.blockmap.checkpoint(Checkpoint(self.pool_uuid, self.writer.position, self.next_sequence,
-                                            self.clock.last, self.next_volume_id, self.records_replayed))
+                                            self.clock.last, self.next_volume_id, self.records_replayed),
+                                 self.origins)
         self.last_checkpoint_time = time.monotonic()
 
     @contextlib.contextmanager
@@ -382,19 +391,30 @@ class Pool:
             self.blockmap.undo = None
 
     def maybe_auto_flush(self):
-        """Bound memory when a client never flushes: make a flush point of our own."""
-        if len(self.blockmap.dirty) >= AUTO_FLUSH_GROUPS:
+        """Bound memory when a client never flushes: make a flush point of our own. Also
+        every AUTO_FLUSH_BYTES written, so a mirror's batch (one flush interval) is bounded."""
+        blockmap = self.blockmap
+        if len(blockmap.dirty) >= AUTO_FLUSH_GROUPS:
             self._flush_locked()
             self._checkpoint_locked()
+        elif sum(blockmap.written.values()) >= AUTO_FLUSH_BYTES:
+            self._flush_locked()
 
     # ---- applying records (live and replay share this) ----------------------------
     def _apply_replayed(self, address, header, payload):
         self._replayed_now += 1
+        self._apply_record(address, header, payload)
+
+    def _apply_record(self, address, header, payload):
+        """One record of the log, replayed or received from another node (mirror/receiver.py)."""
         record_type, flags, volume_id, stored_length, node, sequence, hlc, offset_bytes, length_bytes, _ = header
         if hlc > self.clock.last:
             self.clock.last = hlc
-        if node == self.node_id and sequence >= self.next_sequence:
-            self.next_sequence = sequence + 1
+        if node == self.node_id:
+            if sequence >= self.next_sequence:
+                self.next_sequence = sequence + 1
+        elif sequence > self.origins.get(node, 0):
+            self.origins[node] = sequence
         if record_type == RecordType.EXTENT:
             if volume_id in self.volumes_by_id:
                 self._map_extent(volume_id, offset_bytes, length_bytes,
@@ -429,7 +449,7 @@ class Pool:
                 self.files.fdatasync(self.chunks.get(other).fd)
         self.blockmap.checkpoint(Checkpoint(self.pool_uuid, next_address, self.next_sequence,
                                             self.clock.last, self.next_volume_id,
-                                            self.records_replayed + self._replayed_now))
+                                            self.records_replayed + self._replayed_now), self.origins)
 
     def _map_extent(self, volume_id, offset_bytes, length_bytes, ref, hlc, node):
         """Blocks [offset, offset+length) of one group now live in record `ref`."""
@@ -574,7 +594,13 @@ class Pool:
             with self.lock:
                 point = history.resolve_point(self, name)
             return Volume(self, point.info, readonly=True, point=point)
-        return Volume(self, self.volume_info(name), readonly=readonly or self.readonly)
+        return Volume(self, self.volume_info(name), readonly=readonly or self.readonly or self.role == "mirror")
+
+    def check_changeable(self):
+        """A mirror takes changes only from its source (records it receives)."""
+        if self.role == "mirror":
+            raise ReadOnlyError(f"this pool is a mirror of node {self.fields.get('mirror_of')}: it changes only "
+                                "through what its source ships (`chunkvol mirror promote` makes it writable)")
 
 
 def take_pool_lock(path):

@@ -20,12 +20,14 @@ class ChunkScan:
     into the current window: copy them to keep them.
     """
 
-    def __init__(self, chunks, chunk_id, offset, verify_payloads=True, end_offset=None):
+    def __init__(self, chunks, chunk_id, offset, verify_payloads=True, end_offset=None, keep_raw=False):
         self.chunks = chunks
         self.chunk = chunks.get(chunk_id)
         self.offset = offset
         self.end_offset = self.chunk.size_bytes if end_offset is None else end_offset
         self.verify_payloads = verify_payloads
+        self.keep_raw = keep_raw  # set `raw` to the whole record's bytes (a view) at each step
+        self.raw = None
         self.stop_offset = None
         self.stop_error = None
         self.sealed = False
@@ -67,6 +69,8 @@ class ChunkScan:
                 except CorruptionError as error:
                     self._stop(position, error)
                     return
+            if self.keep_raw:
+                self.raw = view[local:local + size]
             yield position, header, payload
             position += size
             if header[0] == RecordType.SEAL:

@@ -13,6 +13,7 @@ that all of chunk N was durable.
 
 import errno
 import mmap
+from concurrent.futures import ThreadPoolExecutor
 
 from chunkvol.errors import CorruptionError, DeviceFailedError, OutOfSpaceError
 from chunkvol.format import chunk_header
@@ -33,7 +34,14 @@ class LogWriter:
     page boundary of the file: a drain writes up to the next page boundary with the rest of
     the last page zeroed (no stale bytes that could parse as a record), and that partial
     page stays at the front of the buffer, to be written again, extended, by the next drain.
-    Rewriting it cannot hurt what was durable: its old bytes are the same in both versions."""
+    Rewriting it cannot hurt what was durable: its old bytes are the same in both versions.
+
+    A direct drain of a full buffer runs on a background thread while appends fill a second
+    buffer (the GIL is released in pwrite), so the disk's write time overlaps the CPU work of
+    the next MiB. Only one write is in flight; anything that needs the file as it is (a
+    read of those bytes, sync, a chunk switch, a roll-back) waits for it first. A background
+    write that fails makes the pool refuse writes (DeviceFailedError): blocks were reserved
+    by fallocate before it started, so a full disk shows up before, synchronously."""
 
     def __init__(self, chunks, files, end_address, stamp_source, direct=False):
         """`end_address` is where the next record goes (from recovery); `stamp_source()`
@@ -45,6 +53,9 @@ class LogWriter:
         self.direct_fd = None
         self.buffer = mmap.mmap(-1, BUFFER_BYTES + HEADER_SIZE + MAX_PAYLOAD + 2 * PAGE)
         self.view = memoryview(self.buffer)
+        self.spare = None  # the second buffer of a direct writer, made on first use
+        self.inflight = None  # (future, chunk id, start offset, view, padded view, fd) of a background write
+        self.executor = None
         self.room = len(self.buffer) - PAGE  # what a drain pads to a page boundary must fit
         self.zeros = memoryview(bytes(PAGE))
         self.used = 0
@@ -91,11 +102,13 @@ class LogWriter:
         self.used = position + size
         log_address = chunk_header.address(self.chunk.chunk_id, self.file_offset + position)
         if self.used >= BUFFER_BYTES:
-            self.drain()
+            self.drain(background=True)
         return log_address
 
-    def drain(self):
-        """Write the buffer to the chunk file (no sync)."""
+    def drain(self, background=False):
+        """Write the buffer to the chunk file (no sync). `background`: a direct writer may
+        leave the write in flight (see the class notes)."""
+        self._wait()
         if not self.used:
             return
         if self.failure is not None:
@@ -118,24 +131,62 @@ class LogWriter:
         if end > self.preallocated_end:
             self._preallocate(end)
         self.view[used:padded] = self.zeros[:padded - used]
-        try:
-            self.files.pwrite(self.direct_fd, self.view[:padded], self.file_offset)
-        except OSError as error:
-            if error.errno != errno.EINVAL:
-                self.fail(error)
-            self._stop_direct()  # this filesystem wants another alignment: write through the cache
-            self.drain()
-            return
         whole = used - used % PAGE
-        if whole:
-            self.view[:used - whole] = self.view[whole:used]
+        if background:
+            if self.spare is None:
+                self.spare = mmap.mmap(-1, len(self.buffer))
+                self.executor = ThreadPoolExecutor(1, thread_name_prefix="chunkvol-log")
+            future = self.executor.submit(self.files.pwrite, self.direct_fd, self.view[:padded], self.file_offset)
+            self.inflight = (future, self.chunk.chunk_id, self.file_offset, self.view[:used], self.view[:padded],
+                             self.direct_fd)
+            written = self.view
+            self.buffer, self.spare = self.spare, self.buffer
+            self.view = memoryview(self.buffer)
+            if whole < used:
+                self.view[:used - whole] = written[whole:used]  # the partial page, to be extended
+        else:
+            try:
+                self.files.pwrite(self.direct_fd, self.view[:padded], self.file_offset)
+            except OSError as error:
+                if error.errno != errno.EINVAL:
+                    self.fail(error)
+                self._stop_direct()  # this filesystem wants another alignment: write through the cache
+                self.drain()
+                return
+            if whole:
+                self.view[:used - whole] = self.view[whole:used]
         self.file_offset += whole
         self.used = used - whole
         self.chunk.size_bytes = self.file_offset + self.used
 
+    def _wait(self):
+        """Finish the background write, if one is in flight."""
+        if self.inflight is None:
+            return
+        future, chunk_id, start, view, padded_view, fd = self.inflight
+        self.inflight = None
+        try:
+            future.result()
+        except OSError as error:
+            if error.errno != errno.EINVAL:
+                self.fail(error)
+            # This filesystem wants another alignment: from now on write through the cache.
+            try:
+                self.files.pwrite(self.chunks.get(chunk_id).fd, view, start)
+            except (OSError, OutOfSpaceError) as again:
+                self.fail(again)
+            self._stop_direct()
+        except OutOfSpaceError:
+            # Space freed since? Try once more, here; the buffer it wrote is still intact.
+            try:
+                self.files.pwrite(fd, padded_view, start)
+            except (OSError, OutOfSpaceError) as again:
+                self.fail(again)
+
     def _start_at(self, offset):
         """Append from `offset` of self.chunk: in direct mode the buffer starts at the page
         boundary below, holding the bytes of that page already in the file."""
+        self._wait()
         self._stop_direct()
         self.file_offset, self.used = offset, 0
         if not self.direct:
@@ -149,6 +200,8 @@ class LogWriter:
             self.file_offset, self.used = offset - head, head
 
     def _stop_direct(self):
+        if self.inflight is not None:
+            raise AssertionError("direct descriptor closed under a write in flight (a bug)")
         if self.direct_fd is not None:
             fd, self.direct_fd = self.direct_fd, None
             self.files.close(fd)
@@ -167,7 +220,14 @@ class LogWriter:
                 pass
 
     def close(self):
-        self._stop_direct()
+        try:
+            self._wait()
+        finally:
+            self.inflight = None
+            self._stop_direct()
+            if self.executor is not None:
+                self.executor.shutdown()
+                self.executor = None
 
     def _preallocate(self, needed_end):
         capacity = self.chunk.capacity_bytes
@@ -200,13 +260,15 @@ class LogWriter:
         """Refuse all further writes: after a failed write or fsync the kernel may have
         dropped our dirty pages and marked them clean, so no later sync can be believed."""
         self.failure = DeviceFailedError(
-            f"the disk under the log failed ({error.strerror or error}); the pool refuses writes until "
+            f"the disk under the log failed ({getattr(error, 'strerror', None) or error}); the pool refuses writes until "
             "it is reopened (restart the server) and recovers from what is on disk")
         raise self.failure from error
 
     def read(self, log_address, length):
         """Bytes [log_address, +length) of the log, from the buffer or the chunk file."""
         chunk_id, offset = chunk_header.split_address(log_address)
+        if self.inflight is not None and chunk_id == self.inflight[1] and offset + length > self.inflight[2]:
+            self._wait()
         chunk = self.chunk
         if chunk is None or chunk_id != chunk.chunk_id or offset + length <= self.file_offset:
             return self.chunks.pread(chunk_id, length, offset)
@@ -226,6 +288,7 @@ class LogWriter:
         from the buffer and, where some reached a file, from the file: the log is as if the
         request never came. Chunks created since are removed."""
         chunk_id, end_offset, next_chunk_id = mark
+        self._wait()
         if self.chunk is not None and self.chunk.chunk_id != chunk_id:
             self._stop_direct()
         for created in [other for other in self.chunks.ids() if other >= next_chunk_id]:
@@ -246,8 +309,10 @@ class LogWriter:
     def read_into(self, log_address, view):
         """Fill `view` with log bytes from `log_address` (no copy when they are in a file)."""
         chunk_id, offset = chunk_header.split_address(log_address)
-        chunk = self.chunk
         length = len(view)
+        if self.inflight is not None and chunk_id == self.inflight[1] and offset + length > self.inflight[2]:
+            self._wait()
+        chunk = self.chunk
         if chunk is not None and chunk_id == chunk.chunk_id and offset + length > self.file_offset:
             view[:] = self.read(log_address, length)
             return
@@ -257,9 +322,9 @@ class LogWriter:
     def _seal_and_switch(self, hlc):
         node, sequence, seal_hlc = self.stamp_source()
         position = self.used
-        if position + HEADER_SIZE > len(self.buffer):
+        if position + HEADER_SIZE > self.room:
             self.drain()
-            position = 0
+            position = self.used  # a direct writer keeps its partial last page
         encode_header_into(self.buffer, position, RecordType.SEAL, 0, 0, EMPTY, node, sequence,
                            seal_hlc, 0, 0)
         self.used = position + HEADER_SIZE
