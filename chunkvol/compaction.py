@@ -29,7 +29,8 @@ from chunkvol.format import chunk_header, group_map
 from chunkvol.format import checkpoint as checkpoint_format
 from chunkvol.format import record
 from chunkvol.format.record import CHECKSUM_BYTES, FLAG_RELOCATED, FLAG_ZSTD, HEADER_SIZE, RAW_BLOCK_BYTES, RecordType
-from chunkvol.index.blockmap import CHECKPOINT_KEY
+from chunkvol.index.blockmap import CHECKPOINT_KEY, ORIGINS_KEY
+from chunkvol.mirror import config as mirror_config
 from chunkvol.log.reader import ChunkScan
 
 DEFAULT_MIN_DEAD = 0.5
@@ -71,10 +72,13 @@ def compact(pool, min_dead=None, progress=lambda count: None):
         tail_chunk = chunk_header.split_address(pool.writer.position)[0]
     live = live_records(pool)
     usage = chunk_usage(pool, live)
+    # A mirror that has not shipped a chunk yet needs its records as they are.
+    held = mirror_config.held_chunk(pool.path, pool.files)
+    limit = tail_chunk if held is None else min(tail_chunk, held)
     victims = sorted(chunk_id for chunk_id, (written, live_bytes) in usage.items()
-                     if chunk_id < tail_chunk and written > 0 and 1.0 - live_bytes / written >= min_dead)
+                     if chunk_id < limit and written > 0 and 1.0 - live_bytes / written >= min_dead)
     report = {"victims": [], "copied_records": 0, "copied_bytes": 0, "freed_bytes": 0, "skipped": [],
-              "seconds": 0.0}
+              "seconds": 0.0, "held_for_mirrors_from_chunk": held}
     if not victims:
         report["seconds"] = round(time.monotonic() - started, 3)
         return report
@@ -203,6 +207,9 @@ def _map_entries(blockmap, txn):
                       (base_format.DB_VOLUMES, blockmap.volumes_db), (base_format.DB_SNAPSHOTS, blockmap.snapshots_db)):
         for key, value in txn.cursor(db=db):
             yield db_id, bytes(key), bytes(value)
+    origins = txn.get(ORIGINS_KEY, db=blockmap.meta_db)
+    if origins is not None:
+        yield base_format.DB_META, ORIGINS_KEY, bytes(origins)
 
 
 def _append_summary(pool, record_type, payloads, base_address, first_index):
@@ -294,10 +301,13 @@ def load_base(pool):
     checkpoint, entries = found
     blockmap = pool.blockmap
     databases = {base_format.DB_GROUPS: blockmap.groups_db, base_format.DB_HISTORY: blockmap.history_db,
-                 base_format.DB_VOLUMES: blockmap.volumes_db, base_format.DB_SNAPSHOTS: blockmap.snapshots_db}
+                 base_format.DB_VOLUMES: blockmap.volumes_db, base_format.DB_SNAPSHOTS: blockmap.snapshots_db,
+                 base_format.DB_META: blockmap.meta_db}
     blockmap._drop_reader()
     with blockmap.env.begin(write=True) as txn:
         for db_id, key, value in entries:
+            if db_id == base_format.DB_META and key != ORIGINS_KEY:
+                continue  # the checkpoint comes from BASE_END alone
             txn.put(key, value, db=databases[db_id])
         txn.put(CHECKPOINT_KEY, checkpoint_format.encode(checkpoint), db=blockmap.meta_db)
     return checkpoint

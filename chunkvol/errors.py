@@ -61,3 +61,14 @@ class CorruptionError(ChunkvolError):
 
 class FormatError(CorruptionError):
     """A file that is not chunkvol's, or of a format version this build does not know."""
+
+
+class PeerError(ChunkvolError):
+    """Another node (or something posing as one) sent what a node of this pool never sends:
+    records of another pool, records forged in its name, a batch that breaks the rules.
+    Refused whole; nothing of it is applied."""
+
+
+class UnreachableError(ChunkvolError):
+    """A mirror or peer cannot be reached now (connection refused, link down, timeout); the
+    shipper retries with backoff and nothing local waits for it."""

@@ -4,23 +4,38 @@ when a server holds the pool, sends them over the server's control socket (contr
 Each takes the open pool and JSON-able keyword arguments and returns a JSON-able result.
 """
 
+import functools
+
 from chunkvol import compaction, history
 from chunkvol.errors import AlreadyExistsError, UsageError
 
 
+def _user_change(operation):
+    """Changes a user makes; a mirror refuses them (it follows its source)."""
+    @functools.wraps(operation)
+    def checked(pool, *arguments, **keywords):
+        pool.check_changeable()
+        return operation(pool, *arguments, **keywords)
+    return checked
+
+
+@_user_change
 def volume_create(pool, name, size, compression="none"):
     return pool.create_volume(name, size, compression).as_dict()
 
 
+@_user_change
 def volume_resize(pool, name, size):
     return pool.resize_volume(name, size).as_dict()
 
 
+@_user_change
 def volume_remove(pool, name, with_snapshots=False):
     pool.remove_volume(name, with_snapshots=with_snapshots)
     return {"name": name}
 
 
+@_user_change
 def snapshot_create(pool, points):
     """Several snapshots in one call: `chunkvol snapshot create v@a v@b ...`."""
     with pool.lock:  # all or none: every name is checked before the first is taken
@@ -39,22 +54,26 @@ def snapshot_create(pool, points):
         return made
 
 
+@_user_change
 def snapshot_remove(pool, point):
     volume, name = history.split_point(point)
     history.remove_snapshot(pool, volume, name)
     return {"point": point}
 
 
+@_user_change
 def snapshot_rollback(pool, point):
     target, before, after = history.rollback(pool, point)
     return {"point": point, "target_stamp": target.stamp, "before_stamp": before, "rollback_stamp": after,
             "undo_with": f"{target.info.name}@{history.format_point(before)}"}
 
 
+@_user_change
 def snapshot_clone(pool, point, name):
     return history.clone(pool, point, name).as_dict()
 
 
+@_user_change
 def prune(pool, volumes, keep_seconds=None):
     names = volumes or sorted(pool.volumes)
     return {name: history.prune(pool, name, keep_seconds) for name in names}
@@ -70,6 +89,15 @@ def compact(pool, min_dead=None):
     return compaction.compact(pool, min_dead=min_dead)
 
 
+def log_horizon(pool):
+    """For a shipper in another process: a flush point for what was written, then how far
+    this node's log is durable (it ships only that much, read from the files)."""
+    pool.flush()
+    with pool.lock:
+        return {"durable": pool.writer.durable_address, "next_sequence": pool.next_sequence,
+                "node": pool.node_id}
+
+
 OPERATIONS = {function.__name__: function for function in (
     volume_create, volume_resize, volume_remove, snapshot_create, snapshot_remove, snapshot_rollback,
-    snapshot_clone, prune, retention, compact)}
+    snapshot_clone, prune, retention, compact, log_horizon)}

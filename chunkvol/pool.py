@@ -231,13 +231,16 @@ class Pool:
         for volume_id, snapshot in self.blockmap.stored_snapshots():
             self.snapshots.setdefault(volume_id, {})[snapshot["name"]] = snapshot
         result = recover(self.chunks, start, self._apply_replayed, writable=not self.readonly,
-                         volume_sizes=lambda: {v.volume_id: v.size_bytes for v in self.volumes.values()})
+                         volume_sizes=lambda: {v.volume_id: v.size_bytes for v in self.volumes.values()},
+                         local_node=self.node_id)
         self.damage = result.damage
         self.recovery = result
         self.records_replayed += self._replayed_now
         self.writer = LogWriter(self.chunks, self.files, result.end_address, self._next_stamp,
                                 direct=not self.readonly and self.cache == "none")
         self.committed_stamp = max(self.committed_stamp, self.clock.last)  # every version is at or before it
+        if not (result.records_applied or result.requests_discarded or checkpoint is None):
+            self.committed_address = result.end_address  # the checkpoint is the log's end: nothing to seal
         if not self.readonly and (result.records_applied or result.requests_discarded or checkpoint is None):
             try:
                 self._flush_locked()

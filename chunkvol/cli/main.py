@@ -10,8 +10,8 @@ import os
 import sys
 
 from chunkvol import errors
-from chunkvol.cli import (check_command, compact_command, history_commands, inspect_command, pool_commands, serve_command,
-                          status_command, volume_commands)
+from chunkvol.cli import (check_command, compact_command, history_commands, inspect_command, mirror_commands,
+                          pool_commands, serve_command, status_command, volume_commands)
 
 EXIT_CODES = (
     (errors.UsageError, 2),
@@ -46,6 +46,7 @@ def build_parser():
     inspect_command.register(commands)
     history_commands.register(commands)
     compact_command.register(commands)
+    mirror_commands.register(commands)
     return parser
 
 

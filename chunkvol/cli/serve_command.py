@@ -2,12 +2,16 @@
 
 import os
 import signal
+import socket
+import stat
 import subprocess
+import sys
 
 from chunkvol.errors import UsageError
 from chunkvol.forwarder import TcpForwarder
 from chunkvol.pool import Pool
 
+SUPERVISE_SECONDS = 2.0
 PLUGIN = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                       "nbdkit_plugin", "chunkvol_plugin.py")
 
@@ -50,8 +54,30 @@ def nbdkit_command(arguments):
     return command
 
 
+def _clear_stale_socket(path):
+    """A server killed with -9 leaves its socket file; nobody answers on it, so it goes. A
+    socket somebody answers on is another server: that is an error, not ours to remove."""
+    if not os.path.exists(path):
+        return
+    if not stat.S_ISSOCK(os.stat(path).st_mode):
+        raise UsageError(f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)
+        return
+    except OSError:
+        return
+    finally:
+        probe.close()
+    raise UsageError(f"a server is already listening on {path}")
+
+
 def run_serve(arguments):
     command = nbdkit_command(arguments)
+    if arguments.socket:
+        _clear_stale_socket(os.path.abspath(arguments.socket))
     if arguments.print_attach:
         _print_attach(arguments)
     environment = dict(os.environ, PATH="/usr/bin:/bin:/usr/sbin:/sbin:" + os.environ.get("PATH", ""))
@@ -59,13 +85,34 @@ def run_serve(arguments):
     if arguments.socket and arguments.port:
         forwarder = TcpForwarder(arguments.address, arguments.port, os.path.abspath(arguments.socket)).start()
     process = subprocess.Popen(command, env=environment)
+    # This node's mirrors are shipped by a process of their own: it reads the log from the
+    # files and asks the server (control socket) how far it is durable, so nbdkit's
+    # interpreter never waits on a mirror. Restarted if it dies; stopped with the server.
+    shipper_command = [sys.executable, "-m", "chunkvol", "--pool", os.path.abspath(arguments.pool),
+                       "mirror", "run", "--via-server"]
+    shipper = None if arguments.readonly else subprocess.Popen(shipper_command, env=environment)
 
     def forward(signum, frame):
         process.send_signal(signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    code = process.wait()
+    code = None
+    while code is None:
+        try:
+            code = process.wait(timeout=SUPERVISE_SECONDS)
+        except subprocess.TimeoutExpired:
+            if shipper is not None and shipper.poll() is not None:
+                print(f"chunkvol: the mirror shipper exited ({shipper.returncode}); restarting it",
+                      file=sys.stderr, flush=True)
+                shipper = subprocess.Popen(shipper_command, env=environment)
+    if shipper is not None:
+        shipper.terminate()
+        try:
+            shipper.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            shipper.kill()
+            shipper.wait()
     if forwarder is not None:
         forwarder.close()
     if arguments.socket:

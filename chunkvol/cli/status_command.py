@@ -40,6 +40,8 @@ def collect(pool):
         "node_id": pool.node_id,
         "chunk_size": pool.chunk_size,
         "cache": pool.cache,
+        "role": pool.role,
+        "mirror_of": pool.fields.get("mirror_of"),
         "log": {"chunk": chunk_id, "offset": offset, "written_bytes": written, "live_bytes": live,
                 "history_bytes": max(0, referenced - live), "referenced_bytes": referenced,
                 "reclaimable_bytes": max(0, written - referenced), "next_sequence": pool.next_sequence,
@@ -61,7 +63,7 @@ def status_command(arguments):
         return
     log = report["log"]
     print(f"pool {report['pool']}  node {report['node_id']}  chunks of {format_size(report['chunk_size'])}  "
-          f"cache {report['cache']}")
+          f"cache {report['cache']}" + (f"  mirror of node {report['mirror_of']}" if report["role"] == "mirror" else ""))
     print(f"log: at chunk {log['chunk']} offset {log['offset']}; written {format_size(log['written_bytes'])}: "
           f"live {format_size(log['live_bytes'])}, history {format_size(log['history_bytes'])}, "
           f"reclaimable {format_size(log['reclaimable_bytes'])} (`chunkvol compact`)")

@@ -15,7 +15,7 @@ BASE payload (little-endian):
 |      0 |    8 | u64  | base_address   | P: the log address the base summarizes          |
 |      8 |    4 | u32  | fragment_index | 0, 1, 2, ...                                    |
 |     12 |    4 | u32  | entry_count    |                                                 |
-|     16 |    . |      | entries        | per entry: u8 db (1 groups, 2 history, 3 volumes, 4 snapshots), u8 0, u16 key_len, u32 value_len, key, value |
+|     16 |    . |      | entries        | per entry: u8 db (1 groups, 2 history, 3 volumes, 4 snapshots, 5 meta: only the `origins` key), u8 0, u16 key_len, u32 value_len, key, value |
 
 BASE_END payload:
 
@@ -41,7 +41,8 @@ CHECKPOINT_BYTES = 80
 FRAGMENT_BYTES = 60 << 10  # stays below a record's payload limit
 MAX_FRAGMENTS = (64 << 10) // 8  # the BASE_END payload stays below the limit too
 DB_GROUPS, DB_HISTORY, DB_VOLUMES, DB_SNAPSHOTS = 1, 2, 3, 4
-DATABASES = (DB_GROUPS, DB_HISTORY, DB_VOLUMES, DB_SNAPSHOTS)
+DB_META = 5  # only the received origins (format/origins.py); the checkpoint is in BASE_END
+DATABASES = (DB_GROUPS, DB_HISTORY, DB_VOLUMES, DB_SNAPSHOTS, DB_META)
 
 
 def fragments(base_address, entries):

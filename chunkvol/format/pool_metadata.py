@@ -12,6 +12,8 @@ UTF-8 JSON object, published atomically (temp, fsync, rename, fsync dir):
 | chunk_dirs   | list of str     | directories holding chunk files (absolute, or relative to the pool) |
 | created      | str             | ISO-8601 UTC time of `init`                              |
 | cache        | str, optional   | "writeback" (default) or "none": log writes through the page cache or O_DIRECT |
+| role         | str, optional   | "mirror": takes changes only from its source (`mirror promote` removes it) |
+| mirror_of    | int, optional   | the source's node id, for a mirror                       |
 | retention    | object, optional| seconds: {"all", "hourly", "daily"} (history.py; default 1h, 1d, 30d) |
 | checksum     | str (16 hex)    | xxh3-64 of the canonical JSON of every other key         |
 
@@ -63,6 +65,8 @@ def decode(data, path=None):
         raise FormatError("pool metadata has an invalid pool_uuid or node_id", path)
     if fields.get("cache", "writeback") not in ("writeback", "none"):
         raise FormatError("pool metadata field 'cache' must be writeback or none", path)
+    if fields.get("role", "primary") not in ("primary", "mirror"):
+        raise FormatError("pool metadata field 'role' must be primary or mirror", path)
     retention = fields.get("retention")
     if retention is not None and (not isinstance(retention, dict) or set(retention) != {"all", "hourly", "daily"}
                                   or not all(isinstance(v, int) and v >= 0 for v in retention.values())):

@@ -35,9 +35,11 @@ from chunkvol.errors import CorruptionError, DeviceFailedError, OutOfSpaceError
 from chunkvol.format import checkpoint as checkpoint_format
 from chunkvol.format import group_map
 from chunkvol.format import history as history_format
+from chunkvol.format import origins as origins_format
 
 MAP_SIZE_BYTES = 1 << 40  # address space only; the file grows as needed
 CHECKPOINT_KEY = b"checkpoint"
+ORIGINS_KEY = b"origins"
 OVERLAY_CACHE_GROUPS = 16384  # checkpointed group states kept in memory (a few tens of MiB)
 
 
@@ -90,6 +92,11 @@ class BlockMap:
     def read_checkpoint(self):
         raw = self.reader().get(CHECKPOINT_KEY, db=self.meta_db)
         return None if raw is None else checkpoint_format.decode(raw, self.path)
+
+    def read_origins(self):
+        """{node: greatest origin sequence received} as of the checkpoint."""
+        raw = self.reader().get(ORIGINS_KEY, db=self.meta_db)
+        return {} if raw is None else origins_format.decode(raw, self.path)
 
     def stored_volumes(self):
         cursor = self.reader().cursor(db=self.volumes_db)
@@ -275,14 +282,15 @@ class BlockMap:
         """Changes not yet in LMDB: unsealed groups plus sealed versions."""
         return len(self.dirty) + self.sealed_count
 
-    def checkpoint(self, checkpoint):
-        """Write sealed versions, volume changes and the checkpoint in one synced transaction.
-        The caller has made the log durable up to checkpoint.log_address and sealed."""
+    def checkpoint(self, checkpoint, origins=None):
+        """Write sealed versions, volume changes and the checkpoint (with the received
+        `origins`) in one synced transaction. The caller has made the log durable up to
+        checkpoint.log_address and sealed."""
         if self.dirty:
             raise CorruptionError("checkpoint with unsealed block-map changes (a bug)")
         self._drop_reader()
         try:
-            self._write_checkpoint(checkpoint)
+            self._write_checkpoint(checkpoint, origins)
         except lmdb.Error as error:
             if "No space" in str(error) or isinstance(error, lmdb.MapFullError):
                 raise OutOfSpaceError(f"no space left for the block map checkpoint ({error})") from None
@@ -306,7 +314,7 @@ class BlockMap:
         items.sort()
         return items
 
-    def _write_checkpoint(self, checkpoint):
+    def _write_checkpoint(self, checkpoint, origins):
         with self.env.begin(write=True) as txn:
             if self.sealed:
                 txn.cursor(db=self.groups_db).putmulti(self._sealed_items(), overwrite=True)
@@ -328,6 +336,8 @@ class BlockMap:
                     txn.delete(raw_key, db=self.snapshots_db)
                 else:
                     txn.put(raw_key, value, db=self.snapshots_db)
+            if origins:
+                txn.put(ORIGINS_KEY, origins_format.encode(origins), db=self.meta_db)
             txn.put(CHECKPOINT_KEY, checkpoint_format.encode(checkpoint), db=self.meta_db)
 
     @staticmethod

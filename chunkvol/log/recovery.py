@@ -16,6 +16,9 @@
 4. Records reach the block map a whole client request at a time: a request's records carry
    MORE but its last; a request cut off by the end of the log (or followed by a COMMIT) is
    discarded, and the cut moves back to its first record: a crash never shows half a write.
+   Likewise another node's records (a mirror's log holds its source's batches) reach it a
+   whole batch at a time, at that node's COMMIT; a batch cut off by the end of the log or
+   followed by one of this node's records is discarded (its sender sends it again).
 5. Return where the writer continues, and the damage found.
 
 A read-only open (writable=False) does the same walk but cuts nothing.
@@ -44,13 +47,30 @@ class RecoveryResult(NamedTuple):
 class _Requests:
     """Hands records to `apply` a whole client request at a time (format/record.py: MORE)."""
 
-    def __init__(self, apply):
+    def __init__(self, apply, local_node=None):
         self.apply = apply
         self.pending = []   # (address, header) of an unfinished request
+        self.local_node = local_node
+        self.foreign = []   # (address, header, payload) of another node's batch before its COMMIT
         self.applied = 0
         self.discarded = 0
 
     def take(self, log_address, header, payload):
+        if self.local_node is not None and header[4] != self.local_node and header[0] not in _LOCAL_TYPES:
+            if header[0] != RecordType.COMMIT:
+                if not header[1] & FLAG_RELOCATED:
+                    kept = None if payload is None or header[0] in _REQUEST_TYPES else bytes(payload)
+                    self.foreign.append((log_address, header, kept))
+                return
+            batch, self.foreign = self.foreign, []
+            for item in batch:
+                self._take(*item)
+        elif self.foreign and header[0] != RecordType.SEAL:
+            self.discarded += len(self.foreign)  # a batch that never finished
+            self.foreign.clear()
+        self._take(log_address, header, payload)
+
+    def _take(self, log_address, header, payload):
         record_type = header[0]
         if record_type in _REQUEST_TYPES:
             if header[1] & FLAG_RELOCATED:
@@ -73,13 +93,15 @@ class _Requests:
 
 _REQUEST_TYPES = (RecordType.EXTENT, RecordType.ZERO)
 _SUMMARY_TYPES = (RecordType.BASE, RecordType.BASE_END)
+_LOCAL_TYPES = (RecordType.SEAL, RecordType.BASE, RecordType.BASE_END)  # never shipped
 
 
-def recover(chunks, start_address, apply, writable=True, volume_sizes=None):
-    """`volume_sizes()` gives {volume_id: size} to judge a damaged header's fields."""
+def recover(chunks, start_address, apply, writable=True, volume_sizes=None, local_node=None):
+    """`volume_sizes()` gives {volume_id: size} to judge a damaged header's fields;
+    `local_node`: this node's id, so other nodes' batches are applied whole or not at all."""
     chunk_id, offset = split_address(start_address)
     damage = []
-    requests = _Requests(apply)
+    requests = _Requests(apply, local_node)
     if chunk_id in chunks.chunks and offset > chunks.get(chunk_id).size_bytes:
         raise CorruptionError(f"the log ends before the block map's checkpoint ({chunk_id}:{offset}); "
                               "the chunk file was cut short: `chunkvol check` shows what is lost",
@@ -132,15 +154,18 @@ def _zero_padding(chunks, chunk_id, stop):
 
 
 def _end(chunks, requests, end_address, damage, cut_address, writable):
-    """The end of the log. A request whose last record never came is cut away with the tail
-    (step 3b extends to it). If it began in an earlier, sealed chunk, only this chunk's part
-    goes; the rest is discarded at the next replay by the COMMIT that opening writes next."""
-    if requests.pending:
-        first_chunk, first_offset = split_address(requests.pending[0][0])
+    """The end of the log. A request whose last record never came (or another node's batch
+    whose COMMIT never came) is cut away with the tail (step 3b extends to it). If it began
+    in an earlier, sealed chunk, only this chunk's part goes; the rest is discarded at the
+    next replay by the COMMIT that opening writes next."""
+    if requests.pending or requests.foreign:
+        first = min(unfinished[0][0] for unfinished in (requests.pending, requests.foreign) if unfinished)
+        first_chunk, first_offset = split_address(first)
         end_chunk, _ = split_address(end_address)
         cut_offset = first_offset if first_chunk == end_chunk else DATA_OFFSET
-        requests.discarded += len(requests.pending)
+        requests.discarded += len(requests.pending) + len(requests.foreign)
         requests.pending.clear()
+        requests.foreign.clear()
         if end_chunk in chunks.chunks:
             end_address = address(end_chunk, cut_offset)
             cut_address = end_address

@@ -1,0 +1,290 @@
+"""`chunkvol mirror add|list|remove|status|sync|run|promote`: asynchronous mirrors."""
+
+import ctypes
+import ctypes.util
+import json
+import os
+import signal
+import sys
+import threading
+import time
+
+from chunkvol import control
+from chunkvol.cli.common import pool_is_busy
+from chunkvol.cli.progress import progress_bar
+from chunkvol.cli.sizes import format_size, parse_size
+from chunkvol.errors import (AlreadyExistsError, ChunkvolError, NotFoundError, PoolBusyError, UnreachableError,
+                             UsageError)
+from chunkvol.format import chunk_header, mirrors as mirrors_format
+from chunkvol.format import pool_metadata
+from chunkvol.mirror import config as mirror_config
+from chunkvol.mirror import shipper as shipping
+from chunkvol.mirror.source import LogSource
+from chunkvol.mirror import targets
+from chunkvol.pool import Pool
+from chunkvol.storage.files import LocalFiles
+
+POLL_SECONDS = 0.5
+MAX_BACKOFF_SECONDS = 30.0
+
+
+def register(commands):
+    mirror = commands.add_parser("mirror", help="asynchronous mirrors of this pool")
+    actions = mirror.add_subparsers(dest="action", metavar="ACTION", parser_class=type(mirror))
+    actions.required = True
+    add = actions.add_parser("add", help="mirror this pool to a pool on another disk or to another node")
+    add.add_argument("name")
+    add.add_argument("--to", required=True, help="dir:PATH (created if absent) or node:HOST:PORT")
+    add.add_argument("--bandwidth", help="bytes per second at most, e.g. 16M (default: no limit)")
+    add.set_defaults(run=mirror_add)
+    listing = actions.add_parser("list", help="the mirrors of this pool")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(run=mirror_list)
+    remove = actions.add_parser("remove", help="stop mirroring (the mirror's data stays where it is)")
+    remove.add_argument("name")
+    remove.set_defaults(run=mirror_remove)
+    status = actions.add_parser("status", help="per mirror: state, how far behind, throughput, last error")
+    status.add_argument("name", nargs="?")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(run=mirror_status)
+    sync = actions.add_parser("sync", help="ship until the mirror has everything written so far")
+    sync.add_argument("name")
+    sync.set_defaults(run=mirror_sync)
+    run = actions.add_parser("run", help="ship to every mirror continuously (what `serve` runs beside nbdkit)")
+    run.add_argument("--via-server", action="store_true",
+                     help="never open the pool here: learn the durable log end from its server only")
+    run.set_defaults(run=mirror_run)
+    promote = actions.add_parser("promote", help="make this mirror a writable pool (its source is lost)")
+    promote.set_defaults(run=mirror_promote)
+
+
+def _pool_path(arguments):
+    if not arguments.pool:
+        raise UsageError("name the pool with --pool PATH (or $CHUNKVOL_POOL)")
+    path = os.path.abspath(arguments.pool)
+    return path, Pool.read_metadata(path)
+
+
+def mirror_add(arguments):
+    path, fields = _pool_path(arguments)
+    if fields.get("role") == "mirror":
+        raise UsageError("this pool is itself a mirror; add mirrors on its source (or promote it first)")
+    if not mirrors_format.NAME.match(arguments.name):
+        raise UsageError(f"invalid mirror name {arguments.name!r}: letters, digits, '.', '_', '+', '-'")
+    target = targets.normalize(arguments.to)
+    bandwidth = parse_size(arguments.bandwidth) if arguments.bandwidth else None
+    if bandwidth is not None and bandwidth < 4096:
+        raise UsageError("--bandwidth must be at least 4K (bytes per second)")
+    parsed = targets.parse_target(target)
+    if parsed[0] == "dir" and os.path.realpath(parsed[1]) == os.path.realpath(path):
+        raise UsageError("a pool cannot mirror to itself")
+    mirrors = mirror_config.load_mirrors(path)
+    if arguments.name in mirrors:
+        raise AlreadyExistsError(f"mirror {arguments.name!r} exists already (to {mirrors[arguments.name]['to']})")
+    for name, definition in mirrors.items():
+        if definition["to"] == target:
+            raise AlreadyExistsError(f"mirror {name!r} already goes to {target}")
+    source = LogSource(path, fields, LocalFiles())
+    try:
+        first = source.chunks.ids()[0] if source.chunks.ids() else 1
+    finally:
+        source.close()
+    if first != 1:
+        raise UsageError(f"the log starts at chunk {first} (compaction freed the ones before): a new mirror "
+                         "needs the whole log; mirroring a compacted pool is not supported yet")
+    if parsed[0] == "dir":
+        targets.open_target(target, fields).close()  # create it now, so a mistake shows now
+    mirrors[arguments.name] = {"to": target, "bandwidth": bandwidth,
+                               "added": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    mirror_config.save_mirrors(path, mirrors)
+    mirror_config.save_state(path, arguments.name,
+                        mirror_config.mirror_state.initial(chunk_header.address(1, chunk_header.DATA_OFFSET)))
+    print(f"mirror {arguments.name} -> {target}" + (f" at {format_size(bandwidth)}/s" if bandwidth else "")
+          + f"; a running `serve` ships to it now; `chunkvol --pool {arguments.pool} mirror sync "
+          f"{arguments.name}` ships and waits")
+
+
+def mirror_list(arguments):
+    path, _ = _pool_path(arguments)
+    mirrors = mirror_config.load_mirrors(path)
+    rows = [{"name": name, **definition} for name, definition in sorted(mirrors.items())]
+    if arguments.json:
+        print(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        print("no mirrors")
+    for row in rows:
+        limit = f"  bandwidth {format_size(row['bandwidth'])}/s" if row.get("bandwidth") else ""
+        print(f"{row['name']}  -> {row['to']}{limit}  (added {row['added']})")
+
+
+def mirror_remove(arguments):
+    path, _ = _pool_path(arguments)
+    mirrors = mirror_config.load_mirrors(path)
+    if arguments.name not in mirrors:
+        raise NotFoundError(f"no mirror {arguments.name!r}")
+    target = mirrors.pop(arguments.name)["to"]
+    mirror_config.save_mirrors(path, mirrors)
+    try:
+        os.unlink(mirror_config.state_path(path, arguments.name))
+    except FileNotFoundError:
+        pass
+    print(f"removed mirror {arguments.name} (its data at {target} is left as it is)")
+
+
+class _Horizon:
+    """How far this node's log is durable: from the server that holds the pool, or from the
+    pool opened here (held, so nothing writes meanwhile)."""
+
+    def __init__(self, path, flush=True, via_server=False):
+        self.path = path
+        self.pool = None
+        self.flush = flush
+        if not via_server and not pool_is_busy(path):
+            try:
+                self.pool = Pool.open(path)
+            except PoolBusyError:
+                self.pool = None
+
+    def get(self):
+        if self.pool is not None:
+            if self.flush:
+                self.pool.flush()
+            with self.pool.lock:
+                return self.pool.writer.durable_address, self.pool.next_sequence
+        answer = control.call(self.path, "log_horizon")
+        return answer["durable"], answer["next_sequence"]
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+
+
+def mirror_status(arguments):
+    path, fields = _pool_path(arguments)
+    mirrors = mirror_config.load_mirrors(path)
+    names = [arguments.name] if arguments.name else sorted(mirrors)
+    if arguments.name and arguments.name not in mirrors:
+        raise NotFoundError(f"no mirror {arguments.name!r}")
+    horizon = _Horizon(path)
+    try:
+        durable, next_sequence = horizon.get()
+        rows = []
+        for name in names:
+            shipper = shipping.Shipper(path, fields, name, mirrors[name])
+            try:
+                rows.append(shipper.status(durable, next_sequence))
+            finally:
+                shipper.close()
+    finally:
+        horizon.close()
+    if arguments.json:
+        print(json.dumps(rows if not arguments.name else rows[0], indent=2))
+        return
+    if not rows:
+        print("no mirrors")
+    for row in rows:
+        eta = "-" if row["eta_seconds"] is None else f"{row['eta_seconds']:.0f}s"
+        print(f"{row['name']}  -> {row['to']}  {row['state']}  behind {row['records_behind']} records, "
+              f"{format_size(row['bytes_behind'])}, {row['seconds_behind']:.1f}s  "
+              f"{format_size(int(row['throughput_bytes_per_second']))}/s  eta {eta}")
+        if row["last_error"]:
+            print(f"  last error: {row['last_error']}")
+
+
+def mirror_sync(arguments):
+    path, fields = _pool_path(arguments)
+    definition = mirror_config.definition_of(path, arguments.name)
+    horizon = _Horizon(path)
+    shipper = shipping.Shipper(path, fields, arguments.name, definition)
+    try:
+        durable, _ = horizon.get()
+        total = shipper.source.distance(shipper.state["cursor"], durable)
+        started = time.monotonic()
+        with progress_bar(total, f"mirror {arguments.name}") as advance:
+            sent = shipper.ship(durable, progress=advance)
+        elapsed = time.monotonic() - started
+    finally:
+        shipper.close()
+        horizon.close()
+    rate = f" at {format_size(int(sent / elapsed))}/s" if sent and elapsed > 0 else ""
+    print(f"mirror {arguments.name} has everything written up to now: {format_size(sent)} shipped"
+          f"{rate} in {elapsed:.1f}s")
+
+
+def mirror_run(arguments):
+    """Ship to every mirror until SIGTERM: picks up `mirror add/remove` while it runs; a
+    mirror that fails is retried with exponential backoff and does not hold up the others."""
+    path, fields = _pool_path(arguments)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    if arguments.via_server:
+        _die_with_parent()
+    shippers, retry_at, backoff = {}, {}, {}
+    horizon = None
+    last_complaint = None
+    try:
+        while not stop.is_set():
+            mirrors = mirror_config.load_mirrors(path)
+            for name in list(shippers):
+                if mirrors.get(name) != shippers[name].definition:
+                    shippers.pop(name).close()
+            for name, definition in mirrors.items():
+                if name not in shippers:
+                    shippers[name] = shipping.Shipper(path, fields, name, definition)
+            if not shippers:
+                stop.wait(POLL_SECONDS)
+                continue
+            try:
+                if horizon is None:
+                    horizon = _Horizon(path, via_server=arguments.via_server)
+                durable, _ = horizon.get()
+            except (ChunkvolError, OSError) as error:
+                if str(error) != last_complaint:  # e.g. the server is still starting: say it once
+                    _say(f"cannot learn how far the log is durable: {error}")
+                    last_complaint = str(error)
+                stop.wait(POLL_SECONDS * 2)
+                continue
+            for name, shipper in list(shippers.items()):
+                if time.monotonic() < retry_at.get(name, 0) or stop.is_set():
+                    continue
+                try:
+                    shipper.ship(durable, stop=stop)
+                    backoff[name] = 0.0
+                except (ChunkvolError, OSError) as error:
+                    backoff[name] = min(MAX_BACKOFF_SECONDS, max(1.0, backoff.get(name, 0.0) * 2))
+                    retry_at[name] = time.monotonic() + backoff[name]
+                    kind = "unreachable" if isinstance(error, UnreachableError) else "failed"
+                    _say(f"mirror {name} {kind}: {error}; retrying in {backoff[name]:.0f}s")
+            stop.wait(POLL_SECONDS)
+    finally:
+        for shipper in shippers.values():
+            shipper.close()
+        if horizon is not None:
+            horizon.close()
+
+
+def _die_with_parent():
+    """Started by `serve`: a kill -9 of serve must not leave this holding a mirror's lock."""
+    PR_SET_PDEATHSIG = 1
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() == 1:  # the parent died before prctl
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _say(message):
+    print(f"chunkvol: {message}", file=sys.stderr, flush=True)
+
+
+def mirror_promote(arguments):
+    path, fields = _pool_path(arguments)
+    if fields.get("role") != "mirror":
+        raise UsageError("this pool is not a mirror")
+    if pool_is_busy(path):
+        raise PoolBusyError("the mirror is open for writing (a shipper or a server holds it); stop it first")
+    promoted = {key: value for key, value in fields.items() if key not in ("role", "mirror_of", "checksum")}
+    LocalFiles().publish(os.path.join(path, "pool.json"), pool_metadata.encode(promoted))
+    print(f"{path} is now a writable pool (node {fields['node_id']}, was a mirror of node {fields['mirror_of']})")

@@ -1,0 +1,42 @@
+"""Mirror definitions: `POOL/mirrors.json` (format/checked_json.py), written by `mirror add`
+and `mirror remove`, read by the shippers (which pick up changes while running).
+
+| key      | type   | meaning                                                             |
+|----------|--------|---------------------------------------------------------------------|
+| mirrors  | object | name -> definition                                                  |
+
+A definition:
+
+| key       | type        | meaning                                                        |
+|-----------|-------------|----------------------------------------------------------------|
+| to        | str         | `dir:/absolute/path` (a pool on another disk) or `node:HOST:PORT` |
+| bandwidth | int or null | bytes per second the shipper may send (null: no limit)         |
+| added     | str         | ISO-8601 UTC time of `mirror add`                              |
+"""
+
+import re
+
+from chunkvol.errors import FormatError
+from chunkvol.format import checked_json
+
+KIND = "chunkvol-mirrors"
+VERSION = 1
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
+TARGET = re.compile(r"^(dir:/.+|node:[^:\s]+:[0-9]{1,5})$")
+
+
+def encode(mirrors):
+    return checked_json.encode(KIND, VERSION, {"mirrors": mirrors})
+
+
+def decode(data, path=None):
+    fields = checked_json.decode(data, KIND, VERSION, path)
+    mirrors = fields.get("mirrors")
+    if not isinstance(mirrors, dict):
+        raise FormatError("mirrors.json has no 'mirrors' object", path)
+    for name, definition in mirrors.items():
+        if (not NAME.match(name) or not isinstance(definition, dict)
+                or not isinstance(definition.get("to"), str) or not TARGET.match(definition["to"])
+                or not (definition.get("bandwidth") is None or isinstance(definition["bandwidth"], int))):
+            raise FormatError(f"mirrors.json: malformed mirror {name!r}", path)
+    return mirrors

@@ -1,0 +1,61 @@
+"""A pool's mirrors on disk: their definitions (`POOL/mirrors.json`, format/mirrors.py) and
+each one's durable cursor (`POOL/mirrors/NAME.state`, format/mirror_state.py). Compaction
+asks `held_chunk` which chunks a mirror still needs.
+"""
+
+import os
+
+from chunkvol.errors import NotFoundError
+from chunkvol.format import chunk_header
+from chunkvol.format import mirror_state, mirrors as mirrors_format
+from chunkvol.storage.files import LocalFiles
+
+
+def mirrors_path(pool_path):
+    return os.path.join(pool_path, "mirrors.json")
+
+
+def state_path(pool_path, name):
+    return os.path.join(pool_path, "mirrors", f"{name}.state")
+
+
+def load_mirrors(pool_path, files=None):
+    files = files or LocalFiles()
+    path = mirrors_path(pool_path)
+    if not os.path.exists(path):
+        return {}
+    return mirrors_format.decode(files.read_file(path), path)
+
+
+def save_mirrors(pool_path, mirrors, files=None):
+    (files or LocalFiles()).publish(mirrors_path(pool_path), mirrors_format.encode(mirrors))
+
+
+def load_state(pool_path, name, first_address, files=None):
+    path = state_path(pool_path, name)
+    if not os.path.exists(path):
+        return mirror_state.initial(first_address)
+    return mirror_state.decode((files or LocalFiles()).read_file(path), path)
+
+
+def save_state(pool_path, name, state, files=None):
+    os.makedirs(os.path.join(pool_path, "mirrors"), exist_ok=True)
+    (files or LocalFiles()).publish(state_path(pool_path, name), mirror_state.encode(state))
+
+
+def held_chunk(pool_path, files=None):
+    """The lowest chunk some mirror still needs (compaction keeps it and every later one),
+    or None without mirrors."""
+    lowest = None
+    for name in load_mirrors(pool_path, files):
+        state = load_state(pool_path, name, chunk_header.address(1, chunk_header.DATA_OFFSET), files)
+        chunk_id = chunk_header.split_address(state["cursor"])[0]
+        lowest = chunk_id if lowest is None else min(lowest, chunk_id)
+    return lowest
+
+
+def definition_of(pool_path, name, files=None):
+    mirrors = load_mirrors(pool_path, files)
+    if name not in mirrors:
+        raise NotFoundError(f"no mirror {name!r} (mirrors: {', '.join(sorted(mirrors)) or 'none'})")
+    return mirrors[name]

@@ -1,0 +1,196 @@
+"""A pool takes a batch of another node's records: checked whole, appended to its own log with
+their origin (node, sequence, stamp) unchanged, synced, then applied exactly as replay applies
+them, so a rebuilt block map is the same as the live one.
+
+A batch is what the origin's log holds between two flush points, ending with the COMMIT of
+the second: applied whole, the mirror has the origin's flush points and nothing between them.
+Records whose sequence this pool already has are skipped (a resent batch after a lost ack),
+so nothing is applied twice. Anything a node of this pool would never send (another pool's
+records, records in this node's own name, a broken or forged record, a batch that does not
+end at a flush point, a volume record that would not replay) refuses the whole batch with
+PeerError before anything is written.
+
+A COMMIT keeps its stamp but its payload (the durable address, a fact about the log that
+holds it) is rewritten for this log: the address up to which this log was synced when it
+was appended, so recovery's durability proofs stay true here.
+"""
+
+import json
+
+import zstandard
+
+from chunkvol import pool as pool_module
+from chunkvol.errors import CorruptionError, PeerError, ReadOnlyError, UsageError
+from chunkvol.format import record
+from chunkvol.format.record import (BLOCK_SIZE, CHECKSUM_BYTES, COMMIT_PAYLOAD, FLAG_MORE, FLAG_TRIM, FLAG_ZSTD,
+                                    GROUP_SIZE, HEADER_SIZE, RecordType)
+
+SHIPPED_TYPES = frozenset((RecordType.EXTENT, RecordType.ZERO, RecordType.COMMIT, RecordType.VOLUME_CREATE,
+                           RecordType.VOLUME_RESIZE, RecordType.VOLUME_REMOVE, RecordType.SNAPSHOT,
+                           RecordType.ROLLBACK, RecordType.PRUNE))
+ALLOWED_FLAGS = FLAG_ZSTD | FLAG_TRIM | FLAG_MORE
+MAX_BATCH_RECORDS = 1 << 20
+
+
+def have(pool, origin):
+    """The greatest sequence of `origin`'s records this pool holds (0: none)."""
+    with pool.lock:
+        return pool.origins.get(origin, 0)
+
+
+def receive(pool, pool_uuid, origin, raw_records):
+    """Check, append, sync and apply one batch of `origin`'s records (each the bytes of one
+    whole record, header and payload); returns the greatest sequence now held from it."""
+    if pool_uuid != pool.pool_uuid:
+        raise PeerError(f"records of another pool ({pool_uuid.hex()}; this is {pool.pool_uuid.hex()})")
+    if origin == pool.node_id:
+        raise PeerError(f"records in this node's own name ({origin})")
+    if pool.readonly:
+        raise ReadOnlyError("the pool is open read-only; it cannot take records")
+    if not raw_records or len(raw_records) > MAX_BATCH_RECORDS:
+        raise PeerError(f"a batch of {len(raw_records)} records")
+    with pool.lock:
+        held = pool.origins.get(origin, 0)
+        records = _checked(pool, origin, held, raw_records)
+        if not records:
+            return held
+        if pool.blockmap.dirty or pool.blockmap.written:
+            pool._flush_locked()  # this node's own writes get their own flush point first
+        writer = pool.writer
+        mark = writer.mark()
+        addresses = []
+        try:
+            for header, payload in records:
+                addresses.append(_append(writer, header, payload))
+            writer.sync()
+        except BaseException:
+            try:
+                writer.roll_back(mark)
+            except OSError as error:
+                writer.fail(error)
+            raise
+        for address, (header, payload) in zip(addresses, records):
+            _apply(pool, address, header, payload)
+        pool.origins[origin] = records[-1][0][5]
+        if pool.blockmap.unsaved >= pool_module.CHECKPOINT_GROUPS:
+            pool._checkpoint_locked()
+        return pool.origins[origin]
+
+
+def _append(writer, header, payload):
+    record_type, flags, volume_id, stored, node, sequence, hlc, offset, length, _ = header
+    if record_type == RecordType.COMMIT:
+        payload = COMMIT_PAYLOAD.pack(writer.durable_address)
+    elif record_type == RecordType.EXTENT and not flags & FLAG_ZSTD:
+        table_bytes = length // BLOCK_SIZE * CHECKSUM_BYTES
+        return writer.append(record_type, flags, volume_id, payload[table_bytes:], node, sequence, hlc,
+                             offset, length, table=payload[:table_bytes])
+    return writer.append(record_type, flags, volume_id, payload, node, sequence, hlc, offset, length)
+
+
+def _apply(pool, address, header, payload):
+    if header[0] == RecordType.COMMIT:
+        # As replay does, without its mid-replay checkpoint: the caller checkpoints after.
+        pool.blockmap.seal(header[6], header[4])
+        pool.committed_stamp = header[6]
+        if header[6] > pool.clock.last:
+            pool.clock.last = header[6]
+        return
+    pool._apply_record(address, header, payload)
+
+
+def _checked(pool, origin, held, raw_records):
+    """[(header, payload)] of the records after `held`, or PeerError."""
+    sizes = {volume_id: info.size_bytes for volume_id, info in pool.volumes_by_id.items()}
+    names = {info.name for info in pool.volumes_by_id.values()}
+    records = []
+    last_sequence = last_type = last_flags = 0
+    for index, raw in enumerate(raw_records):
+        where = f"record {index} of the batch"
+        raw = memoryview(raw)
+        try:
+            header = record.decode_header(raw[:HEADER_SIZE])
+            payload = bytes(raw[HEADER_SIZE:])
+            record.verify_payload(header, payload)
+        except CorruptionError as error:
+            raise PeerError(f"{where}: {error}") from None
+        record_type, flags, volume_id, stored, node, sequence, hlc, offset, length, _ = header
+        if node != origin:
+            raise PeerError(f"{where} names origin {node}, the batch {origin}")
+        if record_type not in SHIPPED_TYPES or flags & ~ALLOWED_FLAGS:
+            raise PeerError(f"{where}: type {record_type} with flags {flags} is never shipped")
+        if sequence <= last_sequence:
+            raise PeerError(f"{where}: sequence {sequence} does not follow {last_sequence}")
+        if last_flags & FLAG_MORE and record_type not in (RecordType.EXTENT, RecordType.ZERO):
+            raise PeerError(f"{where}: a request's records are cut by a {RecordType(record_type).name}")
+        last_flags = flags
+        last_sequence, last_type = sequence, record_type
+        if sequence <= held:
+            continue  # this pool has it (a resend after a lost acknowledgement)
+        try:
+            _check_fields(header, payload, sizes, names)
+        except (ValueError, TypeError, KeyError, UsageError, zstandard.ZstdError) as error:
+            raise PeerError(f"{where} ({RecordType(record_type).name} of volume {volume_id}): {error}") from None
+        records.append((header, payload))
+    if last_type != RecordType.COMMIT:
+        raise PeerError("the batch does not end at a flush point (COMMIT)")
+    return records
+
+
+def _check_fields(header, payload, sizes, names):
+    """Raise ValueError unless the record would replay here exactly as at its origin."""
+    record_type, flags, volume_id, stored, node, sequence, hlc, offset, length, _ = header
+    if record_type in (RecordType.EXTENT, RecordType.ZERO):
+        if volume_id not in sizes:
+            raise ValueError("no such volume here")
+        if offset % BLOCK_SIZE or length % BLOCK_SIZE or not length or offset + length > sizes[volume_id]:
+            raise ValueError(f"range {offset}+{length} is not whole blocks inside the volume")
+        if record_type == RecordType.EXTENT:
+            if offset // GROUP_SIZE != (offset + length - 1) // GROUP_SIZE:
+                raise ValueError("an extent crosses a map group")
+            if flags & FLAG_ZSTD and zstandard.get_frame_parameters(payload).content_size != length:
+                raise ValueError("zstd frame's declared size is not the record's length")
+        elif stored:
+            raise ValueError("a ZERO record carries a payload")
+        return
+    if record_type == RecordType.COMMIT:
+        if stored != COMMIT_PAYLOAD.size or volume_id:
+            raise ValueError("malformed COMMIT")
+        return
+    description = json.loads(payload)
+    if not isinstance(description, dict):
+        raise ValueError("payload is not a JSON object")
+    if record_type == RecordType.VOLUME_CREATE:
+        pool_module.validate_volume_name(description["name"])
+        pool_module._check_volume_size(description["size"])
+        if description["compression"] not in pool_module.COMPRESSIONS or volume_id in sizes or description["name"] in names:
+            raise ValueError("volume exists already or has an unknown compression")
+        parent = description.get("parent")
+        if parent is not None and (not isinstance(parent, dict) or parent.get("id") not in sizes
+                                   or not isinstance(parent.get("stamp"), int)):
+            raise ValueError("clone of an unknown parent")
+        sizes[volume_id] = description["size"]
+        names.add(description["name"])
+        return
+    if volume_id not in sizes:
+        raise ValueError("no such volume here")
+    if record_type == RecordType.VOLUME_RESIZE:
+        if pool_module._check_volume_size(description["size"]) < sizes[volume_id]:
+            raise ValueError("a volume never shrinks")
+        sizes[volume_id] = description["size"]
+    elif record_type == RecordType.VOLUME_REMOVE:
+        del sizes[volume_id]
+    elif record_type == RecordType.SNAPSHOT:
+        if description["op"] not in ("create", "remove") or not isinstance(description["name"], str):
+            raise ValueError("malformed snapshot record")
+        if description["op"] == "create" and not (isinstance(description["size"], int)
+                                                  and isinstance(description["created"], str)):
+            raise ValueError("malformed snapshot record")
+    elif record_type == RecordType.ROLLBACK:
+        if not isinstance(description["stamp"], int):
+            raise ValueError("malformed rollback record")
+    elif record_type == RecordType.PRUNE:
+        if not (isinstance(description["before"], int) and isinstance(description["retained_from"], int)
+                and isinstance(description["keep"], list) and all(isinstance(k, int) for k in description["keep"])):
+            raise ValueError("malformed prune record")
+

@@ -1,0 +1,143 @@
+"""One mirror's shipper: from its durable cursor, read this node's records from the log on
+disk up to the horizon (how far the log is durable), send them in batches, and move the
+cursor only after the mirror has synced them.
+
+The horizon comes from the server (control operation `log_horizon`, which first makes a
+flush point of what was written, so a mirror lags by one poll, not by one client flush)
+or, with no server, from the pool opened here. Nothing is shipped that is not durable here:
+a record lost to a power cut here can never be on a mirror.
+
+Memory is one batch (MAX_BATCH_BYTES, or one second of bandwidth), however far behind the
+mirror is. A bandwidth limit is kept on average: after each batch the shipper waits until
+its bytes fit the rate.
+"""
+
+import time
+
+from chunkvol.errors import ChunkvolError, UnreachableError
+from chunkvol.mirror import targets
+from chunkvol.mirror.config import load_state, save_state
+from chunkvol.mirror.source import LogSource, age_seconds
+from chunkvol.storage.files import LocalFiles
+
+MAX_BATCH_BYTES = 8 << 20
+MIN_BATCH_BYTES = 64 << 10
+RATE_WEIGHT = 0.3  # of the newest batch in the moving average
+
+
+class Shipper:
+    def __init__(self, pool_path, fields, name, definition, files=None):
+        self.pool_path = pool_path
+        self.fields = fields
+        self.name = name
+        self.definition = definition
+        self.files = files or LocalFiles()
+        self.node_id = fields["node_id"]
+        self.source = LogSource(pool_path, fields, self.files)
+        self.state = load_state(pool_path, name, self.source.first_address(), self.files)
+        self.target = None
+        self.next_send = 0.0
+
+    def close(self):
+        if self.target is not None:
+            self.target.close()
+            self.target = None
+        self.source.close()
+
+    def _connect(self):
+        if self.target is None:
+            try:
+                self.target = targets.open_target(self.definition["to"], self.fields)
+            except OSError as error:
+                raise UnreachableError(f"mirror {self.name} ({self.definition['to']}): {error}") from None
+        return self.target
+
+    def batch_bytes(self):
+        bandwidth = self.definition.get("bandwidth")
+        if not bandwidth:
+            return MAX_BATCH_BYTES
+        return max(MIN_BATCH_BYTES, min(MAX_BATCH_BYTES, bandwidth))
+
+    def ship(self, horizon, progress=None, stop=None):
+        """Send everything of this node's up to the last flush point before `horizon`.
+        Returns the bytes of records sent. Errors are recorded in the state and raised."""
+        try:
+            target = self._connect()
+            held = target.have(self.node_id)
+            sent = 0
+            state = self.state
+            for batch in self.source.batches(state["cursor"], horizon, self.batch_bytes(), skip_through=held):
+                if stop is not None and stop.is_set():
+                    break
+                started = time.monotonic()
+                if batch.records:
+                    self._throttle(batch.size_bytes)
+                    held = target.send(self.node_id, batch.records)
+                    elapsed = max(time.monotonic() - started, 1e-6)
+                    rate = batch.size_bytes / elapsed
+                    state["rate"] = rate if not state["rate"] else (
+                        (1 - RATE_WEIGHT) * state["rate"] + RATE_WEIGHT * rate)
+                if progress is not None:
+                    progress(self.source.distance(state["cursor"], batch.end))
+                state["cursor"] = batch.end
+                state["shipped_sequence"] = max(state["shipped_sequence"], held)
+                state["shipped_records"] += len(batch.records)
+                state["shipped_bytes"] += batch.size_bytes
+                state["state"] = "shipping"
+                state["updated"] = time.time()
+                save_state(self.pool_path, self.name, state, self.files)
+                sent += batch.size_bytes
+            if state["state"] != "idle" or state.get("last_error"):
+                state["state"], state["last_error"] = "idle", None
+                state["updated"] = time.time()
+                save_state(self.pool_path, self.name, state, self.files)
+            return sent
+        except ChunkvolError as error:
+            self._failed(error)
+            raise
+        except OSError as error:
+            self._failed(error)
+            raise UnreachableError(f"mirror {self.name}: {error}") from None
+
+    def _failed(self, error):
+        if self.target is not None:
+            try:
+                self.target.close()
+            except (ChunkvolError, OSError):
+                pass
+            self.target = None
+        self.state["state"] = "error"
+        self.state["last_error"] = f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {error}"
+        self.state["updated"] = time.time()
+        try:
+            save_state(self.pool_path, self.name, self.state, self.files)
+        except OSError:
+            pass
+
+    def _throttle(self, size):
+        bandwidth = self.definition.get("bandwidth")
+        if not bandwidth:
+            return
+        now = time.monotonic()
+        if self.next_send > now:
+            time.sleep(self.next_send - now)
+        self.next_send = max(now, self.next_send) + size / bandwidth
+
+    def status(self, horizon, next_sequence):
+        """What `mirror status` shows for this mirror."""
+        state = self.state
+        behind_bytes = self.source.distance(state["cursor"], horizon)
+        oldest = self.source.first_own_stamp(state["cursor"], horizon) if behind_bytes else 0
+        rate = state["rate"] or 0.0
+        return {
+            "name": self.name, "to": self.definition["to"], "bandwidth": self.definition.get("bandwidth"),
+            "state": state["state"], "cursor": state["cursor"],
+            "records_behind": max(0, next_sequence - 1 - state["shipped_sequence"]) if behind_bytes else 0,
+            "bytes_behind": behind_bytes,
+            "seconds_behind": round(age_seconds(oldest), 3) if oldest else 0.0,
+            "shipped_records": state["shipped_records"], "shipped_bytes": state["shipped_bytes"],
+            "throughput_bytes_per_second": round(rate, 1),
+            "eta_seconds": round(behind_bytes / rate, 1) if rate and behind_bytes else (0.0 if not behind_bytes else None),
+            "last_error": state.get("last_error"), "updated": state["updated"],
+        }
+

@@ -1,0 +1,77 @@
+"""Where a mirror's batches go.
+
+`dir:PATH` is a pool on another disk (or any directory), written by the shipper itself: it is
+created at the first use as a mirror of this pool (same pool identity, a node id of its own,
+role "mirror"), and opened with its lock held while shipping, so it can be served read-only
+(`chunkvol --pool PATH serve --readonly`) at the same time.
+"""
+
+import os
+
+from chunkvol.errors import PeerError, UsageError
+from chunkvol.format import mirrors as mirrors_format
+from chunkvol.mirror import receiver
+from chunkvol.pool import Pool
+
+
+def parse_target(text):
+    """("dir", absolute path) or ("node", host, port); UsageError for anything else."""
+    if not isinstance(text, str) or not mirrors_format.TARGET.match(text):
+        raise UsageError(f"mirror target {text!r}: use dir:/absolute/path or node:HOST:PORT")
+    kind, _, rest = text.partition(":")
+    if kind == "dir":
+        return "dir", os.path.abspath(rest)
+    host, _, port = rest.rpartition(":")
+    if not 0 < int(port) < 65536:
+        raise UsageError(f"mirror target {text!r}: port out of range")
+    return "node", host, int(port)
+
+
+def normalize(text):
+    """The target as it is stored: a dir: path made absolute."""
+    if isinstance(text, str) and text.startswith("dir:") and not text.startswith("dir:/"):
+        text = "dir:" + os.path.abspath(text[4:])
+    parsed = parse_target(text)
+    return f"dir:{parsed[1]}" if parsed[0] == "dir" else text
+
+
+def open_target(text, source_fields):
+    parsed = parse_target(text)
+    if parsed[0] == "dir":
+        return DirTarget(parsed[1], source_fields)
+    from chunkvol.mirror.node_link import NodeTarget
+    return NodeTarget(parsed[1], parsed[2], source_fields)
+
+
+class DirTarget:
+    """A mirror pool in a directory, opened in this process."""
+
+    def __init__(self, path, source_fields):
+        self.path = path
+        self.pool_uuid = bytes.fromhex(source_fields["pool_uuid"])
+        self.source_node = source_fields["node_id"]
+        if not os.path.exists(os.path.join(path, "pool.json")):
+            node_id = self.source_node
+            while node_id == self.source_node:
+                node_id = int.from_bytes(os.urandom(4), "little") or 1
+            Pool.create(path, chunk_size=source_fields["chunk_size"], node_id=node_id,
+                        pool_uuid=self.pool_uuid, mirror_of=self.source_node)
+        self.pool = Pool.open(path)
+        if self.pool.pool_uuid != self.pool_uuid:
+            self.pool.close()
+            raise PeerError(f"{path} holds another pool ({self.pool.pool_uuid.hex()}), not a mirror of this one")
+        if self.pool.node_id == self.source_node:
+            self.pool.close()
+            raise PeerError(f"{path} is this node itself (node {self.source_node})")
+
+    def have(self, origin):
+        return receiver.have(self.pool, origin)
+
+    def send(self, origin, records):
+        return receiver.receive(self.pool, self.pool_uuid, origin, records)
+
+    def describe(self):
+        return {"node": self.pool.node_id, "path": self.path}
+
+    def close(self):
+        self.pool.close()

@@ -1,0 +1,466 @@
+"""Asynchronous mirrors to a pool on another disk (`mirror add NAME --to dir:PATH`), as a user
+runs them: the chunkvol command, real nbdkit servers and clients, kill -9.
+
+The mirror must become byte-identical to its source in every volume, every snapshot and
+every point of history; resume after any interruption without applying anything twice;
+refuse what a node of the pool would never send; hold the chunks it still needs against
+compaction; and become a writable pool when promoted.
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+
+import nbd
+import pytest
+
+from chunkvol import history
+from chunkvol.errors import PeerError
+from chunkvol.format import record
+from chunkvol.format.record import HEADER_SIZE, RecordType
+from chunkvol.mirror import receiver
+from chunkvol.mirror.source import LogSource
+from chunkvol.pool import Pool
+from chunkvol.storage.files import LocalFiles
+from tests.faults import FaultyFiles, PowerLoss
+from tests.server import CHUNKVOL, ENVIRONMENT, chunkvol
+
+MiB = 1 << 20
+
+
+def cv(pool, *arguments, check=True):
+    return chunkvol("--pool", pool, *arguments, check=check)
+
+
+def new_source(tmp_path, name="src"):
+    path = str(tmp_path / name)
+    cv(path, "init", "--chunk-size", "16M")
+    cv(path, "volume", "create", "v", "--size", "48M")
+    cv(path, "volume", "create", "z", "--size", "16M", "--compression", "zstd")
+    return path
+
+
+def write_history(path, seed, rounds=3, first=True):
+    """Writes with flush points, snapshots, a clone, a rollback and a prune, in-process
+    (`first`: the first call on this pool; later ones add writes and snapshots only)."""
+    rng = random.Random(seed)
+    with Pool.open(path) as pool:
+        for round_number in range(rounds):
+            for name in ("v", "z"):
+                volume = pool.volume(name)
+                for _ in range(40):
+                    size = rng.choice([4096, 5000, 65536, 300_000, MiB])
+                    volume.write(rng.randbytes(size), rng.randrange(0, volume.size_bytes - size))
+                    if rng.random() < 0.1:
+                        pool.flush()
+                volume.zero(rng.randrange(0, 8) * MiB, 3 * 4096)
+                pool.flush()
+            history.create_snapshot(pool, "v", f"s{round_number}" if first else f"r{seed}-{round_number}")
+        if not first:
+            return
+        history.clone(pool, "v@s0", "c")
+        pool.volume("c").write(rng.randbytes(8192), 4096)
+        pool.flush()
+        history.rollback(pool, "z@" + history.format_point(history.history_rows(pool, "z")[1]["stamp"]))
+        history.prune(pool, "v", 0)
+
+
+def everything(path):
+    """{point: bytes} for every volume, snapshot and history point of a pool, plus the
+    history listings themselves."""
+    found = {}
+    with Pool.open(path, readonly=True) as pool:
+        for name in sorted(pool.volumes):
+            points = [name] + [f"{name}@{snapshot}" for snapshot in sorted(pool.snapshots.get(
+                pool.volumes[name].volume_id, {}))]
+            rows = history.history_rows(pool, name)
+            found[f"{name}:history"] = [(row["stamp"], row["bytes_written"]) for row in rows]
+            points += [row["point"] for row in rows]
+            for point in points:
+                volume = pool.volume(point)
+                buffer = bytearray(volume.size_bytes)
+                volume.read(buffer, 0)
+                found[point] = bytes(buffer)
+    return found
+
+
+def assert_identical(source, mirror):
+    mine, theirs = everything(source), everything(mirror)
+    assert sorted(mine) == sorted(theirs)
+    different = [point for point in mine if mine[point] != theirs[point]]
+    assert not different, f"differ: {different[:10]}"
+    return len(mine)
+
+
+def status(path, name):
+    return json.loads(cv(path, "mirror", "status", name, "--json").stdout)
+
+
+# ---- a mirror on another disk, synced by hand --------------------------------------------
+
+def test_dir_mirror_is_identical_in_every_point_and_serves_read_only(tmp_path, server_factory):
+    source = new_source(tmp_path)
+    write_history(source, 1)
+    mirror = str(tmp_path / "mirror")
+    result = cv(source, "mirror", "add", "m", "--to", f"dir:{mirror}")
+    assert "a running `serve` ships to it now" in result.stdout
+    before = status(source, "m")
+    assert before["bytes_behind"] > 0 and before["records_behind"] > 0 and before["seconds_behind"] > 0
+    assert cv(source, "mirror", "list", "--json").stdout.count('"dir:') == 1
+    cv(source, "mirror", "sync", "m")
+    after = status(source, "m")
+    assert (after["bytes_behind"], after["records_behind"], after["seconds_behind"]) == (0, 0, 0.0), after
+    assert after["state"] == "idle" and after["shipped_records"] > 100 and after["last_error"] is None
+    assert assert_identical(source, mirror) > 10
+
+    # The mirror is a whole pool: served read-only, every volume and snapshot is there.
+    server = server_factory(mirror, "readonly=true")
+    exports = [name for name, _ in _list_exports(server)]
+    assert {"v", "z", "c", "v@s1", "v@s2"} <= set(exports)
+    handle = server.connect("v@s2")
+    assert handle.is_read_only()
+    with Pool.open(source, readonly=True) as pool:
+        volume = pool.volume("v@s2")
+        expected = bytearray(MiB)
+        volume.read(expected, 5 * MiB)
+    assert handle.pread(MiB, 5 * MiB) == bytes(expected)
+    handle.shutdown()
+
+    # A mirror changes only through its source.
+    refused = cv(mirror, "volume", "create", "x", "--size", "1M", check=False)
+    assert refused.returncode == 1 and "is a mirror of node" in refused.stderr
+    assert json.loads(cv(mirror, "status", "--json").stdout)["role"] == "mirror"
+
+    # More writes at the source, synced again: only the new records travel.
+    shipped = after["shipped_bytes"]
+    write_history(source, 2, rounds=1, first=False)
+    cv(source, "mirror", "sync", "m")
+    assert shipped < status(source, "m")["shipped_bytes"] < 2 * shipped
+    assert_identical(source, mirror)
+
+
+def _list_exports(server):
+    handle = nbd.NBD()
+    handle.set_opt_mode(True)
+    handle.connect_unix(server.socket_path)
+    found = []
+    handle.opt_list(lambda name, description: found.append((name, description)) or 0)
+    handle.opt_abort()
+    return found
+
+
+def test_promote_makes_a_mirror_writable(tmp_path):
+    source = new_source(tmp_path)
+    write_history(source, 3, rounds=1)
+    mirror = str(tmp_path / "mirror")
+    cv(source, "mirror", "add", "m", "--to", f"dir:{mirror}")
+    cv(source, "mirror", "sync", "m")
+    assert "not a mirror" in cv(source, "mirror", "promote", check=False).stderr
+    result = cv(mirror, "mirror", "promote")
+    assert "is now a writable pool" in result.stdout
+    cv(mirror, "volume", "create", "after", "--size", "1M")
+    cv(mirror, "snapshot", "create", "v@promoted")
+    assert "after" in cv(mirror, "volume", "list").stdout
+    status_after = json.loads(cv(mirror, "status", "--json").stdout)
+    assert status_after["role"] == "primary" and status_after["damage"] == []
+    # What it held as a mirror is all still there.
+    before = everything(source)
+    theirs = everything(mirror)
+    assert all(theirs[point] == before[point] for point in before)
+
+
+def test_bad_mirror_commands(tmp_path):
+    source = new_source(tmp_path)
+    mirror = str(tmp_path / "mirror")
+    assert cv(source, "mirror", "add", "m", "--to", "ftp:somewhere", check=False).returncode == 2
+    assert cv(source, "mirror", "add", "bad/name", "--to", f"dir:{mirror}", check=False).returncode == 2
+    assert cv(source, "mirror", "add", "m", "--to", f"dir:{source}", check=False).returncode == 2
+    assert cv(source, "mirror", "add", "m", "--to", f"dir:{mirror}", "--bandwidth", "12Q",
+              check=False).returncode == 2
+    cv(source, "mirror", "add", "m", "--to", f"dir:{mirror}")
+    assert cv(source, "mirror", "add", "m", "--to", f"dir:{mirror}2", check=False).returncode == 4
+    assert cv(source, "mirror", "add", "m2", "--to", f"dir:{mirror}", check=False).returncode == 4
+    assert cv(source, "mirror", "sync", "nope", check=False).returncode == 3
+    assert cv(source, "mirror", "remove", "nope", check=False).returncode == 3
+    other = new_source(tmp_path, "other")
+    wrong = cv(other, "mirror", "add", "m", "--to", f"dir:{mirror}", check=False)
+    assert wrong.returncode == 1 and "another pool" in wrong.stderr
+    cv(source, "mirror", "remove", "m")
+    assert cv(source, "mirror", "list").stdout.strip() == "no mirrors"
+    assert os.path.exists(os.path.join(mirror, "pool.json")), "remove leaves the mirror's data alone"
+
+
+def test_bandwidth_limit_is_kept(tmp_path):
+    """--bandwidth 1M: a sync of ~3 MiB of records takes at least ~2 s (a lower bound the
+    limiter guarantees; no upper bound is asserted)."""
+    source = new_source(tmp_path)
+    with Pool.open(source) as pool:
+        volume = pool.volume("v")
+        for index in range(6):
+            volume.write(os.urandom(512 << 10), index * MiB)
+            pool.flush()
+    mirror = str(tmp_path / "mirror")
+    cv(source, "mirror", "add", "slow", "--to", f"dir:{mirror}", "--bandwidth", "1M")
+    started = time.monotonic()
+    cv(source, "mirror", "sync", "slow")
+    shipped = status(source, "slow")["shipped_bytes"]
+    assert shipped > 3 * MiB
+    assert time.monotonic() - started >= (shipped - MiB) / MiB * 0.9
+    assert_identical(source, mirror)
+
+
+def test_compaction_keeps_what_a_mirror_still_needs(tmp_path):
+    source = new_source(tmp_path)
+    with Pool.open(source) as pool:
+        volume = pool.volume("v")
+        for _ in range(6):  # rewrite the same 8 MiB: the old chunks become dead
+            for index in range(8):
+                volume.write(os.urandom(MiB), index * MiB)
+            pool.flush()
+    mirror = str(tmp_path / "mirror")
+    cv(source, "mirror", "add", "m", "--to", f"dir:{mirror}")
+    cv(source, "prune", "--keep", "0s")
+    held = json.loads(cv(source, "compact", "--json").stdout)
+    assert held["victims"] == [] and held["held_for_mirrors_from_chunk"] == 1
+    cv(source, "mirror", "sync", "m")
+    freed = json.loads(cv(source, "compact", "--json").stdout)
+    assert freed["victims"], freed
+    write_history(source, 4, rounds=1, first=False)
+    cv(source, "mirror", "sync", "m")
+    assert_identical(source, mirror)
+
+
+# ---- the receiving side refuses what a node would never send ------------------------------
+
+def _batch(source):
+    fields = Pool.read_metadata(source)
+    reader = LogSource(source, fields, LocalFiles())
+    try:
+        with Pool.open(source, readonly=True) as pool:
+            horizon = pool.writer.position
+        batches = list(reader.batches(reader.first_address(), horizon, 1 << 40))
+    finally:
+        reader.close()
+    assert len(batches) == 1
+    return fields, batches[0].records
+
+
+def _forged(raw, **changes):
+    """The record with header fields changed and both checksums made right again."""
+    header = list(record.decode_header(memoryview(raw)[:HEADER_SIZE]))
+    names = ["record_type", "flags", "volume_id", "stored_length", "origin_node", "origin_sequence", "hlc",
+             "offset_bytes", "length_bytes"]
+    for name, value in changes.items():
+        header[names.index(name)] = value
+    payload = bytes(raw[HEADER_SIZE:])
+    out = bytearray(HEADER_SIZE + len(payload))
+    record.encode_header_into(out, 0, header[0], header[1], header[2], payload, header[4], header[5], header[6],
+                              header[7], header[8])
+    out[HEADER_SIZE:] = payload
+    if header[0] == RecordType.EXTENT and not header[1] & record.FLAG_ZSTD:
+        count = header[8] // 4096
+        table = payload[:count * 8]
+        record.encode_header_into(out, 0, header[0], header[1], header[2], payload[count * 8:], header[4],
+                                  header[5], header[6], header[7], header[8], table=table)
+    return bytes(out)
+
+
+def test_receiver_refuses_hostile_batches_and_changes_nothing(tmp_path):
+    source = new_source(tmp_path)
+    write_history(source, 5, rounds=1)
+    fields, records = _batch(source)
+    origin = fields["node_id"]
+    mirror = str(tmp_path / "mirror")
+    Pool.create(mirror, chunk_size=16 << 20, pool_uuid=bytes.fromhex(fields["pool_uuid"]), mirror_of=origin)
+    uuid = bytes.fromhex(fields["pool_uuid"])
+    extent = next(index for index, raw in enumerate(records) if raw[5] == RecordType.EXTENT)
+    create = next(index for index, raw in enumerate(records) if raw[5] == RecordType.VOLUME_CREATE)
+
+    def replaced(index, raw):
+        return records[:index] + [raw] + records[index + 1:]
+
+    flipped = bytearray(records[extent])
+    flipped[-1] ^= 0x40
+    bad_json = bytearray(records[create])
+    bad_json[HEADER_SIZE:] = b"{" + bytes(len(bad_json) - HEADER_SIZE - 1)
+    hostile = {
+        "another pool": (os.urandom(16), origin, records),
+        "this node's own name": (uuid, None, records),
+        "flipped payload bit": (uuid, origin, replaced(extent, bytes(flipped))),
+        "cut short": (uuid, origin, replaced(extent, records[extent][:-100])),
+        "garbage": (uuid, origin, replaced(extent, os.urandom(len(records[extent])))),
+        "forged origin": (uuid, origin, replaced(extent, _forged(records[extent], origin_node=origin + 1))),
+        "replayed sequence": (uuid, origin, replaced(extent + 1, _forged(records[extent + 1], origin_sequence=1))),
+        "relocated flag": (uuid, origin, replaced(extent, _forged(records[extent], flags=record.FLAG_RELOCATED))),
+        "seal record": (uuid, origin, replaced(extent, _forged(records[extent], record_type=RecordType.SEAL))),
+        "unknown volume": (uuid, origin, replaced(extent, _forged(records[extent], volume_id=999))),
+        "out of range": (uuid, origin, replaced(extent, _forged(records[extent], offset_bytes=1 << 40))),
+        "not at a flush point": (uuid, origin, records[:-1]),
+        "volume record not JSON": (uuid, origin, replaced(create, _forged(bytes(bad_json)))),
+        "empty": (uuid, origin, []),
+    }
+    with Pool.open(mirror) as pool:
+        end, held = pool.writer.position, dict(pool.origins)
+        for what, (pool_uuid, node, batch) in hostile.items():
+            with pytest.raises(PeerError):
+                receiver.receive(pool, pool_uuid, pool.node_id if node is None else node, batch)
+            assert (pool.writer.position, pool.origins, sorted(pool.volumes)) == (end, held, []), what
+        have = receiver.receive(pool, uuid, origin, records)
+        assert have == receiver.have(pool, origin)
+        assert have == record.decode_header(memoryview(records[-1])[:HEADER_SIZE])[5]
+        position = pool.writer.position
+        assert receiver.receive(pool, uuid, origin, records) == have  # sent again: nothing twice
+        assert pool.writer.position == position
+    assert_identical(source, mirror)
+
+
+def test_a_batch_cut_by_a_crash_is_applied_whole_or_not_at_all(tmp_path):
+    """Power lost at every file step of a receive: the reopened mirror holds the batch up to
+    one of its flush points (COMMITs) or none of it, never a part of a flush interval (its
+    origin sequence says which), and a resend completes it."""
+    source = new_source(tmp_path)
+    write_history(source, 6, rounds=1)
+    fields, records = _batch(source)
+    origin, uuid = fields["node_id"], bytes.fromhex(fields["pool_uuid"])
+    template = str(tmp_path / "template")
+    Pool.create(template, chunk_size=16 << 20, pool_uuid=uuid, mirror_of=origin)
+    Pool.open(template).close()
+    headers = [record.decode_header(memoryview(raw)[:HEADER_SIZE]) for raw in records]
+    flush_points = {0} | {header[5] for header in headers if header[0] == RecordType.COMMIT}
+    last = headers[-1][5]
+    outcomes = set()
+    for step in range(1, 400, 7):
+        work, lost = str(tmp_path / f"w{step}"), str(tmp_path / f"w{step}-lost")
+        subprocess.run(["cp", "-a", template, work], check=True)
+        faulty = FaultyFiles(work, seed=step, crash_at=step, crash_dir=lost)
+        pool = Pool.open(work, files=faulty)
+        try:
+            receiver.receive(pool, uuid, origin, records)
+            faulty.power_loss(lost)
+            finished = True
+        except PowerLoss:
+            finished = False
+        pool.writer.used = 0
+        pool._release()
+        with Pool.open(lost) as reopened:
+            have = receiver.have(reopened, origin)
+            assert have in flush_points, f"step {step}: part of a flush interval applied ({have})"
+            assert reopened.damage == []
+            outcomes.add(have)
+            receiver.receive(reopened, uuid, origin, records)
+        assert_identical(source, lost)
+        subprocess.run(["rm", "-rf", work, lost], check=True)
+        if finished:
+            break
+    assert last in outcomes and len(outcomes) >= 3, outcomes  # crashes inside the batch, and none
+
+
+# ---- served: the shipper runs beside the server ------------------------------------------
+
+class Serve:
+    """`chunkvol serve --socket` as a user runs it (nbdkit and the mirror shipper)."""
+
+    def __init__(self, pool, socket_path, log_path):
+        self.pool, self.socket_path, self.log_path = pool, socket_path, log_path
+        self.process = None
+
+    def start(self):
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen([CHUNKVOL, "--pool", self.pool, "serve", "--socket", self.socket_path],
+                                        stdout=log, stderr=log, env=ENVIRONMENT, start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                handle = nbd.NBD()
+                handle.connect_uri(f"nbd+unix:///v?socket={self.socket_path}")
+                handle.shutdown()
+                return self
+            except nbd.Error:
+                time.sleep(0.1)
+        raise AssertionError(f"serve did not come up: {open(self.log_path).read()[-2000:]}")
+
+    def connect(self, name="v"):
+        handle = nbd.NBD()
+        handle.connect_uri(f"nbd+unix:///{name}?socket={self.socket_path}")
+        return handle
+
+    def kill(self, signum=signal.SIGKILL):
+        """The whole session: serve, nbdkit and the shipper (a machine losing power)."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signum)
+            self.process.wait(timeout=30)
+        self.process = None
+
+    def stop(self):
+        if self.process is not None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(timeout=60)
+            self.process = None
+
+
+@pytest.fixture
+def serves():
+    started = []
+    yield started
+    for serve in started:
+        try:
+            serve.kill()
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+
+
+def _wait_caught_up(pool, name, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        row = status(pool, name)
+        if row["bytes_behind"] == 0 and row["state"] == "idle":
+            return row
+        time.sleep(0.2)
+    raise AssertionError(f"mirror {name} did not catch up: {row}")
+
+
+def _pids_of(pattern):
+    found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
+    return [int(pid) for pid in found]
+
+
+def test_serve_ships_while_clients_write_and_resumes_after_kill9(tmp_path, serves):
+    source = new_source(tmp_path)
+    mirror = str(tmp_path / "mirror")
+    serve = Serve(source, str(tmp_path / "nbd.sock"), str(tmp_path / "serve.log")).start()
+    serves.append(serve)
+    cv(source, "mirror", "add", "m", "--to", f"dir:{mirror}")  # beside the running server
+    rng = random.Random(7)
+    for cycle in range(3):
+        handle = serve.connect()
+        for _ in range(60):
+            size = rng.choice([4096, 65536, MiB])
+            handle.pwrite(rng.randbytes(size), rng.randrange(0, 47) * MiB)
+            if rng.random() < 0.2:
+                handle.flush()
+        handle.flush()
+        if cycle == 0:
+            # The shipper alone dies: serve starts another, which resumes from the cursor.
+            for pid in _pids_of(f"--pool {source} mirror run"):
+                os.kill(pid, signal.SIGKILL)
+            handle.pwrite(rng.randbytes(MiB), 0)
+            handle.flush()
+        row = _wait_caught_up(source, "m")
+        assert row["last_error"] is None
+        snapshot = f"v@cycle{cycle}"
+        cv(source, "snapshot", "create", snapshot)
+        handle.pwrite(rng.randbytes(MiB), 3 * MiB)  # flushed by the horizon's flush point, or lost with the kill
+        serve.kill()  # kill -9 of the whole machine's processes, shipper included
+        serve.start()
+    _wait_caught_up(source, "m")
+    serve.stop()
+    assert not _pids_of(f"--pool {source} mirror run"), "the shipper outlived serve"
+    shipped_once = status(source, "m")["shipped_records"]
+    with Pool.open(mirror, readonly=True) as pool:
+        assert pool.origins[Pool.read_metadata(source)["node_id"]] > 0
+    assert_identical(source, mirror)
+    assert shipped_once > 100
