@@ -10,7 +10,7 @@ SOCKET ?= ./var/nbd.sock
 PORT ?= 10809
 DEBIAN_PACKAGES := nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd python3-venv python3-dev \
 	fuse3 qemu-utils qemu-system-x86 fio e2fsprogs xfsprogs user-mode-linux linux-image-amd64 \
-	psmisc util-linux busybox-static
+	psmisc util-linux busybox-static python3-cryptography
 export PATH := /usr/bin:/bin:/usr/sbin:/sbin:$(PATH)
 
 .PHONY: all install system-packages run test test-fast bench bench-history clean

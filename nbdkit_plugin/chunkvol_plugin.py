@@ -4,6 +4,7 @@
 #
 #   nbdkit -f -U /tmp/nbd.sock python nbdkit_plugin/chunkvol_plugin.py pool=/path/to/pool \
 #          [volume=NAME] [readonly=true] [thread_model=serialize|parallel] [cache=writeback|none]
+#          [listen=HOST:PORT]
 #
 # A thin adapter: it checks its keys, opens the pool after nbdkit forks (LMDB must not cross
 # a fork), and maps chunkvol's errors to errno. The work is in the chunkvol package.
@@ -38,11 +39,12 @@ from chunkvol import errors  # noqa: E402
 from chunkvol.control import ControlServer  # noqa: E402
 from chunkvol.pool import Pool  # noqa: E402
 
-KEYS = ("pool", "volume", "readonly", "thread_model", "cache")
+KEYS = ("pool", "volume", "readonly", "thread_model", "cache", "listen")
 # serialize: measured here 2x (4 KiB random writes), 2.8x (random reads) and 1.9x (writes with
 # a flush every 32) over parallel, whose GIL hand-offs cost more than fdatasync stalls.
-settings = {"pool": None, "volume": None, "readonly": False, "thread_model": "serialize", "cache": None}
-state = {"pool": None, "control": None}
+settings = {"pool": None, "volume": None, "readonly": False, "thread_model": "serialize", "cache": None,
+            "listen": None}
+state = {"pool": None, "control": None, "receiver": None}
 
 ERRNO = (
     (errors.OutOfRangeError, errno.EINVAL),
@@ -134,9 +136,21 @@ def after_fork():
             state["control"] = ControlServer(state["pool"]).start()
         except (OSError, errors.ChunkvolError) as error:
             nbdkit.debug(f"chunkvol: no control socket, changes need the server stopped: {error}")
+    if settings["listen"]:
+        # Other nodes' batches arrive here (mirror/node_link.py), beside the NBD exports.
+        from chunkvol.mirror.node_link import ReceiverServer
+        host, _, port = settings["listen"].rpartition(":")
+        try:
+            state["receiver"] = ReceiverServer(state["pool"], host.strip("[]"), int(port),
+                                               log=lambda line: print(f"chunkvol: {line}", file=sys.stderr, flush=True)).start()
+        except (OSError, ValueError, errors.ChunkvolError) as error:
+            raise RuntimeError(f"chunkvol: listen={settings['listen']}: {error}") from None
 
 
 def cleanup():
+    if state["receiver"] is not None:
+        state["receiver"].stop()
+        state["receiver"] = None
     if state["control"] is not None:
         state["control"].stop()
         state["control"] = None

@@ -11,7 +11,7 @@ import sys
 
 from chunkvol import errors
 from chunkvol.cli import (check_command, compact_command, history_commands, inspect_command, mirror_commands,
-                          pool_commands, serve_command, status_command, volume_commands)
+                          node_commands, pool_commands, serve_command, status_command, volume_commands)
 
 EXIT_CODES = (
     (errors.UsageError, 2),
@@ -47,6 +47,7 @@ def build_parser():
     history_commands.register(commands)
     compact_command.register(commands)
     mirror_commands.register(commands)
+    node_commands.register(commands)
     return parser
 
 

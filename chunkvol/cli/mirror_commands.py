@@ -18,6 +18,7 @@ from chunkvol.errors import (AlreadyExistsError, ChunkvolError, NotFoundError, P
 from chunkvol.format import chunk_header, mirrors as mirrors_format
 from chunkvol.format import pool_metadata
 from chunkvol.mirror import config as mirror_config
+from chunkvol.mirror import identity
 from chunkvol.mirror import shipper as shipping
 from chunkvol.mirror.source import LogSource
 from chunkvol.mirror import targets
@@ -93,7 +94,9 @@ def mirror_add(arguments):
         raise UsageError(f"the log starts at chunk {first} (compaction freed the ones before): a new mirror "
                          "needs the whole log; mirroring a compacted pool is not supported yet")
     if parsed[0] == "dir":
-        targets.open_target(target, fields).close()  # create it now, so a mistake shows now
+        targets.open_target(target, fields, path).close()  # create it now, so a mistake shows now
+    else:
+        identity.ensure_authority(path, fields)
     mirrors[arguments.name] = {"to": target, "bandwidth": bandwidth,
                                "added": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     mirror_config.save_mirrors(path, mirrors)

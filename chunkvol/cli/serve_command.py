@@ -7,6 +7,7 @@ import stat
 import subprocess
 import sys
 
+from chunkvol.cli.node_commands import parse_listen
 from chunkvol.errors import UsageError
 from chunkvol.forwarder import TcpForwarder
 from chunkvol.pool import Pool
@@ -27,6 +28,8 @@ def register(commands):
                        help="nbdkit thread model (default serialize: measured 2-3x faster for small I/O)")
     serve.add_argument("--cache", choices=("writeback", "none"),
                        help="override the pool's cache mode for this run (see `init --cache`)")
+    serve.add_argument("--listen", metavar="HOST:PORT",
+                       help="also accept records from this pool's other nodes (mutual TLS)")
     serve.add_argument("--tls-certificates", metavar="DIR", help="serve with --tls=require and these certificates")
     serve.add_argument("--print-attach", action="store_true", help="print how to attach clients")
     serve.set_defaults(run=run_serve)
@@ -51,6 +54,11 @@ def nbdkit_command(arguments):
         command.append(f"volume={arguments.volume}")
     if arguments.cache:
         command.append(f"cache={arguments.cache}")
+    if arguments.listen:
+        host, port = parse_listen(arguments.listen)
+        if arguments.readonly:
+            raise UsageError("--listen takes records into the pool: it cannot go with --readonly")
+        command.append(f"listen={host}:{port}")
     return command
 
 

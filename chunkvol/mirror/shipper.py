@@ -47,7 +47,7 @@ class Shipper:
     def _connect(self):
         if self.target is None:
             try:
-                self.target = targets.open_target(self.definition["to"], self.fields)
+                self.target = targets.open_target(self.definition["to"], self.fields, self.pool_path)
             except OSError as error:
                 raise UnreachableError(f"mirror {self.name} ({self.definition['to']}): {error}") from None
         return self.target
@@ -97,7 +97,7 @@ class Shipper:
             raise
         except OSError as error:
             self._failed(error)
-            raise UnreachableError(f"mirror {self.name}: {error}") from None
+            raise UnreachableError(f"mirror {self.name} ({self.definition['to']}): {error}") from None
 
     def _failed(self, error):
         if self.target is not None:

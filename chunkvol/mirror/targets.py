@@ -3,7 +3,8 @@
 `dir:PATH` is a pool on another disk (or any directory), written by the shipper itself: it is
 created at the first use as a mirror of this pool (same pool identity, a node id of its own,
 role "mirror"), and opened with its lock held while shipping, so it can be served read-only
-(`chunkvol --pool PATH serve --readonly`) at the same time.
+(`chunkvol --pool PATH serve --readonly`) at the same time. `node:HOST:PORT` is another node
+of the pool (joined with `init --join`), reached over mutual TLS (mirror/node_link.py).
 """
 
 import os
@@ -35,12 +36,12 @@ def normalize(text):
     return f"dir:{parsed[1]}" if parsed[0] == "dir" else text
 
 
-def open_target(text, source_fields):
+def open_target(text, source_fields, pool_path):
     parsed = parse_target(text)
     if parsed[0] == "dir":
         return DirTarget(parsed[1], source_fields)
     from chunkvol.mirror.node_link import NodeTarget
-    return NodeTarget(parsed[1], parsed[2], source_fields)
+    return NodeTarget(parsed[1], parsed[2], source_fields, pool_path)
 
 
 class DirTarget:
