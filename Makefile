@@ -10,10 +10,10 @@ SOCKET ?= ./var/nbd.sock
 PORT ?= 10809
 DEBIAN_PACKAGES := nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd python3-venv python3-dev \
 	fuse3 qemu-utils qemu-system-x86 fio e2fsprogs xfsprogs user-mode-linux linux-image-amd64 \
-	psmisc util-linux busybox-static python3-cryptography
+	psmisc util-linux busybox-static python3-cryptography iproute2 iptables
 export PATH := /usr/bin:/bin:/usr/sbin:/sbin:$(PATH)
 
-.PHONY: all install system-packages run test test-fast bench bench-history clean
+.PHONY: all install system-packages run test test-fast bench bench-history bench-mirror clean
 
 all: install
 
@@ -51,6 +51,9 @@ bench: install
 
 bench-history: install
 	$(PY) tools/bench/history_bench.py $(HISTORY_ARGS)
+
+bench-mirror: install
+	$(PY) tools/bench/mirror_bench.py $(MIRROR_ARGS)
 
 clean:
 	rm -rf $(VENV) .stamp-system-packages var build *.egg-info

@@ -97,10 +97,15 @@ class NodeTarget:
             raise UnreachableError(f"node {self.address[0]}:{self.address[1]}: {error}") from None
 
     def _reply(self, expected):
+        where = f"node {self.address[0]}:{self.address[1]}"
         try:
             kind, payload = read_frame(self.connection)
         except OSError as error:
-            raise UnreachableError(f"node {self.address[0]}:{self.address[1]}: {error}") from None
+            raise UnreachableError(f"{where}: {error}") from None
+        except PeerError as error:
+            if "closed the connection" in str(error) or "too slow" in str(error):
+                raise UnreachableError(f"{where}: {error}") from None
+            raise PeerError(f"{where}: {error}") from None
         document = wire.decode_json(payload)
         if kind == wire.ERROR:
             raise PeerError(f"node {self.address[0]}:{self.address[1]} refused: {document.get('message')}")
