@@ -89,6 +89,11 @@ def compact(pool, min_dead=None):
     return compaction.compact(pool, min_dead=min_dead)
 
 
+def scrub(pool):
+    from chunkvol import heal
+    return heal.scrub(pool)
+
+
 def log_horizon(pool):
     """For a shipper in another process: a flush point for what was written, then how far
     this node's log is durable (it ships only that much, read from the files)."""
@@ -100,4 +105,4 @@ def log_horizon(pool):
 
 OPERATIONS = {function.__name__: function for function in (
     volume_create, volume_resize, volume_remove, snapshot_create, snapshot_remove, snapshot_rollback,
-    snapshot_clone, prune, retention, compact, log_horizon)}
+    snapshot_clone, prune, retention, compact, scrub, log_horizon)}

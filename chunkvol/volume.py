@@ -24,6 +24,7 @@ _HOLE_SLOTS = group_map.HOLE_SLOTS
 EXTENT_DATA = 0
 EXTENT_HOLE_ZERO = 3  # nbdkit.EXTENT_HOLE | nbdkit.EXTENT_ZERO
 MAX_EXTENT_GROUPS = 16384  # one extents reply covers at most 1 GiB; clients ask again
+MAX_HEALS_PER_READ = 8  # damaged records a read heals from mirrors before it gives up (EIO)
 _TABLES = BLOCK_TABLES
 
 
@@ -194,6 +195,19 @@ class Volume:
         self._check(offset, length)
         if not length:
             return
+        for _ in range(MAX_HEALS_PER_READ):
+            try:
+                return self._read(buffer, offset, length)
+            except CorruptionError as error:
+                from chunkvol import heal
+                if not heal.heal_read(self.pool, self, error):
+                    raise
+        self._read(buffer, offset, length)  # healed from a mirror: read it again
+
+    def lineage_ids(self):
+        return sorted(self.lineage)
+
+    def _read(self, buffer, offset, length):
         with self.pool.lock:
             if offset % BLOCK_SIZE or length % BLOCK_SIZE:
                 start = offset - offset % BLOCK_SIZE
@@ -273,15 +287,22 @@ class Volume:
                     break
                 wanted += pieces[last][2]
                 last += 1
-            if wanted * BLOCK_SIZE * 2 >= span_end - span_start:
-                data = memoryview(writer.read(span_start, span_end - span_start))
-                for ref, first, count, at, record_offset in pieces[index:last]:
-                    start = ref[0] - span_start
-                    self._copy_blocks(ref, data[start:start + HEADER_SIZE + ref[1]], first, count, out, at,
-                                      record_offset)
-            else:
-                for ref, first, count, at, record_offset in pieces[index:last]:
-                    self._read_blocks(ref, first, count, out, at, record_offset)
+            current = pieces[index]
+            try:
+                if wanted * BLOCK_SIZE * 2 >= span_end - span_start:
+                    data = memoryview(writer.read(span_start, span_end - span_start))
+                    for current in pieces[index:last]:
+                        ref, first, count, at, record_offset = current
+                        start = ref[0] - span_start
+                        self._copy_blocks(ref, data[start:start + HEADER_SIZE + ref[1]], first, count, out, at,
+                                          record_offset)
+                else:
+                    for current in pieces[index:last]:
+                        ref, first, count, at, record_offset = current
+                        self._read_blocks(ref, first, count, out, at, record_offset)
+            except CorruptionError as error:
+                error.damage = (current[0], current[4])  # which record, for healing from a mirror (heal.py)
+                raise
             index = last
 
     def _header(self, ref, raw, record_offset):

@@ -11,7 +11,8 @@ import sys
 
 from chunkvol import errors
 from chunkvol.cli import (check_command, compact_command, history_commands, inspect_command, mirror_commands,
-                          node_commands, pool_commands, serve_command, status_command, volume_commands)
+                          node_commands, pool_commands, scrub_command, serve_command, status_command,
+                          volume_commands)
 
 EXIT_CODES = (
     (errors.UsageError, 2),
@@ -48,6 +49,7 @@ def build_parser():
     compact_command.register(commands)
     mirror_commands.register(commands)
     node_commands.register(commands)
+    scrub_command.register(commands)
     return parser
 
 

@@ -1,0 +1,155 @@
+"""Self-healing from mirrors, as ZFS heals from a mirror side: a live record that fails its
+checksum here is fetched from a mirror that holds it (the same origin stamp, in its block map
+at the same volume and group), checked there and against what this map expects, appended to
+this log again as a RELOCATED copy, and the block map is pointed at the copy in one LMDB
+transaction (compaction's step 3); a base (compaction.write_base) makes that hold for a
+rebuild too. `scrub` does it for every damaged live record; a read that meets one heals it
+and reads again, or fails with EIO where no mirror has a good copy.
+
+Mirrors are looked up among this pool's `dir:` mirrors (a pool readable here).
+"""
+
+import os
+
+from chunkvol import compaction
+from chunkvol.check import scan_log
+from chunkvol.errors import ChunkvolError, CorruptionError
+from chunkvol.format import chunk_header, group_map, record
+from chunkvol.format.record import (CHECKSUM_BYTES, FLAG_RELOCATED, FLAG_ZSTD, GROUP_SIZE, HEADER_SIZE,
+                                    RAW_BLOCK_BYTES, RecordType)
+from chunkvol.mirror import config as mirror_config
+
+
+def _mirror_pools(pool):
+    from chunkvol.pool import Pool
+    for name, definition in sorted(mirror_config.load_mirrors(pool.path, pool.files).items()):
+        if not definition["to"].startswith("dir:"):
+            continue
+        path = definition["to"][4:]
+        if not os.path.exists(os.path.join(path, "pool.json")):
+            continue
+        try:
+            mirror = Pool.open(path, readonly=True)
+        except ChunkvolError:
+            continue
+        try:
+            yield name, mirror
+        finally:
+            mirror.close()
+
+
+def _find(mirror, volume_ids, group, ref, record_offset):
+    """The raw bytes of the mirror's copy of record `ref` (same stamp and length), checked."""
+    txn = mirror.blockmap.reader()
+    for volume_id in volume_ids:
+        cursor = txn.cursor(db=mirror.blockmap.groups_db)
+        prefix = group_map.KEY.pack(volume_id, group, 0, 0)[:12]
+        if not cursor.set_range(prefix):
+            continue
+        for raw_key, raw in cursor:
+            if raw_key[:12] != prefix:
+                break
+            for theirs in group_map.decode_state(raw, raw_key)[1]:
+                if theirs[2] != ref[2] or theirs[1] != ref[1] or theirs[3] != ref[3]:
+                    continue
+                chunk_id, offset = chunk_header.split_address(theirs[0])
+                try:
+                    data = mirror.chunks.pread(chunk_id, HEADER_SIZE + theirs[1], offset)
+                    header = record.decode_header(memoryview(data)[:HEADER_SIZE])
+                    record.verify_payload(header, memoryview(data)[HEADER_SIZE:])
+                except (CorruptionError, OSError):
+                    continue  # damaged there too: try another mirror
+                if header[0] == RecordType.EXTENT and header[6] == ref[2] and header[7] == record_offset:
+                    return data, header
+    return None
+
+
+def good_copy(pool, volume_ids, group, ref, record_offset):
+    """(mirror name, raw bytes, header) of a good copy of `ref`, or None."""
+    for name, mirror in _mirror_pools(pool):
+        found = _find(mirror, volume_ids, group, ref, record_offset)
+        if found is not None:
+            return (name,) + found
+    return None
+
+
+def _append_copy(pool, data, header):
+    payload = memoryview(data)[HEADER_SIZE:]
+    if header[1] & FLAG_ZSTD:
+        table, body = b"", payload
+    else:
+        table_bytes = header[3] // RAW_BLOCK_BYTES * CHECKSUM_BYTES
+        table, body = payload[:table_bytes], payload[table_bytes:]
+    return pool.writer.append(RecordType.EXTENT, (header[1] | FLAG_RELOCATED) & ~record.FLAG_MORE, header[2], body,
+                              header[4], header[5], header[6], header[7], header[8], table)
+
+
+def heal(pool, damaged):
+    """Heal records: `damaged` is [(volume ids to look in, group, ref, record volume offset)].
+    Returns ({address: mirror name} healed, [addresses no mirror had])."""
+    remap, sources, missing = {}, {}, []
+    for volume_ids, group, ref, record_offset in damaged:
+        if ref[0] in remap:
+            continue
+        found = good_copy(pool, volume_ids, group, ref, record_offset)
+        if found is None:
+            missing.append(ref[0])
+            continue
+        name, data, header = found
+        with pool.lock:
+            remap[ref[0]] = _append_copy(pool, data, header)
+        sources[ref[0]] = name
+    if remap:
+        with pool.lock:
+            compaction._point_map_at_copies(pool, remap)
+        compaction.write_base(pool)
+    return sources, missing
+
+
+def heal_read(pool, volume, error):
+    """A read met `error`; heal the record it names if a mirror has it. True when healed."""
+    damage = getattr(error, "damage", None)
+    if damage is None or pool.readonly:
+        return False
+    ref, record_offset = damage
+    try:
+        healed, _ = heal(pool, [(volume.lineage_ids(), record_offset // GROUP_SIZE, ref, record_offset)])
+    except ChunkvolError:
+        return False
+    return bool(healed)
+
+
+def scrub(pool, progress=None):
+    """Verify every record; heal each damaged live one from a mirror. A report (JSON-able)."""
+    with pool.lock:
+        pool._checkpoint_locked()
+    problems, records, scanned = scan_log(pool, progress)
+    damaged_addresses = {}
+    for path, offset, message in problems:
+        chunk_id = next(c for c in pool.chunks.ids() if pool.chunks.get(c).path == path)
+        damaged_addresses[chunk_header.address(chunk_id, offset)] = message
+    wanted, unused = [], []
+    if damaged_addresses:
+        blockmap = pool.blockmap
+        seen = set()
+        with blockmap.env.begin(db=blockmap.groups_db) as txn:
+            for raw_key, raw in txn.cursor():
+                volume_id, group, _, _ = group_map.decode_key(raw_key)
+                slots, refs = group_map.decode_state(raw, raw_key)
+                for index, ref in enumerate(refs):
+                    if ref[0] in damaged_addresses and ref[0] not in seen:
+                        seen.add(ref[0])
+                        slot = next(i for i, s in enumerate(slots) if s != group_map.HOLE and s >> 4 == index)
+                        record_offset = (group * 16 + slot - (slots[slot] & 0x0F)) * 4096
+                        wanted.append(([volume_id], group, ref, record_offset))
+        unused = sorted(set(damaged_addresses) - seen)
+    healed, missing = heal(pool, wanted) if wanted else ({}, [])
+
+    def where(address):
+        chunk_id, offset = chunk_header.split_address(address)
+        return f"{chunk_id}:{offset}"
+
+    return {"records": records, "bytes": scanned, "damaged": len(damaged_addresses),
+            "healed": [{"record": where(a), "from": m, "problem": damaged_addresses[a]} for a, m in sorted(healed.items())],
+            "not_healed": [{"record": where(a), "problem": damaged_addresses[a]} for a in missing],
+            "damaged_but_unused": [{"record": where(a), "problem": damaged_addresses[a]} for a in unused]}
