@@ -464,3 +464,33 @@ def test_serve_ships_while_clients_write_and_resumes_after_kill9(tmp_path, serve
         assert pool.origins[Pool.read_metadata(source)["node_id"]] > 0
     assert_identical(source, mirror)
     assert shipped_once > 100
+
+
+def test_a_lost_source_rejoins_the_promoted_mirror_without_a_full_copy(tmp_path):
+    """A mirrors to B; A writes more that never reaches B and goes away; B is promoted and
+    written; A comes back, rejoins as B's mirror (what it wrote alone is saved aside and cut),
+    B mirrors to A, and A ends identical to B, having received only B's new records."""
+    a = new_source(tmp_path, "a")
+    write_history(a, 31, rounds=1)
+    b = str(tmp_path / "b")
+    cv(a, "mirror", "add", "b", "--to", f"dir:{b}")
+    cv(a, "mirror", "sync", "b")
+    shared = everything(a)
+    write_history(a, 32, rounds=1, first=False)  # never shipped: A is "lost" now
+    cv(b, "mirror", "promote")
+    write_history(b, 33, rounds=1, first=False)
+    assert "is still a mirror" not in cv(a, "mirror", "rejoin", "--from", f"dir:{b}").stderr
+    saved = [name for name in os.listdir(a) if name.startswith("divergent-")]
+    assert len(saved) == 1 and os.path.getsize(os.path.join(a, saved[0])) > 0
+    assert json.loads(cv(a, "status", "--json").stdout)["role"] == "mirror"
+    mine = everything(a)
+    assert all(mine[point] == shared[point] for point in shared), "the shared part changed"
+    cv(b, "mirror", "add", "a", "--to", f"dir:{a}")
+    cv(b, "mirror", "sync", "a")
+    shipped = status(b, "a")["shipped_bytes"]
+    with Pool.open(a, readonly=True) as pool:
+        received = sum(os.path.getsize(pool.chunks.get(c).path) for c in pool.chunks.ids())
+    assert shipped < received, "A received more than B's own records: a full copy"
+    assert_identical(b, a)
+    again = cv(a, "mirror", "rejoin", "--from", f"dir:{b}", check=False)
+    assert again.returncode == 2 and "already a mirror" in again.stderr

@@ -18,7 +18,7 @@ from chunkvol.errors import (AlreadyExistsError, ChunkvolError, NotFoundError, P
 from chunkvol.format import chunk_header, mirrors as mirrors_format
 from chunkvol.format import pool_metadata
 from chunkvol.mirror import config as mirror_config
-from chunkvol.mirror import identity
+from chunkvol.mirror import identity, rejoin
 from chunkvol.mirror import shipper as shipping
 from chunkvol.mirror.source import LogSource
 from chunkvol.mirror import targets
@@ -57,6 +57,10 @@ def register(commands):
     run.set_defaults(run=mirror_run)
     promote = actions.add_parser("promote", help="make this mirror a writable pool (its source is lost)")
     promote.set_defaults(run=mirror_promote)
+    rejoin_parser = actions.add_parser("rejoin", help="a lost source comes back: become a mirror of the node "
+                                                      "that was promoted, keeping what both share")
+    rejoin_parser.add_argument("--from", dest="source", required=True, metavar="dir:PATH|node:HOST:PORT")
+    rejoin_parser.set_defaults(run=mirror_rejoin)
 
 
 def _pool_path(arguments):
@@ -291,3 +295,14 @@ def mirror_promote(arguments):
     promoted = {key: value for key, value in fields.items() if key not in ("role", "mirror_of", "checksum")}
     LocalFiles().publish(os.path.join(path, "pool.json"), pool_metadata.encode(promoted))
     print(f"{path} is now a writable pool (node {fields['node_id']}, was a mirror of node {fields['mirror_of']})")
+
+
+def mirror_rejoin(arguments):
+    path, _ = _pool_path(arguments)
+    report = rejoin.rejoin(path, targets.normalize(arguments.source))
+    if report["divergent_file"]:
+        print(f"saved {format_size(report['divergent_bytes'])} written here after what node "
+              f"{report['promoted_node']} has (through sequence {report['shared_through_sequence']}) to "
+              f"{report['divergent_file']}, and cut it from the log")
+    print(f"{path} is now a mirror of node {report['promoted_node']}: add it as a mirror there "
+          "(`chunkvol mirror add`) and it catches up from what both share")
