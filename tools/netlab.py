@@ -72,3 +72,80 @@ class SlowLink:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class DelayProxy:
+    """A TCP proxy that holds every chunk of bytes `delay` seconds each way (latency, which
+    tbf does not give), in this namespace: listen on 127.0.0.1:port, forward to target."""
+
+    def __init__(self, target_host, target_port, delay):
+        import socket
+        import threading
+        self.socket_module, self.threading = socket, threading
+        self.target = (target_host, target_port)
+        self.delay = delay
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.closing = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while not self.closing:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = self.socket_module.create_connection(self.target, timeout=10)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            for source, sink in ((client, upstream), (upstream, client)):
+                self.threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    def _pump(self, source, sink):
+        import collections
+        import time
+        pending = collections.deque()
+        ready = self.threading.Condition()
+        finished = []
+
+        def send():
+            while True:
+                with ready:
+                    while not pending and not finished:
+                        ready.wait()
+                    if not pending:
+                        break
+                    due, data = pending.popleft()
+                time.sleep(max(0.0, due - time.monotonic()))
+                try:
+                    sink.sendall(data)
+                except OSError:
+                    break
+            try:
+                sink.shutdown(self.socket_module.SHUT_WR)
+            except OSError:
+                pass
+
+        sender = self.threading.Thread(target=send, daemon=True)
+        sender.start()
+        while True:
+            try:
+                data = source.recv(1 << 16)
+            except OSError:
+                data = b""
+            with ready:
+                if not data:
+                    finished.append(True)
+                else:
+                    pending.append((time.monotonic() + self.delay, data))
+                ready.notify()
+            if not data:
+                break
+        sender.join()
+
+    def close(self):
+        self.closing = True
+        self.listener.close()
