@@ -38,8 +38,10 @@ def _mirror_pools(pool):
             mirror.close()
 
 
-def _find(mirror, volume_ids, group, ref, record_offset):
-    """The raw bytes of the mirror's copy of record `ref` (same stamp and length), checked."""
+def find(mirror, volume_ids, group, ref, record_offset):
+    """The raw bytes and header of `mirror`'s copy of record `ref` (same stamp, length and
+    flags, at the same volume offset), checked; None when it has none. Hold its lock when it
+    is a live pool (a node serving a peer's FETCH)."""
     txn = mirror.blockmap.reader()
     for volume_id in volume_ids:
         cursor = txn.cursor(db=mirror.blockmap.groups_db)
@@ -52,9 +54,8 @@ def _find(mirror, volume_ids, group, ref, record_offset):
             for theirs in group_map.decode_state(raw, raw_key)[1]:
                 if theirs[2] != ref[2] or theirs[1] != ref[1] or theirs[3] != ref[3]:
                     continue
-                chunk_id, offset = chunk_header.split_address(theirs[0])
                 try:
-                    data = mirror.chunks.pread(chunk_id, HEADER_SIZE + theirs[1], offset)
+                    data = mirror.writer.read(theirs[0], HEADER_SIZE + theirs[1])
                     header = record.decode_header(memoryview(data)[:HEADER_SIZE])
                     record.verify_payload(header, memoryview(data)[HEADER_SIZE:])
                 except (CorruptionError, OSError):
@@ -67,10 +68,40 @@ def _find(mirror, volume_ids, group, ref, record_offset):
 def good_copy(pool, volume_ids, group, ref, record_offset):
     """(mirror name, raw bytes, header) of a good copy of `ref`, or None."""
     for name, mirror in _mirror_pools(pool):
-        found = _find(mirror, volume_ids, group, ref, record_offset)
+        found = find(mirror, volume_ids, group, ref, record_offset)
         if found is not None:
             return (name,) + found
+    for name, definition in sorted(mirror_config.load_mirrors(pool.path, pool.files).items()):
+        if definition["to"].startswith("node:"):
+            found = _fetch_from_node(pool, definition["to"], volume_ids, group, ref, record_offset)
+            if found is not None:
+                return (name,) + found
     return None
+
+
+def _fetch_from_node(pool, target, volume_ids, group, ref, record_offset):
+    from chunkvol.mirror import targets
+    try:
+        link = targets.open_target(target, pool.fields, pool.path)
+    except ChunkvolError:
+        return None
+    try:
+        data = link.fetch(volume_ids, group, ref, record_offset)
+    except ChunkvolError:
+        return None
+    finally:
+        link.close()
+    if not data:
+        return None
+    try:
+        header = record.decode_header(memoryview(data)[:HEADER_SIZE])
+        record.verify_payload(header, memoryview(data)[HEADER_SIZE:])
+    except CorruptionError:
+        return None
+    if (header[0] != RecordType.EXTENT or header[6] != ref[2] or header[3] != ref[1] or header[7] != record_offset
+            or header[2] not in volume_ids):
+        return None
+    return data, header
 
 
 def _append_copy(pool, data, header):

@@ -100,3 +100,22 @@ def test_without_a_good_copy_reads_fail_and_scrub_says_so(tmp_path, server_facto
             failures.append(error.errnum)
     assert failures and set(failures) == {errno.EIO}, failures
     assert damaged
+
+
+def test_scrub_heals_from_a_node_mirror_over_tls(tmp_path):
+    from tests.test_node_mirrors import Receiving, free_port, joined
+    source = new_source(tmp_path)
+    write_history(source, 23, rounds=1)
+    node = joined(tmp_path, source)
+    port = free_port()
+    receiving = Receiving(node, port, str(tmp_path / "receive.log")).start()
+    try:
+        cv(source, "mirror", "add", "far", "--to", f"node:127.0.0.1:{port}")
+        cv(source, "mirror", "sync", "far")
+        before = _snapshot_of_volumes(source)
+        _damage_live_records(source, 2)
+        report = json.loads(cv(source, "scrub", "--json").stdout)
+        assert len(report["healed"]) == 2 and {row["from"] for row in report["healed"]} == {"far"}, report
+        assert _snapshot_of_volumes(source) == before
+    finally:
+        receiving.kill()

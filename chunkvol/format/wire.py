@@ -5,7 +5,7 @@ Every frame, little-endian:
 | offset | size | type | field   | meaning                                                   |
 |-------:|-----:|------|---------|-----------------------------------------------------------|
 |      0 |    4 | 4s   | magic   | b"CVw1"                                                   |
-|      4 |    1 | u8   | kind    | 1 HELLO, 2 WELCOME, 3 BATCH, 4 ACK, 5 ERROR               |
+|      4 |    1 | u8   | kind    | 1 HELLO, 2 WELCOME, 3 BATCH, 4 ACK, 5 ERROR, 6 FETCH, 7 RECORD |
 |      5 |    3 | 3s   | zero    | 0                                                         |
 |      8 |    4 | u32  | length  | payload bytes, at most MAX_PAYLOAD                        |
 |     12 |    8 | u64  | xxh3    | xxh3-64 of the payload                                    |
@@ -17,8 +17,11 @@ Payloads: HELLO (client: {"pool_uuid", "node_id", "version"}), WELCOME (server: 
 origin node, u32 record count, then per record u32 length and the record's bytes exactly as
 in the log (format/record.py), which the receiver checks again (mirror/receiver.py).
 
-A conversation: HELLO -> WELCOME, then BATCH -> ACK (or ERROR, after which the server
-closes), repeated. Every length is checked before anything is allocated.
+FETCH ({"volumes": [ids], "group", "ref": [address, stored, stamp, flags], "offset"}) asks for
+a good copy of a record (self-healing, heal.py); RECORD carries its bytes (empty: not here).
+
+A conversation: HELLO -> WELCOME, then BATCH -> ACK or FETCH -> RECORD (or ERROR, after which
+the server closes), repeated. Every length is checked before anything is allocated.
 """
 
 import json
@@ -30,8 +33,8 @@ from chunkvol.errors import PeerError
 
 MAGIC = b"CVw1"
 HEAD = struct.Struct("<4sB3sIQ")
-HELLO, WELCOME, BATCH, ACK, ERROR = 1, 2, 3, 4, 5
-KINDS = (HELLO, WELCOME, BATCH, ACK, ERROR)
+HELLO, WELCOME, BATCH, ACK, ERROR, FETCH, RECORD = 1, 2, 3, 4, 5, 6, 7
+KINDS = (HELLO, WELCOME, BATCH, ACK, ERROR, FETCH, RECORD)
 MAX_PAYLOAD = 64 << 20
 MAX_JSON = 64 << 10
 BATCH_HEAD = struct.Struct("<QI")
@@ -52,7 +55,7 @@ def decode_head(raw):
     magic, kind, zero, length, checksum = HEAD.unpack(raw)
     if magic != MAGIC or zero != b"\0\0\0" or kind not in KINDS:
         raise PeerError("not a chunkvol replication frame")
-    if length > (MAX_JSON if kind != BATCH else MAX_PAYLOAD):
+    if length > (MAX_PAYLOAD if kind in (BATCH, RECORD) else MAX_JSON):
         raise PeerError(f"a frame of {length} bytes is over the limit")
     return kind, length, checksum
 

@@ -124,6 +124,21 @@ class NodeTarget:
         self.held = answer["have"]
         return self.held
 
+    def fetch(self, volume_ids, group, ref, record_offset):
+        """The peer's copy of a record (bytes; empty when it has none), for self-healing."""
+        self._send(wire.encode_json(wire.FETCH, {"volumes": list(volume_ids), "group": group, "ref": list(ref),
+                                                 "offset": record_offset}))
+        where = f"node {self.address[0]}:{self.address[1]}"
+        try:
+            kind, payload = read_frame(self.connection)
+        except OSError as error:
+            raise UnreachableError(f"{where}: {error}") from None
+        if kind == wire.ERROR:
+            raise PeerError(f"{where} refused: {wire.decode_json(payload).get('message')}")
+        if kind != wire.RECORD:
+            raise PeerError(f"{where} sent frame kind {kind}, not a record")
+        return bytes(payload)
+
     def describe(self):
         return {"node": self.peer, "address": f"{self.address[0]}:{self.address[1]}"}
 
@@ -193,6 +208,9 @@ class ReceiverServer:
                     if "closed the connection" in str(error) and "middle" not in str(error):
                         return  # a clean end
                     raise
+                if kind == wire.FETCH:
+                    connection.sendall(wire.encode(wire.RECORD, self._fetch(wire.decode_json(payload))))
+                    continue
                 if kind != wire.BATCH:
                     raise PeerError(f"frame kind {kind} where a batch was expected")
                 origin, records = wire.decode_batch(payload)
@@ -216,6 +234,19 @@ class ReceiverServer:
         finally:
             (connection or raw).close()
             self.slots.release()
+
+    def _fetch(self, request):
+        from chunkvol import heal
+        volumes, group, ref, offset = (request.get("volumes"), request.get("group"), request.get("ref"),
+                                       request.get("offset"))
+        if (not isinstance(volumes, list) or not all(isinstance(v, int) for v in volumes) or len(volumes) > 64
+                or not isinstance(group, int) or not isinstance(offset, int) or not isinstance(ref, list)
+                or len(ref) != 4 or not all(isinstance(field, int) for field in ref)):
+            raise PeerError("a malformed fetch request")
+        with self.pool.lock:
+            self.pool._checkpoint_locked()  # every version in LMDB, where find looks
+            found = heal.find(self.pool, volumes, group, tuple(ref), offset)
+        return b"" if found is None else bytes(found[0])
 
     def stop(self):
         self.stopping = True
