@@ -220,14 +220,16 @@ class LogWriter:
                 pass
 
     def close(self):
-        try:
-            self._wait()
-        finally:
-            self.inflight = None
-            self._stop_direct()
-            if self.executor is not None:
-                self.executor.shutdown()
-                self.executor = None
+        inflight, self.inflight = self.inflight, None
+        if inflight is not None:
+            try:
+                inflight[0].result()
+            except BaseException:  # going away (a crash, a failed pool): a clean close synced
+                pass  # first, and that sync reported any failure
+        self._stop_direct()
+        if self.executor is not None:
+            self.executor.shutdown()
+            self.executor = None
 
     def _preallocate(self, needed_end):
         capacity = self.chunk.capacity_bytes
