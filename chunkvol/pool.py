@@ -44,7 +44,8 @@ from chunkvol.storage.files import LocalFiles
 DEFAULT_CHUNK_SIZE = 8 << 30
 CHECKPOINT_GROUPS = 16384      # unsaved group versions that force a checkpoint (memory bound)
 AUTO_FLUSH_GROUPS = 16384      # unsealed groups that force a flush point (1 GiB of data)
-AUTO_FLUSH_BYTES = 64 << 20    # bytes written since the last flush point that force one
+AUTO_FLUSH_BYTES = 16 << 20    # bytes written since the last flush point that force one (a mirror's
+                               # batch is whole flush intervals: with a 32 MiB request it stays < 64 MiB)
 CHECKPOINT_SECONDS = 30.0
 VOLUME_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
 COMPRESSIONS = ("none", "zstd")
@@ -401,7 +402,8 @@ class Pool:
             self._flush_locked()
             self._checkpoint_locked()
         elif sum(blockmap.written.values()) >= AUTO_FLUSH_BYTES:
-            self._flush_locked()
+            # A flush point, not a sync: the COMMIT names what is durable already.
+            self._flush_locked(durable=self.writer.durable_address)
 
     # ---- applying records (live and replay share this) ----------------------------
     def _apply_replayed(self, address, header, payload):

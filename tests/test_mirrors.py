@@ -424,7 +424,7 @@ def _wait_caught_up(pool, name, timeout=60):
 
 
 def _pids_of(pattern):
-    found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
+    found = subprocess.run(["pgrep", "-f", "--", pattern], capture_output=True, text=True).stdout.split()
     return [int(pid) for pid in found]
 
 

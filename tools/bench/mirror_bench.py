@@ -79,7 +79,7 @@ def rss_kib(pids):
 
 
 def pids_matching(pattern):
-    found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
+    found = subprocess.run(["pgrep", "-f", "--", pattern], capture_output=True, text=True).stdout.split()
     return [int(pid) for pid in found]
 
 
@@ -108,9 +108,10 @@ class Setup:
             cv(self.source, "join-file", join)
             cv(node, "init", "--join", join)
             self.link = SlowLink(rate=self.rate, loss=0.01).__enter__()
+            self.receiver_log = open(os.path.join(self.scratch, "receiver.log"), "wb")
             self.receiver = self.link.run([CHUNKVOL, "--pool", node, "receive", "--listen",
                                            f"{self.link.inner}:{PORT}"], env=ENVIRONMENT,
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                          stdout=self.receiver_log, stderr=self.receiver_log)
             wait_for(lambda: can_connect((self.link.inner, PORT)), 20, "the receiver")
             cv(self.source, "mirror", "add", "far", "--to", f"node:{self.link.inner}:{PORT}")
         self.serve = subprocess.Popen([CHUNKVOL, "--pool", self.source, "serve", "--socket", self.socket],
@@ -118,6 +119,14 @@ class Setup:
                                       start_new_session=True)
         wait_for(lambda: can_connect(self.socket), 30, "the server")
         return self
+
+    def check_shipping(self):
+        """The mirror must really be shipping, or the figures mean nothing."""
+        row = json.loads(cv(self.source, "mirror", "status", "far", "--json"))
+        if not row["shipped_bytes"] or row["last_error"]:
+            with open(os.path.join(self.scratch, "receiver.log")) as handle:
+                raise SystemExit(f"the mirror is not shipping: {row}\nreceiver: {handle.read()[-2000:]}")
+        return row
 
     def __exit__(self, *exc):
         if self.serve is not None and self.serve.poll() is None:
@@ -134,6 +143,8 @@ def measure_foreground(arguments, mirrored):
                                 "--flush-every", "32", "--runtime", str(arguments.runtime))
         sequential = nbdload(setup.socket, "--rw", "write", "--bs", str(1 << 20), "--iodepth", "8",
                              "--runtime", str(arguments.runtime))
+        if mirrored:
+            setup.check_shipping()
         return {"randwrite_flush32_iops": random_writes["iops"], "seqwrite_mb_s": sequential["mbps"]}
 
 
@@ -153,9 +164,9 @@ def measure_behind(arguments):
                    "server_rss_mib": round(rss_kib(pids_matching(f"chunkvol_plugin.py pool={setup.source}")) / 1024, 1),
                    "shipper_rss_mib": round(rss_kib(pids_matching(f"--pool {setup.source} mirror run")) / 1024, 1),
                    "receiver_rss_mib": round(rss_kib([setup.receiver.pid] + pids_matching("receive --listen")) / 1024, 1)}
-        start_row = row
+        start_row = setup.check_shipping()
         time.sleep(arguments.catch_up_seconds)
-        end_row = json.loads(cv(setup.source, "mirror", "status", "far", "--json"))
+        end_row = setup.check_shipping()
         shipped = end_row["shipped_bytes"] - start_row["shipped_bytes"]
         figures["catch_up_bytes_per_second"] = round(shipped / arguments.catch_up_seconds)
         return figures
