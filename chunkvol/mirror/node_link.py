@@ -117,7 +117,11 @@ class NodeTarget:
         return self.held
 
     def send(self, origin, records):
-        self._send(wire.encode_batch(origin, records))
+        frame = wire.encode_batch(origin, records)
+        if len(frame) - wire.HEAD.size > wire.MAX_PAYLOAD:
+            raise ChunkvolError(f"a flush interval of {len(frame)} bytes is more than one frame carries "
+                                f"({wire.MAX_PAYLOAD}); it cannot be shipped to a node")
+        self._send(frame)
         answer = self._reply(wire.ACK)
         if not isinstance(answer.get("have"), int):
             raise PeerError("a malformed acknowledgement")
