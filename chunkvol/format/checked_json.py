@@ -1,5 +1,5 @@
 """Small JSON documents with a checksum: the shape shared by the pool's own files
-(mirrors.json, mirrors/NAME.state). A file half-edited by hand, cut short or damaged is
+(pool.json, mirrors.json, mirrors/NAME.state). A file half-edited by hand, cut short or damaged is
 refused with CorruptionError, never half-read.
 
 UTF-8 JSON object with "format" (str), "version" (int), the document's keys, and "checksum":
@@ -13,14 +13,15 @@ import xxhash
 from chunkvol.errors import CorruptionError, FormatError
 
 
-def _canonical(fields):
+def checksum(fields):
+    """16 hex digits of xxh3-64 over the canonical JSON of every key but "checksum"."""
     body = {k: v for k, v in fields.items() if k != "checksum"}
-    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    return format(xxhash.xxh3_64_intdigest(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()), "016x")
 
 
 def encode(kind, version, fields):
     fields = dict(fields, format=kind, version=version)
-    fields["checksum"] = format(xxhash.xxh3_64_intdigest(_canonical(fields)), "016x")
+    fields["checksum"] = checksum(fields)
     return (json.dumps(fields, sort_keys=True, indent=2) + "\n").encode()
 
 
@@ -33,6 +34,6 @@ def decode(data, kind, version, path=None):
         raise FormatError(f"not a {kind} file", path)
     if fields.get("version") != version:
         raise FormatError(f"unknown {kind} version {fields.get('version')!r}", path)
-    if format(xxhash.xxh3_64_intdigest(_canonical(fields)), "016x") != fields.get("checksum"):
+    if checksum(fields) != fields.get("checksum"):
         raise CorruptionError(f"{kind} checksum mismatch", path)
     return {k: v for k, v in fields.items() if k not in ("format", "version", "checksum")}

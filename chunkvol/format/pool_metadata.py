@@ -22,9 +22,8 @@ The checksum catches a half-edited or damaged file; unknown format or version is
 
 import json
 
-import xxhash
-
 from chunkvol.errors import CorruptionError, FormatError
+from chunkvol.format import checked_json
 
 FORMAT = "chunkvol-pool"
 VERSION = 1
@@ -32,15 +31,8 @@ REQUIRED = {"format": str, "version": int, "pool_uuid": str, "node_id": int,
             "chunk_size": int, "chunk_dirs": list, "created": str, "checksum": str}
 
 
-def _canonical(fields):
-    body = {k: v for k, v in fields.items() if k != "checksum"}
-    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
-
-
 def encode(fields):
-    fields = dict(fields, format=FORMAT, version=VERSION)
-    fields["checksum"] = format(xxhash.xxh3_64_intdigest(_canonical(fields)), "016x")
-    return (json.dumps(fields, sort_keys=True, indent=2) + "\n").encode()
+    return checked_json.encode(FORMAT, VERSION, fields)
 
 
 def decode(data, path=None):
@@ -55,7 +47,7 @@ def decode(data, path=None):
     for key, kind in REQUIRED.items():
         if not isinstance(fields.get(key), kind):
             raise FormatError(f"pool metadata field {key!r} missing or of the wrong type", path)
-    if format(xxhash.xxh3_64_intdigest(_canonical(fields)), "016x") != fields["checksum"]:
+    if checked_json.checksum(fields) != fields["checksum"]:
         raise CorruptionError("pool metadata checksum mismatch", path)
     try:
         pool_uuid = bytes.fromhex(fields["pool_uuid"])
