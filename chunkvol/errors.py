@@ -72,3 +72,8 @@ class PeerError(ChunkvolError):
 class UnreachableError(ChunkvolError):
     """A mirror or peer cannot be reached now (connection refused, link down, timeout); the
     shipper retries with backoff and nothing local waits for it."""
+
+
+class AccessDeniedError(ChunkvolError):
+    """An object store refused the credentials or the permissions it was given (a wrong key,
+    a keyring without access to the pool, a bucket of someone else's). Retrying cannot help."""

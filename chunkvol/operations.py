@@ -94,6 +94,12 @@ def scrub(pool):
     return heal.scrub(pool)
 
 
+def chunk_switch(pool, chunk_id):
+    """Tiering: read an uploaded chunk from its store from now on and delete its file."""
+    from chunkvol import tiering
+    return tiering.switch(pool, chunk_id)
+
+
 def log_horizon(pool):
     """For a shipper in another process: a flush point for what was written, then how far
     this node's log is durable (it ships only that much, read from the files)."""
@@ -105,4 +111,4 @@ def log_horizon(pool):
 
 OPERATIONS = {function.__name__: function for function in (
     volume_create, volume_resize, volume_remove, snapshot_create, snapshot_remove, snapshot_rollback,
-    snapshot_clone, prune, retention, compact, scrub, log_horizon)}
+    snapshot_clone, prune, retention, compact, scrub, chunk_switch, log_horizon)}

@@ -451,7 +451,7 @@ class Pool:
         chunk_id = chunk_header.split_address(next_address)[0]
         for other in self.chunks.ids():
             if other <= chunk_id:
-                self.files.fdatasync(self.chunks.get(other).fd)
+                self.chunks.fdatasync(other)
         self.blockmap.checkpoint(Checkpoint(self.pool_uuid, next_address, self.next_sequence,
                                             self.clock.last, self.next_volume_id,
                                             self.records_replayed + self._replayed_now), self.origins)

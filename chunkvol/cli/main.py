@@ -10,8 +10,8 @@ import os
 import sys
 
 from chunkvol import errors
-from chunkvol.cli import (check_command, compact_command, history_commands, inspect_command, mirror_commands,
-                          node_commands, pool_commands, scrub_command, serve_command, status_command,
+from chunkvol.cli import (check_command, chunk_commands, compact_command, history_commands, inspect_command, mirror_commands,
+                          node_commands, pool_commands, restore_command, scrub_command, serve_command, status_command,
                           volume_commands)
 
 EXIT_CODES = (
@@ -50,6 +50,8 @@ def build_parser():
     mirror_commands.register(commands)
     node_commands.register(commands)
     scrub_command.register(commands)
+    restore_command.register(commands)
+    chunk_commands.register(commands)
     return parser
 
 

@@ -9,8 +9,8 @@ import sys
 import threading
 import time
 
-from chunkvol import control
-from chunkvol.cli.common import pool_is_busy
+from chunkvol import control, tiering
+from chunkvol.cli.common import pool_is_busy, run_operation
 from chunkvol.cli.progress import progress_bar
 from chunkvol.cli.sizes import format_size, parse_size
 from chunkvol.errors import (AlreadyExistsError, ChunkvolError, NotFoundError, PoolBusyError, UnreachableError,
@@ -33,9 +33,10 @@ def register(commands):
     mirror = commands.add_parser("mirror", help="asynchronous mirrors of this pool")
     actions = mirror.add_subparsers(dest="action", metavar="ACTION", parser_class=type(mirror))
     actions.required = True
-    add = actions.add_parser("add", help="mirror this pool to a pool on another disk or to another node")
+    add = actions.add_parser("add", help="mirror this pool to a pool on another disk, another node or an object store")
     add.add_argument("name")
-    add.add_argument("--to", required=True, help="dir:PATH (created if absent) or node:HOST:PORT")
+    add.add_argument("--to", required=True, help="dir:PATH (created if absent), node:HOST:PORT, "
+                                                "rados:CEPH_CONF:RADOS_POOL or s3:URL/BUCKET")
     add.add_argument("--bandwidth", help="bytes per second at most, e.g. 16M (default: no limit)")
     add.set_defaults(run=mirror_add)
     listing = actions.add_parser("list", help="the mirrors of this pool")
@@ -97,10 +98,10 @@ def mirror_add(arguments):
     if first != 1:
         raise UsageError(f"the log starts at chunk {first} (compaction freed the ones before): a new mirror "
                          "needs the whole log; mirroring a compacted pool is not supported yet")
-    if parsed[0] == "dir":
-        targets.open_target(target, fields, path).close()  # create it now, so a mistake shows now
-    else:
+    if parsed[0] == "node":
         identity.ensure_authority(path, fields)
+    else:
+        targets.open_target(target, fields, path).close()  # reach or create it now, so a mistake shows now
     mirrors[arguments.name] = {"to": target, "bandwidth": bandwidth,
                                "added": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     mirror_config.save_mirrors(path, mirrors)
@@ -265,12 +266,26 @@ def mirror_run(arguments):
                     retry_at[name] = time.monotonic() + backoff[name]
                     kind = "unreachable" if isinstance(error, UnreachableError) else "failed"
                     _say(f"mirror {name} {kind}: {error}; retrying in {backoff[name]:.0f}s")
+            _apply_tiering(path, fields, stop)
             stop.wait(POLL_SECONDS)
     finally:
         for shipper in shippers.values():
             shipper.close()
         if horizon is not None:
             horizon.close()
+
+
+def _apply_tiering(path, fields, stop):
+    """The tiering policy (`chunk policy`), after a shipping pass: its failures are said and
+    retried at the next pass; shipping never waits on them for long."""
+    if stop.is_set():
+        return
+    try:
+        for result in tiering.apply_policy(path, fields, lambda chunk_id: run_operation(path, "chunk_switch",
+                                                                                         chunk_id=chunk_id)):
+            _say(f"tiering: chunk {result['chunk']} evicted to {result['store']}")
+    except (ChunkvolError, OSError) as error:
+        _say(f"tiering: {error}")
 
 
 def _die_with_parent():

@@ -30,7 +30,8 @@ def collect(pool):
         chunks.append({"id": each, "path": chunk.path, "capacity": chunk.capacity_bytes,
                        "written": chunk.size_bytes,
                        "fill": round(chunk.size_bytes / chunk.capacity_bytes, 4),
-                       "live_bytes": space["live_bytes_by_chunk"].get(each, 0)})
+                       "live_bytes": space["live_bytes_by_chunk"].get(each, 0),
+                       "evicted_to": chunk.remote.manifest.store_url if chunk.remote is not None else None})
     written = sum(c["written"] for c in chunks)
     live = sum(c["live_bytes"] for c in chunks)
     stats = pool.blockmap.stats()

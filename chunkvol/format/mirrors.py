@@ -9,7 +9,7 @@ A definition:
 
 | key       | type        | meaning                                                        |
 |-----------|-------------|----------------------------------------------------------------|
-| to        | str         | `dir:/absolute/path` (a pool on another disk) or `node:HOST:PORT` |
+| to        | str         | `dir:/absolute/path` (a pool on another disk), `node:HOST:PORT`, `rados:CONF:POOL` or `s3:URL/BUCKET` (an object store) |
 | bandwidth | int or null | bytes per second the shipper may send (null: no limit)         |
 | added     | str         | ISO-8601 UTC time of `mirror add`                              |
 """
@@ -22,7 +22,7 @@ from chunkvol.format import checked_json
 KIND = "chunkvol-mirrors"
 VERSION = 1
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
-TARGET = re.compile(r"^(dir:/.+|node:[^:\s]+:[0-9]{1,5})$")
+TARGET = re.compile(r"^(dir:/.+|node:[^:\s]+:[0-9]{1,5}|rados:/[^:]+:\S+|s3:https?://\S+)$")
 
 
 def encode(mirrors):

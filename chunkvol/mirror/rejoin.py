@@ -28,6 +28,8 @@ from chunkvol.storage.files import LocalFiles
 def promoted_state(target_text, fields, pool_path):
     """(its node id, the greatest of our sequences it holds), asked of the promoted node."""
     parsed = targets.parse_target(target_text)
+    if parsed[0] in ("rados", "s3"):
+        raise UsageError("an object store is not a node to rejoin: `chunkvol restore --from` rebuilds a pool from it")
     if parsed[0] == "dir":
         with Pool.open(parsed[1], readonly=True) as other:
             if other.pool_uuid.hex() != fields["pool_uuid"]:

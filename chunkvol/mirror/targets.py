@@ -5,10 +5,13 @@ created at the first use as a mirror of this pool (same pool identity, a node id
 role "mirror"), and opened with its lock held while shipping, so it can be served read-only
 (`chunkvol --pool PATH serve --readonly`) at the same time. `node:HOST:PORT` is another node
 of the pool (joined with `init --join`), reached over mutual TLS (mirror/node_link.py).
+`rados:CEPH_CONF:RADOS_POOL` and `s3:URL/BUCKET` are object stores (chunkvol/objstore), which
+hold the log as segments (mirror/object_target.py), for `restore` and for evicted chunks.
 """
 
 import os
 
+from chunkvol import objstore
 from chunkvol.errors import PeerError, UsageError
 from chunkvol.format import mirrors as mirrors_format
 from chunkvol.mirror import receiver
@@ -16,9 +19,13 @@ from chunkvol.pool import Pool
 
 
 def parse_target(text):
-    """("dir", absolute path) or ("node", host, port); UsageError for anything else."""
+    """("dir", absolute path), ("node", host, port), ("rados", conf, pool) or ("s3", endpoint,
+    bucket); UsageError for anything else."""
+    if isinstance(text, str) and text.startswith(("rados:", "s3:")):
+        return objstore.parse_url(text)
     if not isinstance(text, str) or not mirrors_format.TARGET.match(text):
-        raise UsageError(f"mirror target {text!r}: use dir:/absolute/path or node:HOST:PORT")
+        raise UsageError(f"mirror target {text!r}: use dir:/absolute/path, node:HOST:PORT, "
+                         "rados:/path/ceph.conf:RADOS_POOL or s3:http(s)://HOST[:PORT]/BUCKET")
     kind, _, rest = text.partition(":")
     if kind == "dir":
         return "dir", os.path.abspath(rest)
@@ -32,6 +39,9 @@ def normalize(text):
     """The target as it is stored: a dir: path made absolute."""
     if isinstance(text, str) and text.startswith("dir:") and not text.startswith("dir:/"):
         text = "dir:" + os.path.abspath(text[4:])
+    if isinstance(text, str) and text.startswith("rados:") and not text.startswith("rados:/") and ":" in text[6:]:
+        conf, _, rados_pool = text[6:].rpartition(":")
+        text = f"rados:{os.path.abspath(conf)}:{rados_pool}"
     parsed = parse_target(text)
     return f"dir:{parsed[1]}" if parsed[0] == "dir" else text
 
@@ -40,6 +50,9 @@ def open_target(text, source_fields, pool_path):
     parsed = parse_target(text)
     if parsed[0] == "dir":
         return DirTarget(parsed[1], source_fields)
+    if parsed[0] in ("rados", "s3"):
+        from chunkvol.mirror.object_target import ObjectTarget
+        return ObjectTarget(text, source_fields)
     from chunkvol.mirror.node_link import NodeTarget
     return NodeTarget(parsed[1], parsed[2], source_fields, pool_path)
 

@@ -4,31 +4,43 @@ A chunk file is named `chunk-<id as 16 hex digits>.cvc` and lives in one of the 
 directories (another disk may hold some of them). The table maps chunk id -> Chunk. New
 chunks go to the directory with the most free space. Ids grow in allocation order, which is
 the order of the log.
+
+A chunk evicted to an object store (tiering) is `chunk-<id>.cvm` instead, a manifest
+(format/evicted.py); its reads go through storage/remote_chunks.py. Where both files exist
+(a crash during eviction), the local file wins.
 """
 
 import os
 import re
 
 from chunkvol.errors import CorruptionError, FormatError
-from chunkvol.format import chunk_header
+from chunkvol.format import chunk_header, evicted
+from chunkvol.storage.remote_chunks import CacheBudget, RemoteChunk, Stores
 
 NAME = re.compile(r"^chunk-([0-9a-f]{16})\.cvc$")
+MANIFEST_NAME = re.compile(r"^chunk-([0-9a-f]{16})\.cvm$")
 
 
 def chunk_name(chunk_id):
     return f"chunk-{chunk_id:016x}.cvc"
 
 
-class Chunk:
-    __slots__ = ("chunk_id", "path", "fd", "capacity_bytes", "size_bytes", "created_hlc")
+def manifest_name(chunk_id):
+    return f"chunk-{chunk_id:016x}.cvm"
 
-    def __init__(self, chunk_id, path, fd, capacity_bytes, size_bytes, created_hlc):
+
+class Chunk:
+    """A chunk of the log: a local file (`fd`), or evicted (`remote`, and `fd` None)."""
+    __slots__ = ("chunk_id", "path", "fd", "capacity_bytes", "size_bytes", "created_hlc", "remote")
+
+    def __init__(self, chunk_id, path, fd, capacity_bytes, size_bytes, created_hlc, remote=None):
         self.chunk_id = chunk_id
         self.path = path
         self.fd = fd
         self.capacity_bytes = capacity_bytes
         self.size_bytes = size_bytes
         self.created_hlc = created_hlc
+        self.remote = remote
 
 
 class ChunkTable:
@@ -41,9 +53,12 @@ class ChunkTable:
         self.capacity_bytes = capacity_bytes
         self.writable = writable
         self.chunks = {}
+        self.stores = Stores()
+        self.cache_budget = CacheBudget()
 
     def load(self):
         """Open every chunk file in the pool's directories and check its header."""
+        manifests = []
         for directory in self.directories:
             if not os.path.isdir(directory):
                 raise FormatError("chunk directory is missing", directory)
@@ -52,10 +67,30 @@ class ChunkTable:
                     self.files.remove(os.path.join(directory, name))
                     continue
                 match = NAME.match(name)
-                if not match:
-                    continue
-                self._open(int(match.group(1), 16), os.path.join(directory, name))
+                if match:
+                    self._open(int(match.group(1), 16), os.path.join(directory, name))
+                elif MANIFEST_NAME.match(name):
+                    manifests.append((int(name[6:22], 16), os.path.join(directory, name)))
+        for chunk_id, path in manifests:
+            if chunk_id not in self.chunks:
+                self._open_evicted(chunk_id, path)
         return self
+
+    def _open_evicted(self, chunk_id, path):
+        manifest = evicted.decode(self.files.read_file(path), path)
+        if manifest.pool_uuid != self.pool_uuid:
+            raise FormatError("evicted-chunk manifest belongs to another pool", path)
+        if manifest.chunk_id != chunk_id:
+            raise FormatError(f"manifest says chunk {manifest.chunk_id}, file name says {chunk_id}", path)
+        remote = RemoteChunk(manifest, path, self.stores, self.cache_budget)
+        self.chunks[chunk_id] = Chunk(chunk_id, path, None, manifest.capacity, manifest.size_bytes,
+                                      manifest.created_hlc, remote)
+
+    def evicted(self, chunk_id, manifest_path):
+        """The chunk's file was replaced by a manifest (tiering): read it from the store now."""
+        chunk = self.chunks.pop(chunk_id)
+        self._open_evicted(chunk_id, manifest_path)
+        self.files.close(chunk.fd)
 
     def _open(self, chunk_id, path):
         if chunk_id in self.chunks:
@@ -121,18 +156,42 @@ class ChunkTable:
         chunk.size_bytes = size_bytes
 
     def remove(self, chunk_id):
+        """Delete a chunk (an evicted one: its manifest and cache; its objects stay in the store)."""
         chunk = self.chunks.pop(chunk_id)
-        self.files.close(chunk.fd)
+        if chunk.remote is not None:
+            chunk.remote.close()
+            try:
+                self.files.remove(chunk.remote.cache_path)
+            except FileNotFoundError:
+                pass
+        else:
+            self.files.close(chunk.fd)
         self.files.remove(chunk.path)
         self.files.fsync_directory(os.path.dirname(chunk.path))
 
     def pread(self, chunk_id, length, offset):
-        return self.files.pread(self.get(chunk_id).fd, length, offset)
+        chunk = self.get(chunk_id)
+        if chunk.remote is not None:
+            return chunk.remote.pread(length, offset)
+        return self.files.pread(chunk.fd, length, offset)
 
     def preadv(self, chunk_id, view, offset):
-        return self.files.preadv(self.get(chunk_id).fd, view, offset)
+        chunk = self.get(chunk_id)
+        if chunk.remote is not None:
+            return chunk.remote.preadv(view, offset)
+        return self.files.preadv(chunk.fd, view, offset)
+
+    def fdatasync(self, chunk_id):
+        """Make a local chunk's bytes durable (an evicted one is durable in its store)."""
+        chunk = self.get(chunk_id)
+        if chunk.fd is not None:
+            self.files.fdatasync(chunk.fd)
 
     def close(self):
         for chunk in self.chunks.values():
-            self.files.close(chunk.fd)
+            if chunk.remote is not None:
+                chunk.remote.close()
+            else:
+                self.files.close(chunk.fd)
         self.chunks.clear()
+        self.stores.close()

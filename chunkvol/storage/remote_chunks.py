@@ -1,0 +1,155 @@
+"""Reading chunks that were evicted to an object store (tiering), through a local cache.
+
+An evicted chunk keeps its manifest (format/evicted.py) where its file was. A read fetches
+the 1 MiB units it covers from the store with ranged reads, checks each against the
+manifest's hash, and keeps it in a sparse cache file beside the manifest (`chunk-<id>.cache`)
+for the next read. A unit read back from the cache is checked the same way, so a cache left
+half-written by a crash, or damaged, is simply fetched again: the cache needs no bookkeeping
+on disk. Its size is bounded by CACHE_BYTES per process: the least recently used units are
+punched out of their files, and a cache file found larger than the bound at open is emptied.
+
+The store is opened at the first miss and shared by every evicted chunk of the table; its
+faults (unreachable after retries, access denied, a unit that fails its hash) reach the
+reader as errors, never as data.
+"""
+
+import ctypes
+import ctypes.util
+import os
+from collections import OrderedDict
+
+from chunkvol.errors import CorruptionError, NotFoundError
+from chunkvol.format import evicted
+
+CACHE_BYTES = 1 << 30
+FALLOC_FL_KEEP_SIZE = 1
+FALLOC_FL_PUNCH_HOLE = 2
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+
+
+class Stores:
+    """Object-store handles by URL, opened when first needed, shared by a chunk table."""
+
+    def __init__(self):
+        self.open = {}
+
+    def get(self, url):
+        store = self.open.get(url)
+        if store is None:
+            from chunkvol.objstore import open_store
+            store = self.open[url] = open_store(url)
+        return store
+
+    def close(self):
+        for store in self.open.values():
+            store.close()
+        self.open.clear()
+
+
+class CacheBudget:
+    """Least recently used cached units across a process's evicted chunks."""
+
+    def __init__(self, limit_bytes=CACHE_BYTES):
+        self.limit_bytes = limit_bytes
+        self.used_bytes = 0
+        self.units = OrderedDict()  # (remote chunk, unit) -> bytes
+
+    def touch(self, chunk, unit, size):
+        key = (chunk, unit)
+        if key in self.units:
+            self.units.move_to_end(key)
+            return
+        self.units[key] = size
+        self.used_bytes += size
+        while self.used_bytes > self.limit_bytes and len(self.units) > 1:
+            (old_chunk, old_unit), old_size = self.units.popitem(last=False)
+            self.used_bytes -= old_size
+            old_chunk.punch(old_unit)
+
+    def forget(self, chunk):
+        for key in [key for key in self.units if key[0] is chunk]:
+            self.used_bytes -= self.units.pop(key)
+
+
+class RemoteChunk:
+    """The read side of one evicted chunk: pread and preadv as a chunk file offers them."""
+
+    def __init__(self, manifest, manifest_path, stores, budget):
+        self.manifest = manifest
+        self.manifest_path = manifest_path
+        self.cache_path = manifest_path[:-len(".cvm")] + ".cache"
+        self.stores = stores
+        self.budget = budget
+        self.cache_fd = None
+        self.fetches = 0
+
+    def _cache(self):
+        if self.cache_fd is None:
+            try:
+                fd = os.open(self.cache_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError:
+                return None  # no cache (a read-only directory): every read fetches
+            if os.fstat(fd).st_blocks * 512 > self.budget.limit_bytes:
+                os.ftruncate(fd, 0)  # left by an earlier process: start empty rather than over the bound
+            self.cache_fd = fd
+        return self.cache_fd
+
+    def punch(self, unit):
+        if self.cache_fd is not None:
+            size = self.manifest.unit_bytes
+            _libc.fallocate(self.cache_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, unit * size, size)
+
+    def _unit(self, index):
+        manifest = self.manifest
+        start = index * manifest.unit_bytes
+        length = min(manifest.unit_bytes, manifest.size_bytes - start)
+        expected = manifest.unit_hashes[index]
+        fd = self._cache()
+        if fd is not None:
+            data = os.pread(fd, length, start)
+            if len(data) == length and evicted.hash_unit(data) == expected:
+                self.budget.touch(self, index, length)
+                return data
+        piece = start // manifest.piece_bytes
+        name = manifest.piece_name(piece)
+        try:
+            data = self.stores.get(manifest.store_url).get(name, start - piece * manifest.piece_bytes, length)
+        except NotFoundError:
+            raise CorruptionError(f"evicted chunk {manifest.chunk_id}: object {name} is missing from "
+                                  f"{manifest.store_url}", self.manifest_path) from None
+        self.fetches += 1
+        if len(data) != length or evicted.hash_unit(data) != expected:
+            raise CorruptionError(f"evicted chunk {manifest.chunk_id}: bytes {start}+{length} from "
+                                  f"{manifest.store_url} ({name}) fail their checksum", self.manifest_path)
+        if fd is not None:
+            try:
+                os.pwrite(fd, data, start)
+                self.budget.touch(self, index, length)
+            except OSError:
+                pass  # a full cache disk only costs the next read a fetch
+        return data
+
+    def pread(self, length, offset):
+        end = min(offset + length, self.manifest.size_bytes)
+        if offset >= end:
+            return b""
+        unit_bytes = self.manifest.unit_bytes
+        first, last = offset // unit_bytes, (end - 1) // unit_bytes
+        if first == last:
+            data = self._unit(first)
+        else:
+            data = b"".join(self._unit(index) for index in range(first, last + 1))
+        start = offset - first * unit_bytes
+        return data[start:start + end - offset]
+
+    def preadv(self, view, offset):
+        data = self.pread(len(view), offset)
+        view[:len(data)] = data
+        return len(data)
+
+    def close(self):
+        self.budget.forget(self)
+        if self.cache_fd is not None:
+            os.close(self.cache_fd)
+            self.cache_fd = None
