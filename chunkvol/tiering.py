@@ -12,7 +12,8 @@ Evicting chunk N to an object-store mirror's store takes three steps:
    the manifest (storage/remote_chunks.py).
 
 A chunk may be evicted when it is sealed (an older chunk than the one being written), older
-than the chunk holding the last checkpoint (recovery never scans it), and every mirror's
+than the chunk holding the last checkpoint (the switch makes a checkpoint if needed, so
+recovery never scans an evicted chunk), and every mirror's
 cursor is past it, among them an object-store mirror whose store receives the chunk: so its
 records are in that store's segments, and `restore` needs nothing from this disk.
 A policy (`chunk policy --keep-under SIZE`) is applied by the shipper process of `serve`
@@ -115,6 +116,9 @@ def switch(pool, chunk_id):
             raise UsageError(f"the manifest {path} does not describe chunk {chunk_id} as it is now")
         checkpoint = pool.blockmap.read_checkpoint()
         checkpoint_chunk = chunk_header.split_address(checkpoint.log_address)[0] if checkpoint else 0
+        if checkpoint_chunk <= chunk_id < pool.writer.chunk.chunk_id:
+            pool._checkpoint_locked()  # so that recovery starts after the chunk that leaves
+            checkpoint_chunk = chunk_header.split_address(pool.blockmap.read_checkpoint().log_address)[0]
         why = refusal(pool.path, chunk_id, manifest.store_url, pool.writer.chunk.chunk_id, checkpoint_chunk,
                       pool.files)
         if why is not None:

@@ -8,18 +8,19 @@ A store is named by a URL:
 Both offer the same five calls on immutable objects: put, get (a byte range), size, list
 (names under a prefix, in name order) and delete. Transient faults (connection refused,
 timeouts, throttling, 5xx) are retried with exponential backoff and jitter for up to
-RETRY_SECONDS, then raised as UnreachableError; refused credentials raise AccessDeniedError
+RETRY_SECONDS (CHUNKVOL_STORE_RETRY_SECONDS, default 20), then raised as UnreachableError; refused credentials raise AccessDeniedError
 at once; a missing object raises NotFoundError. The callers (the shipper, restore, the read
 of an evicted chunk) run outside the write path, so a slow store never slows local writes.
 """
 
+import os
 import random
 import re
 import time
 
 from chunkvol.errors import AccessDeniedError, NotFoundError, UnreachableError, UsageError
 
-RETRY_SECONDS = 20.0
+RETRY_SECONDS = float(os.environ.get("CHUNKVOL_STORE_RETRY_SECONDS", "20"))  # how long a fault may last
 FIRST_BACKOFF = 0.1
 MAX_BACKOFF = 4.0
 URL = re.compile(r"^(rados:(?P<conf>/[^:]+):(?P<pool>[^:/\s]+)|s3:(?P<endpoint>https?://[^/\s]+(/[^\s]*)?)/(?P<bucket>[a-z0-9][a-z0-9.-]{1,62}))$")
