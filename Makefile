@@ -8,9 +8,12 @@ VOLUME ?= disk0
 SIZE ?= 4G
 SOCKET ?= ./var/nbd.sock
 PORT ?= 10809
+# ceph-*, radosgw, python3-rados and python3-boto3: the RADOS and S3 mirror targets and their
+# local lab (tools/objstore_lab.py).
 DEBIAN_PACKAGES := nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd python3-venv python3-dev \
 	fuse3 qemu-utils qemu-system-x86 fio e2fsprogs xfsprogs user-mode-linux linux-image-amd64 \
-	psmisc util-linux busybox-static python3-cryptography iproute2 iptables
+	psmisc util-linux busybox-static python3-cryptography iproute2 iptables \
+	ceph-mon ceph-osd ceph-common python3-rados radosgw python3-boto3
 export PATH := /usr/bin:/bin:/usr/sbin:/sbin:$(PATH)
 
 .PHONY: all install system-packages run test test-fast bench bench-history bench-mirror clean
