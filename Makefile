@@ -16,7 +16,7 @@ DEBIAN_PACKAGES := nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd python3
 	ceph-mon ceph-osd ceph-common python3-rados radosgw python3-boto3
 export PATH := /usr/bin:/bin:/usr/sbin:/sbin:$(PATH)
 
-.PHONY: all install system-packages run test test-fast bench bench-history bench-mirror clean
+.PHONY: all install system-packages run test test-fast bench bench-history bench-mirror bench-objstore clean
 
 all: install
 
@@ -57,6 +57,9 @@ bench-history: install
 
 bench-mirror: install
 	$(PY) tools/bench/mirror_bench.py $(MIRROR_ARGS)
+
+bench-objstore: install
+	$(PY) tools/bench/objstore_bench.py $(OBJSTORE_ARGS)
 
 clean:
 	rm -rf $(VENV) .stamp-system-packages var build *.egg-info
