@@ -248,7 +248,7 @@ keyring = {d}/rgw/keyring
 log file = {d}/log/$cluster-$name.log
 pid file = {d}/run/$cluster-$name.pid
 admin socket = {d}/run/$name.asok
-rgw frontends = beast endpoint=127.0.0.1:{self.rgw_port}
+rgw frontends = beast endpoint=127.0.0.1:{self.rgw_port} tcp_nodelay=1
 rgw data = {d}/rgw
 # beast serves requests on this many threads (512 by default).
 rgw thread pool size = 16

@@ -3,9 +3,10 @@
 An evicted chunk keeps its manifest (format/evicted.py) where its file was. A read fetches
 the 1 MiB units it covers from the store with ranged reads, checks each against the
 manifest's hash, and keeps it in a sparse cache file beside the manifest (`chunk-<id>.cache`)
-for the next read. A unit read back from the cache is checked the same way, so a cache left
-half-written by a crash, or damaged, is simply fetched again: the cache needs no bookkeeping
-on disk. Its size is bounded by CACHE_BYTES per process: the least recently used units are
+for the next read. A unit read back from the cache is checked the same way the first time
+this process reads it (later reads take just the bytes asked for: the records' own checksums
+still cover them), so a cache left half-written by a crash, or damaged, is simply fetched
+again: the cache needs no bookkeeping on disk. Its size is bounded by CACHE_BYTES per process: the least recently used units are
 punched out of their files, and a cache file found larger than the bound at open is emptied.
 
 The store is opened at the first miss and shared by every evicted chunk of the table; its
@@ -83,6 +84,7 @@ class RemoteChunk:
         self.budget = budget
         self.cache_fd = None
         self.fetches = 0
+        self.verified = set()  # units checked in the cache file by this process: read without re-hashing
 
     def _cache(self):
         if self.cache_fd is None:
@@ -96,6 +98,7 @@ class RemoteChunk:
         return self.cache_fd
 
     def punch(self, unit):
+        self.verified.discard(unit)
         if self.cache_fd is not None:
             size = self.manifest.unit_bytes
             _libc.fallocate(self.cache_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, unit * size, size)
@@ -110,6 +113,7 @@ class RemoteChunk:
             data = os.pread(fd, length, start)
             if len(data) == length and evicted.hash_unit(data) == expected:
                 self.budget.touch(self, index, length)
+                self.verified.add(index)
                 return data
         piece = start // manifest.piece_bytes
         name = manifest.piece_name(piece)
@@ -126,6 +130,7 @@ class RemoteChunk:
             try:
                 os.pwrite(fd, data, start)
                 self.budget.touch(self, index, length)
+                self.verified.add(index)
             except OSError:
                 pass  # a full cache disk only costs the next read a fetch
         return data
@@ -136,6 +141,14 @@ class RemoteChunk:
             return b""
         unit_bytes = self.manifest.unit_bytes
         first, last = offset // unit_bytes, (end - 1) // unit_bytes
+        if first == last and first in self.verified:
+            # Checked when it came in: read just the bytes asked for (a record's own checksums
+            # still cover them).
+            data = os.pread(self.cache_fd, end - offset, offset)
+            if len(data) == end - offset:
+                self.budget.touch(self, first, min(unit_bytes, self.manifest.size_bytes - first * unit_bytes))
+                return data
+            self.verified.discard(first)
         if first == last:
             data = self._unit(first)
         else:
@@ -150,6 +163,7 @@ class RemoteChunk:
 
     def close(self):
         self.budget.forget(self)
+        self.verified.clear()
         if self.cache_fd is not None:
             os.close(self.cache_fd)
             self.cache_fd = None
