@@ -28,20 +28,25 @@ import lmdb
 import zstandard
 
 from chunkvol import compaction, history
-from chunkvol.clock import HybridClock
+from chunkvol.clock import MAX_NODES, NODE_MASK, HybridClock, node_index, node_index_of
 from chunkvol.errors import (AlreadyExistsError, ChunkvolError, CorruptionError, NotFoundError,
                              OutOfRangeError, OutOfSpaceError, PoolBusyError, ReadOnlyError, UsageError)
 from chunkvol.format import chunk_header, pool_metadata
 from chunkvol.format import group_map
 from chunkvol.format.checkpoint import Checkpoint
-from chunkvol.format.record import BLOCK_SIZE, COMMIT_PAYLOAD, FLAG_ZSTD, GROUP_BLOCKS, HEADER_SIZE, RecordType
+from chunkvol.format.record import (BLOCK_SIZE, FLAG_ZSTD, GROUP_BLOCKS, HEADER_SIZE, RecordType, commit_seen,
+                                    encode_commit)
 from chunkvol.index.blockmap import BlockMap
+from chunkvol.index.tombstones import Tombstones
+from chunkvol.mirror.config import peer_nodes
 from chunkvol.log.recovery import recover
 from chunkvol.log.writer import LogWriter
 from chunkvol.storage.chunks import ChunkTable
 from chunkvol.storage.files import LocalFiles
 
 DEFAULT_CHUNK_SIZE = 8 << 30
+VOLUME_MODES = ("single-primary", "multi-master")
+VOLUME_ID_NODE_SHIFT = 24  # a volume id's top bits are the creating node's index: no two nodes pick one id
 CHECKPOINT_GROUPS = 16384      # unsaved group versions that force a checkpoint (memory bound)
 AUTO_FLUSH_GROUPS = 16384      # unsealed groups that force a flush point (1 GiB of data)
 AUTO_FLUSH_BYTES = 16 << 20    # bytes written since the last flush point that force one (a mirror's
@@ -61,10 +66,10 @@ def validate_volume_name(name):
 
 class VolumeInfo:
     __slots__ = ("volume_id", "name", "size_bytes", "compression", "created_hlc", "parent", "retained_from",
-                 "detail_from")
+                 "detail_from", "mode", "primaries", "split_brain")
 
     def __init__(self, volume_id, name, size_bytes, compression, created_hlc, parent=None, retained_from=0,
-                 detail_from=0):
+                 detail_from=0, mode=None, primaries=(), split_brain=()):
         self.volume_id = volume_id
         self.name = name
         self.size_bytes = size_bytes
@@ -73,11 +78,24 @@ class VolumeInfo:
         self.parent = parent  # a clone: {"id", "stamp", "snapshot"} of what it was cloned from
         self.retained_from = retained_from  # stamp: the oldest point still readable (pruning)
         self.detail_from = detail_from  # stamp: every flush point after it is kept
+        self.mode = mode  # None (one writing node), "multi-master" or "single-primary"
+        self.primaries = sorted(tuple(pair) for pair in primaries)  # single-primary: [(stamp, node)]
+        self.split_brain = [dict(event) for event in split_brain]  # writes made by a node not primary then
+
+    def primary(self, at=None):
+        """The single-primary volume's writer (at a stamp), or None."""
+        found = None
+        for stamp, node in self.primaries:
+            if at is not None and stamp > at:
+                break
+            found = node
+        return found
 
     @classmethod
     def from_dict(cls, info):
         return cls(info["id"], info["name"], info["size"], info["compression"], info["created_hlc"],
-                   info.get("parent"), info.get("retained_from", 0), info.get("detail_from", 0))
+                   info.get("parent"), info.get("retained_from", 0), info.get("detail_from", 0),
+                   info.get("mode"), info.get("primaries", ()), info.get("split_brain", ()))
 
     def as_dict(self):
         info = {"id": self.volume_id, "name": self.name, "size": self.size_bytes,
@@ -87,6 +105,13 @@ class VolumeInfo:
         if self.retained_from:
             info["retained_from"] = self.retained_from
             info["detail_from"] = self.detail_from
+        if self.mode:
+            info["mode"] = self.mode
+            if self.primaries:
+                info["primaries"] = [list(pair) for pair in self.primaries]
+                info["primary"] = self.primary()
+            if self.split_brain:
+                info["split_brain"] = self.split_brain
         return info
 
 
@@ -111,14 +136,18 @@ class Pool:
         self.cache = cache or fields.get("cache", "writeback")
         self.role = fields.get("role", "primary")
         self.lock = threading.RLock()
-        self.clock = HybridClock()
+        self.clock = HybridClock(index=node_index(self.node_id))
         self.volumes = {}
         self.volumes_by_id = {}
         self.snapshots = {}  # volume_id -> {name: {"name", "stamp", "size", "created"}}
         self.users = {}  # volume name -> (open NBD connections to it or its points, to it live)
         self.next_sequence = 1
         self.origins = {}  # other node -> greatest origin sequence of its records in our log
-        self.next_volume_id = 1
+        self.origin_stamps = {}  # other node -> stamp of its last COMMIT in our log
+        self.tombstones = Tombstones()  # stamped holes, while a peer's older record may still come
+        self.peer_nodes = frozenset()  # node ids of this pool's peers (multi-master), from mirrors.json
+        self.peer_seen = {}  # peer -> {node: stamp} it had seen at its last COMMIT that reached us
+        self.next_volume_id = (node_index(self.node_id) << VOLUME_ID_NODE_SHIFT) | 1
         self.records_replayed = 0
         self._replayed_now = 0
         self.damage = []
@@ -164,7 +193,8 @@ class Pool:
             directories.append(directory if not os.path.isabs(directory) else absolute)
         fields = {
             "pool_uuid": pool_uuid.hex() if pool_uuid else uuid.uuid4().hex,
-            "node_id": node_id or (int.from_bytes(os.urandom(4), "little") or 1),
+            # A founding node has index 0 (clock.py); joined nodes and mirrors get others.
+            "node_id": node_id or ((int.from_bytes(os.urandom(4), "little") & ~NODE_MASK) or MAX_NODES),
             "chunk_size": chunk_size,
             "chunk_dirs": directories,
             "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -185,16 +215,19 @@ class Pool:
         return pool_metadata.decode(files.read_file(metadata_path), metadata_path)
 
     @classmethod
-    def open(cls, path, readonly=False, files=None, index_path=None, cache=None):
+    def open(cls, path, readonly=False, files=None, index_path=None, cache=None, wall=None):
         """Open a pool. `readonly`: no lock, nothing written to the log (a server may be
         running). `index_path`: build the block map there instead of POOL/index. `cache`:
         "writeback" (log writes go through the page cache) or "none" (O_DIRECT, as qemu's
-        cache=none); None takes the pool's setting (pool.json "cache", default writeback)."""
+        cache=none); None takes the pool's setting (pool.json "cache", default writeback).
+        `wall`: the wall clock in ns (a simulation's; default time.time_ns)."""
         files = files or LocalFiles()
         path = os.path.abspath(path)
         if cache not in (None,) + CACHE_MODES:
             raise UsageError(f"cache must be one of {', '.join(CACHE_MODES)}")
         pool = cls(path, cls.read_metadata(path, files), files, readonly, index_path, cache)
+        if wall is not None:
+            pool.clock.wall = wall
         try:
             pool._open()
         except BaseException:
@@ -224,9 +257,13 @@ class Pool:
             start = checkpoint.log_address
             self.next_sequence = checkpoint.next_origin_sequence
             self.clock.observe(checkpoint.max_hlc)
-            self.next_volume_id = checkpoint.next_volume_id
+            if checkpoint.next_volume_id >> VOLUME_ID_NODE_SHIFT == node_index(self.node_id):
+                self.next_volume_id = checkpoint.next_volume_id  # else: ids of an older pool; ours come from our space
             self.records_replayed = checkpoint.records_replayed
             self.origins = self.blockmap.read_origins()
+            self.origin_stamps = self.blockmap.read_origin_stamps()
+            self.tombstones = Tombstones(self.blockmap.read_tombstones())
+        self.peer_nodes = peer_nodes(self.path, self.files)
         for info in self.blockmap.stored_volumes():
             self._add_volume(VolumeInfo.from_dict(info), persist=False)
         for volume_id, snapshot in self.blockmap.stored_snapshots():
@@ -357,12 +394,13 @@ class Pool:
             durable = self.writer.sync()
         if durable == self.committed_address and not self.blockmap.dirty and not self.blockmap.written:
             return self.committed_stamp  # nothing since the last flush point
-        _, stamp = self._append(RecordType.COMMIT, 0, 0, COMMIT_PAYLOAD.pack(durable), 0, 0)
+        _, stamp = self._append(RecordType.COMMIT, 0, 0, encode_commit(durable, self.origin_stamps), 0, 0)
         # Into the file now (no sync): a kill -9 keeps it, so recovery can still tell damage in
         # the flushed records from a torn tail (it is synced with the next flush anyway).
         self.writer.drain()
         self.committed_address = self.writer.position
         self.committed_stamp = stamp
+        self.tombstones.commit(node_index(self.node_id), stamp)
         self.blockmap.seal(stamp, self.node_id)
         return stamp
 
@@ -371,9 +409,11 @@ class Pool:
         if self.blockmap.dirty:
             self._flush_locked()
         self.writer.sync()
+        self._prune_tombstones()
         self.blockmap.checkpoint(Checkpoint(self.pool_uuid, self.writer.position, self.next_sequence,
                                             self.clock.last, self.next_volume_id, self.records_replayed),
-                                 self.origins)
+                                 self.origins, self.origin_stamps, self.tombstones)
+        self.tombstones.changed = False
         self.last_checkpoint_time = time.monotonic()
 
     @contextlib.contextmanager
@@ -410,7 +450,7 @@ class Pool:
         self._replayed_now += 1
         self._apply_record(address, header, payload)
 
-    def _apply_record(self, address, header, payload):
+    def _apply_record(self, address, header, payload, checkpoint=True):
         """One record of the log, replayed or received from another node (mirror/receiver.py)."""
         record_type, flags, volume_id, stored_length, node, sequence, hlc, offset_bytes, length_bytes, _ = header
         if hlc > self.clock.last:
@@ -422,19 +462,34 @@ class Pool:
             self.origins[node] = sequence
         if record_type == RecordType.EXTENT:
             if volume_id in self.volumes_by_id:
-                self._map_extent(volume_id, offset_bytes, length_bytes,
-                                 (address, stored_length, hlc, flags & FLAG_ZSTD), hlc, node)
-                self.count_written(volume_id, length_bytes)
+                ref = (address, stored_length, hlc, flags & FLAG_ZSTD)
+                if node == self.node_id:
+                    self._map_extent(volume_id, offset_bytes, length_bytes, ref, hlc, node)
+                    self.count_written(volume_id, length_bytes)
+                else:
+                    self._merge_foreign(volume_id, offset_bytes, length_bytes, ref, hlc, node)
         elif record_type == RecordType.ZERO:
-            if header[2] in self.volumes_by_id:
-                self._map_hole(header[2], header[7], header[8], hlc, header[4])
-                self.count_written(volume_id, length_bytes)
+            if volume_id in self.volumes_by_id:
+                if node == self.node_id:
+                    self._map_hole(volume_id, offset_bytes, length_bytes, hlc, node)
+                    self.count_written(volume_id, length_bytes)
+                else:
+                    self._merge_foreign(volume_id, offset_bytes, length_bytes, None, hlc, node)
+                    self._add_tombstone(volume_id, offset_bytes, length_bytes, hlc, node)
         elif record_type == RecordType.COMMIT:
-            self.blockmap.seal(hlc, node)
-            self.committed_stamp = hlc
-            if self.index_writable and self.blockmap.unsaved >= CHECKPOINT_GROUPS:
+            self.tombstones.commit(node_index_of(hlc), hlc)
+            if node == self.node_id:
+                self.blockmap.seal(hlc, node)
+            else:
+                seen = commit_seen(payload)
+                self.blockmap.seal_foreign(hlc, node, self.tombstones, seen)
+                self.peer_seen[node] = seen
+                self.origin_stamps[node] = max(hlc, self.origin_stamps.get(node, 0))
+            self.committed_stamp = max(self.committed_stamp, hlc)
+            if checkpoint and self.index_writable and self.blockmap.unsaved >= CHECKPOINT_GROUPS:
                 self._replay_checkpoint(address + HEADER_SIZE + header[3])
-        elif record_type in (RecordType.VOLUME_CREATE, RecordType.VOLUME_RESIZE, RecordType.VOLUME_REMOVE):
+        elif record_type in (RecordType.VOLUME_CREATE, RecordType.VOLUME_RESIZE, RecordType.VOLUME_REMOVE,
+                             RecordType.VOLUME_PRIMARY):
             if payload is not None:
                 self._apply_volume_record(record_type, header[2], bytes(payload), hlc)
         elif record_type in (RecordType.SNAPSHOT, RecordType.ROLLBACK, RecordType.PRUNE):
@@ -454,7 +509,63 @@ class Pool:
                 self.chunks.fdatasync(other)
         self.blockmap.checkpoint(Checkpoint(self.pool_uuid, next_address, self.next_sequence,
                                             self.clock.last, self.next_volume_id,
-                                            self.records_replayed + self._replayed_now), self.origins)
+                                            self.records_replayed + self._replayed_now), self.origins,
+                                 self.origin_stamps, self.tombstones)
+        self.tombstones.changed = False
+
+    def _merge_foreign(self, volume_id, offset_bytes, length_bytes, ref, hlc, node):
+        """Another node's EXTENT (ref) or ZERO (None): each block takes it only if it is newer
+        than what the block holds (last writer wins, tombstones giving holes their stamps).
+        Its versions wait for that node's COMMIT (BlockMap.seal_foreign)."""
+        info = self.volumes_by_id[volume_id]
+        if info.mode == "single-primary":
+            primary = info.primary(at=hlc)
+            if primary is not None and primary != node:
+                self._note_split_brain(info, node, primary, hlc)
+        blockmap = self.blockmap
+        first_block = offset_bytes // BLOCK_SIZE
+        end_block = first_block + length_bytes // BLOCK_SIZE
+        txn = blockmap.reader()
+        if ref is None:
+            groups = []
+            group = first_block // GROUP_BLOCKS
+            end_group = (end_block + GROUP_BLOCKS - 1) // GROUP_BLOCKS
+            while group < end_group:  # only groups that hold something: a hole over nothing changes nothing
+                batch = blockmap.groups_in(txn, volume_id, group, end_group, 4096)
+                if not batch:
+                    break
+                groups.extend(batch)
+                group = batch[-1] + 1
+        else:
+            groups = [first_block // GROUP_BLOCKS]
+        for group in groups:
+            start = max(first_block, group * GROUP_BLOCKS) - group * GROUP_BLOCKS
+            end = min(end_block, (group + 1) * GROUP_BLOCKS) - group * GROUP_BLOCKS
+            state = blockmap.get(txn, volume_id, group)
+            floors = self.tombstones.floors(volume_id, group)
+            merged, before, held = group_map.merge(state, start, end - start, ref, hlc, floors)
+            if ref is None:  # a hole meeting a hole is no conflict: either way it reads zeros
+                before = [0 if other > data else other for other, data in zip(before, held)]
+            blockmap.update_foreign(volume_id, group, merged if merged is not state else None,
+                                    start, end - start, ref, hlc, before)
+        blockmap.foreign_written[volume_id] = blockmap.foreign_written.get(volume_id, 0) + length_bytes
+
+    def _prune_tombstones(self):
+        """Tombstones matter while a peer may still send a record older than them, or one
+        written without having seen them (a conflict to report): keep those newer than what
+        every peer has both sent us and seen of the others (the seen stamps of its last COMMIT)."""
+        if not self.tombstones.by_volume:
+            return
+        peers = set(self.peer_nodes) | set(self.origins)
+        horizon = self.clock.last
+        for peer in peers:
+            seen = self.peer_seen.get(peer)
+            if seen is None:
+                return  # nothing heard from it since the open: keep every tombstone
+            horizon = min(horizon, self.origin_stamps.get(peer, 0),
+                          *(stamp for node, stamp in seen.items() if node != peer),
+                          seen.get(self.node_id, 0))
+        self.tombstones.prune(horizon)
 
     def _map_extent(self, volume_id, offset_bytes, length_bytes, ref, hlc, node):
         """Blocks [offset, offset+length) of one group now live in record `ref`."""
@@ -469,8 +580,14 @@ class Pool:
                 state = blockmap.stored_state(txn, volume_id, group)
         blockmap.update(volume_id, group, group_map.apply_write(state, first, count, ref), hlc, node)
 
+    def _add_tombstone(self, volume_id, offset_bytes, length_bytes, hlc, node):
+        if self.peer_nodes or self.origins:  # only another writer's older record could need it
+            self.tombstones.add(volume_id, offset_bytes // BLOCK_SIZE, (offset_bytes + length_bytes) // BLOCK_SIZE,
+                                hlc, node)
+
     def _map_hole(self, volume_id, offset_bytes, length_bytes, hlc, node):
         """Blocks [offset, offset+length) read as zeros from now on (any number of groups)."""
+        self._add_tombstone(volume_id, offset_bytes, length_bytes, hlc, node)
         first_block = offset_bytes // BLOCK_SIZE
         end_block = first_block + length_bytes // BLOCK_SIZE
         blockmap = self.blockmap
@@ -497,7 +614,8 @@ class Pool:
         self.volumes_by_id[info.volume_id] = info
         if info.parent:
             self.blockmap.parents[info.volume_id] = (info.parent["id"], info.parent["stamp"])
-        if info.volume_id >= self.next_volume_id:
+        mine = node_index(self.node_id) << VOLUME_ID_NODE_SHIFT
+        if info.volume_id >> VOLUME_ID_NODE_SHIFT == mine >> VOLUME_ID_NODE_SHIFT and info.volume_id >= self.next_volume_id:
             self.next_volume_id = info.volume_id + 1
         if persist:
             self.blockmap.put_volume(info.name, info.as_dict())
@@ -509,13 +627,21 @@ class Pool:
             self.damage.append(CorruptionError(f"volume record for id {volume_id} is not JSON"))
             return
         if record_type == RecordType.VOLUME_CREATE:
-            self._add_volume(VolumeInfo(volume_id, description["name"], description["size"],
-                                        description["compression"], hlc, description.get("parent")))
+            if volume_id in self.volumes_by_id:
+                return  # the same record again (a mirror's resend is skipped before; replay after a rebuild)
+            primary = description.get("primary")
+            info = VolumeInfo(volume_id, description["name"], description["size"], description["compression"], hlc,
+                              description.get("parent"), mode=description.get("mode"),
+                              primaries=[(hlc, primary)] if primary is not None else ())
+            self._settle_name(info)
+            self._add_volume(info)
         else:
             info = self.volumes_by_id.get(volume_id)
             if info is None:
                 return
-            if record_type == RecordType.VOLUME_RESIZE:
+            if record_type == RecordType.VOLUME_PRIMARY:
+                self._apply_primary(info, description["primary"], hlc)
+            elif record_type == RecordType.VOLUME_RESIZE:
                 info.size_bytes = description["size"]
                 self.blockmap.put_volume(info.name, info.as_dict())
             else:
@@ -523,7 +649,59 @@ class Pool:
                 del self.volumes_by_id[volume_id]
                 self.snapshots.pop(volume_id, None)
                 self.blockmap.forget_volume(volume_id)
+                self.tombstones.forget_volume(volume_id)
                 self.blockmap.put_volume(info.name, None)
+
+    def _settle_name(self, info):
+        """Two nodes created volumes of one name while apart: the older keeps it, the newer is
+        renamed NAME.nodeN (N: its creator's index). The same on every node, whatever the order."""
+        other = self.volumes.get(info.name)
+        if other is None or other.volume_id == info.volume_id:
+            return
+        newer = info if (info.created_hlc, info.volume_id) > (other.created_hlc, other.volume_id) else other
+        name = f"{newer.name}.node{node_index_of(newer.created_hlc)}"
+        while name in self.volumes:
+            name += "+"
+        if newer is other:
+            del self.volumes[other.name]
+            self.blockmap.put_volume(other.name, None)
+            other.name = name
+            self.volumes[name] = other
+            self.blockmap.put_volume(name, other.as_dict())
+        else:
+            info.name = name
+        self.notes.append(f"volume name {info.name if newer is other else other.name!r} was created on two nodes: "
+                          f"the newer one is now {name!r}")
+
+    def _apply_primary(self, info, node, hlc):
+        """A VOLUME_PRIMARY record: `node` writes the single-primary volume from `hlc` on. If
+        this node wrote it after that stamp (both were primary while apart), that is split
+        brain: recorded, and resolved like any concurrent writes (last writer wins)."""
+        if (hlc, node) in info.primaries:
+            return
+        info.primaries = sorted(info.primaries + [(hlc, node)])
+        if node != self.node_id:
+            mine = [stamp for stamp, _, writer in self.blockmap.history(info.volume_id, after=hlc)
+                    if writer == self.node_id]
+            if mine:
+                self._note_split_brain(info, self.node_id, node, min(mine))
+        self.blockmap.put_volume(info.name, info.as_dict())
+
+    def _note_split_brain(self, info, writer, primary, stamp):
+        for event in info.split_brain:
+            if event["writer"] == writer and event["primary"] == primary:
+                event["first"] = min(event["first"], stamp)
+                event["last"] = max(event["last"], stamp)
+                break
+        else:
+            info.split_brain.append({"writer": writer, "primary": primary, "first": stamp, "last": stamp})
+            self.notes.append(f"split brain on volume {info.name!r}: node {writer} wrote while node {primary} "
+                              "was primary; resolved by last writer wins (`chunkvol conflicts`)")
+        self.blockmap.put_volume(info.name, info.as_dict())
+
+    def writable_here(self, info):
+        """A single-primary volume takes writes only on its primary node."""
+        return info.mode != "single-primary" or info.primary() in (None, self.node_id)
 
     def _volume_change(self, record_type, volume_id, description):
         payload = json.dumps(description, sort_keys=True).encode()
@@ -532,19 +710,41 @@ class Pool:
         self._flush_locked()
         self._checkpoint_locked()
 
-    def create_volume(self, name, size_bytes, compression="none", parent=None):
+    def create_volume(self, name, size_bytes, compression="none", parent=None, mode=None):
+        """`mode`: for a pool with peers, "single-primary" (the default there: this node
+        writes, the others serve it read-only until `volume promote`) or "multi-master"."""
         validate_volume_name(name)
         size_bytes = _check_volume_size(size_bytes)
         if compression not in COMPRESSIONS:
             raise UsageError(f"unknown compression {compression!r} (use one of: {', '.join(COMPRESSIONS)})")
+        if mode not in (None,) + VOLUME_MODES:
+            raise UsageError(f"unknown mode {mode!r} (use one of: {', '.join(VOLUME_MODES)})")
         with self.lock:
             if name in self.volumes:
                 raise AlreadyExistsError(f"volume {name!r} already exists")
             description = {"name": name, "size": size_bytes, "compression": compression}
             if parent is not None:
                 description["parent"] = parent
+            if mode is None and self.peer_nodes:
+                mode = "single-primary"
+            if mode is not None:
+                description["mode"] = mode
+                if mode == "single-primary":
+                    description["primary"] = self.node_id
             self._volume_change(RecordType.VOLUME_CREATE, self.next_volume_id, description)
             return self.volumes[name]
+
+    def promote_volume(self, name):
+        """This node becomes the writer of a single-primary volume (the one that was is lost,
+        or hands over). Its clients must reconnect to write."""
+        with self.lock:
+            info = self.volume_info(name)
+            if info.mode != "single-primary":
+                raise UsageError(f"volume {name!r} is not single-primary (every node writes it already)")
+            if info.primary() == self.node_id:
+                raise UsageError(f"this node (node {self.node_id}) is already the primary of {name!r}")
+            self._volume_change(RecordType.VOLUME_PRIMARY, info.volume_id, {"name": name, "primary": self.node_id})
+            return info
 
     def resize_volume(self, name, size_bytes):
         size_bytes = _check_volume_size(size_bytes)
@@ -599,7 +799,9 @@ class Pool:
             with self.lock:
                 point = history.resolve_point(self, name)
             return Volume(self, point.info, readonly=True, point=point)
-        return Volume(self, self.volume_info(name), readonly=readonly or self.readonly or self.role == "mirror")
+        info = self.volume_info(name)
+        return Volume(self, info, readonly=readonly or self.readonly or self.role == "mirror"
+                      or not self.writable_here(info))
 
     def check_changeable(self):
         """A mirror takes changes only from its source (records it receives)."""

@@ -20,12 +20,16 @@ import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from chunkvol.clock import new_node_id
 from chunkvol.errors import AlreadyExistsError, CorruptionError, NotFoundError, UsageError
 from chunkvol.format import segment, store_pool
 from chunkvol.format.record import HEADER_SIZE, RecordType, decode_header
 from chunkvol.mirror import receiver
 from chunkvol.objstore import open_store
 from chunkvol.pool import Pool
+
+
+HEADER_READERS = 8
 
 
 class RestoreReport:
@@ -59,13 +63,18 @@ def read_chains(store, pool_uuid):
     prefix = segment.pool_prefix(pool_uuid) + "log/"
     chains = {}
     names = {}
-    for name in store.list(prefix):
+    listed = store.list(prefix)
+    for name in listed:
         parsed = segment.parse_name(name)
         if parsed is None or parsed[0] != pool_uuid:
             raise CorruptionError("an object that is not a segment of this pool lies among its segments", name)
-        header = segment.decode_header(store.get(name, 0, segment.HEADER_SIZE), name)
-        chains.setdefault(header.origin, []).append(header)
-        names[id(header)] = name
+    # One small ranged read per segment: in parallel, so a long log costs a few round trips.
+    with ThreadPoolExecutor(max_workers=HEADER_READERS) as readers:
+        heads = readers.map(lambda name: store.get(name, 0, segment.HEADER_SIZE), listed)
+        for name, head in zip(listed, heads):
+            header = segment.decode_header(head, name)
+            chains.setdefault(header.origin, []).append(header)
+            names[id(header)] = name
     for origin, chain in chains.items():
         chain.sort(key=lambda header: header.first_sequence)
         previous_sequence, previous_digest, previous_name = 0, 0, None
@@ -106,9 +115,7 @@ def restore(url, path, until=None, pool_uuid=None, progress=None):
         if until is not None:
             order = [header for header in order if header.first_stamp <= until]
         total = sum(header.payload_bytes for header in order)
-        node_id = 0
-        while node_id == 0 or node_id in chains:
-            node_id = int.from_bytes(os.urandom(4), "little")
+        node_id = new_node_id(chains) or new_node_id()
         Pool.create(staging, chunk_size=description["chunk_size"], node_id=node_id, pool_uuid=uuid)
         try:
             with Pool.open(staging) as pool:

@@ -2,7 +2,6 @@
 
 import json
 import os
-import sys
 
 from chunkvol.check import check_pool, rebuild_index
 from chunkvol.cli.common import pool_is_busy

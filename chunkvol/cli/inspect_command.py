@@ -119,7 +119,7 @@ def inspect_record(arguments):
     if header[0] in (RecordType.VOLUME_CREATE, RecordType.VOLUME_RESIZE, RecordType.VOLUME_REMOVE):
         fields["payload"] = payload.decode(errors="replace")
     elif header[0] == RecordType.COMMIT and len(payload) == 8:
-        durable = record.COMMIT_PAYLOAD.unpack(payload)[0]
+        durable = record.COMMIT_PAYLOAD.unpack_from(payload)[0]
         fields["durable_up_to"] = "%d:%d" % chunk_header.split_address(durable)
     print(json.dumps(fields, indent=2))
 

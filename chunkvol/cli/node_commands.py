@@ -5,6 +5,7 @@ import signal
 import sys
 import threading
 
+from chunkvol.clock import new_node_id
 from chunkvol.errors import UsageError
 from chunkvol.mirror import identity
 from chunkvol.mirror.node_link import ReceiverServer
@@ -33,9 +34,10 @@ def join_file(arguments):
     if fields.get("role") == "mirror":
         raise UsageError("issue join files on the pool's founding node, not on a mirror")
     identity.check_writable_file(arguments.output)
-    node_id = fields["node_id"]
-    while node_id == fields["node_id"]:
-        node_id = int.from_bytes(os.urandom(4), "little") or 1
+    issued = identity.issued_nodes(path)
+    node_id = new_node_id([fields["node_id"], *issued])
+    if node_id is None:
+        raise UsageError(f"this pool has {len(issued) + 1} nodes already, the most it can have")
     data = identity.issue_join(path, fields, node_id)
     fd = os.open(arguments.output, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:

@@ -164,3 +164,73 @@ def _renumber(slots, refs, first_block, block_count, new_ref):
             new_refs.append(ref)
         out[block] = (remap[ref] << 4) | (slot & 0x0F)
     return bytes(out), tuple(new_refs)
+
+
+# ---- last writer wins (records of other nodes, mirror/receiver.py and replay) -------------
+
+def block_stamps(state, floors=None):
+    """Per block of a group, the stamp of what it holds now: its record's, or for a hole the
+    greatest stamp of a ZERO over it (`floors`, from index/tombstones.py), 0 if never written."""
+    if state is None:
+        return list(floors) if floors else [0] * GROUP_BLOCKS
+    slots, refs = state
+    stamps = [0 if slot == HOLE else refs[slot >> 4][2] for slot in slots]
+    if floors:
+        stamps = [max(pair) for pair in zip(stamps, floors)]
+    return stamps
+
+
+def merge(state, first_block, block_count, ref, stamp, floors=None):
+    """(new state, stamps before, data stamps before) after a record stamped `stamp` covers
+    blocks [first, first+count): data of `ref` (its block 0 is first_block) or, with ref None,
+    a hole. Each block takes it only where `stamp` is greater than what the block holds (last
+    writer wins); the same record again changes nothing. A block whose stamp before is greater
+    than its data stamp was last a hole (a ZERO's tombstone)."""
+    held = block_stamps(state)
+    before = [max(pair) for pair in zip(held, floors)] if floors else held
+    end = first_block + block_count
+    # A tombstone of this very ZERO (stamp equal) does not stop it: stamps are unique.
+    wins = [block for block in range(first_block, end)
+            if stamp > held[block] and (not floors or stamp >= floors[block])]
+    if not wins:
+        return state, before, held
+    if len(wins) == block_count:
+        if ref is None:
+            return apply_hole(state, first_block, block_count), before, held
+        return apply_write(state, first_block, block_count, ref), before, held
+    slots, refs = state if state is not None else EMPTY_STATE
+    blocks = [None if slot == HOLE else (refs[slot >> 4], slot & 0x0F) for slot in slots]
+    for block in wins:
+        blocks[block] = None if ref is None else (ref, block - first_block)
+    return from_blocks(blocks), before, held
+
+
+def from_blocks(blocks):
+    """A state from a per-block list of (ref, block within its record) or None (a hole)."""
+    remap = {}
+    refs = []
+    out = bytearray(GROUP_BLOCKS)
+    for block, entry in enumerate(blocks):
+        if entry is None:
+            out[block] = HOLE
+            continue
+        ref, within = entry
+        if ref not in remap:
+            remap[ref] = len(refs)
+            refs.append(ref)
+        out[block] = (remap[ref] << 4) | within
+    return bytes(out), tuple(refs)
+
+
+def enforce_holes(state, floors):
+    """The state with every block whose tombstone (`floors`) is newer than its data made a hole."""
+    if state is None or not floors:
+        return state
+    slots, refs = state
+    blocks = [None if slot == HOLE else (refs[slot >> 4], slot & 0x0F) for slot in slots]
+    changed = False
+    for block, entry in enumerate(blocks):
+        if entry is not None and floors[block] > entry[0][2]:
+            blocks[block] = None
+            changed = True
+    return from_blocks(blocks) if changed else state

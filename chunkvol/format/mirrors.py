@@ -12,6 +12,8 @@ A definition:
 | to        | str         | `dir:/absolute/path` (a pool on another disk), `node:HOST:PORT`, `rados:CONF:POOL` or `s3:URL/BUCKET` (an object store) |
 | bandwidth | int or null | bytes per second the shipper may send (null: no limit)         |
 | added     | str         | ISO-8601 UTC time of `mirror add`                              |
+| peer      | bool        | optional: a peer (`peer add`), a node that writes too           |
+| node      | int         | optional, with peer: the peer's node id (learned when it was added) |
 """
 
 import re

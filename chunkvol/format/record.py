@@ -29,10 +29,17 @@ Payloads by type:
   frame whose declared content size must equal length_bytes; payload_xxh3 covers the frame.
 - ZERO: none; the range reads as zeros (a trim too, flag bit 1; both become holes).
 - COMMIT: 8 bytes, u64 log address up to which every byte was made durable before this record
-  was written. A flush point of the whole pool.
+  was written. A flush point of the whole pool. In a pool that takes other nodes' records,
+  n more entries of 16 bytes follow (u64 node, u64 stamp, nodes ascending, n <= 16): the
+  stamp of each other node's last COMMIT applied here before this flush interval, so a node
+  that receives it knows which of its writes the origin had seen (conflicts).
 - SEAL: none; the last record of a chunk that was synced before the next chunk got a record.
 - VOLUME_CREATE / VOLUME_RESIZE / VOLUME_REMOVE: UTF-8 JSON describing the volume
   ({"name", "size", "compression"}; a clone adds "parent": {"id", "stamp", "snapshot"}).
+  In a pool of several writing nodes VOLUME_CREATE also says {"mode": "multi-master" |
+  "single-primary", "primary": node id (single-primary)}.
+- VOLUME_PRIMARY: UTF-8 JSON {"primary": node id}: from its stamp on, that node is the
+  single-primary volume's writer (`volume promote`); the greatest stamp wins.
 - SNAPSHOT: UTF-8 JSON {"op": "create"|"remove", "name", "stamp", "size", "created"}: a named
   flush point of the volume (stamp: the COMMIT just before it), or its removal.
 - ROLLBACK: UTF-8 JSON {"stamp", "label"}: from here on the volume's content is what it was
@@ -80,6 +87,8 @@ GROUP_BLOCKS = 16  # one map group: 64 KiB; an EXTENT record never crosses a gro
 GROUP_SIZE = BLOCK_SIZE * GROUP_BLOCKS
 MAX_PAYLOAD = GROUP_SIZE + 65536  # a zstd frame of incompressible data is a little larger
 COMMIT_PAYLOAD = struct.Struct("<Q")
+COMMIT_SEEN = struct.Struct("<QQ")
+MAX_COMMIT_SEEN = 16
 CHECKSUM_BYTES = 8
 RAW_BLOCK_BYTES = BLOCK_SIZE + CHECKSUM_BYTES  # stored bytes per block of a raw EXTENT
 BLOCK_TABLES = [struct.Struct(f"<{count}Q") for count in range(GROUP_BLOCKS + 1)]
@@ -100,6 +109,7 @@ class RecordType(enum.IntEnum):
     PRUNE = 10
     BASE = 11
     BASE_END = 12
+    VOLUME_PRIMARY = 13
 
 
 _KNOWN_TYPES = frozenset(int(t) for t in RecordType)
@@ -202,3 +212,21 @@ def verify_blocks(header, table, blocks, first_block, block_count, path=None, of
     for index in range(block_count):
         if _xxh3(view[index * BLOCK_SIZE:(index + 1) * BLOCK_SIZE]) != sums[first_block + index]:
             raise CorruptionError(f"record block {first_block + index} checksum mismatch", path, offset)
+
+
+def encode_commit(durable_address, seen):
+    """A COMMIT's payload: the durable address, then {node: stamp} seen from other nodes."""
+    return COMMIT_PAYLOAD.pack(durable_address) + b"".join(
+        COMMIT_SEEN.pack(node, stamp) for node, stamp in sorted(seen.items())[:MAX_COMMIT_SEEN])
+
+
+def commit_seen(payload):
+    """{node: stamp} of a COMMIT's payload (empty for a plain 8-byte one, or None)."""
+    if payload is None or len(payload) <= COMMIT_PAYLOAD.size:
+        return {}
+    return dict(COMMIT_SEEN.iter_unpack(payload[COMMIT_PAYLOAD.size:]))
+
+
+def commit_payload_valid(length):
+    extra = length - COMMIT_PAYLOAD.size
+    return extra >= 0 and extra % COMMIT_SEEN.size == 0 and extra // COMMIT_SEEN.size <= MAX_COMMIT_SEEN

@@ -31,15 +31,20 @@ import os
 
 import lmdb
 
+from chunkvol.clock import node_index, node_index_of
 from chunkvol.errors import CorruptionError, DeviceFailedError, OutOfSpaceError
 from chunkvol.format import checkpoint as checkpoint_format
+from chunkvol.format import conflict as conflict_format
 from chunkvol.format import group_map
 from chunkvol.format import history as history_format
 from chunkvol.format import origins as origins_format
+from chunkvol.format import tombstones as tombstones_format
 
 MAP_SIZE_BYTES = 1 << 40  # address space only; the file grows as needed
 CHECKPOINT_KEY = b"checkpoint"
 ORIGINS_KEY = b"origins"
+ORIGIN_STAMPS_KEY = b"origin_stamps"  # same layout as origins: node -> greatest COMMIT stamp received
+TOMBSTONES_KEY = b"tombstones"
 OVERLAY_CACHE_GROUPS = 16384  # checkpointed group states kept in memory (a few tens of MiB)
 
 
@@ -60,6 +65,10 @@ class BlockMap:
         self.volumes_db = self.env.open_db(b"volumes", create=not readonly)
         self.history_db = self.env.open_db(b"history", create=not readonly)
         self.snapshots_db = self.env.open_db(b"snapshots", create=not readonly)
+        try:
+            self.conflicts_db = self.env.open_db(b"conflicts", create=not readonly)
+        except lmdb.NotFoundError:  # a read-only map of a pool that never met another writer
+            self.conflicts_db = None
         self.overlay = {}        # (volume_id, group) -> state, changed since the last checkpoint
         self.dirty = {}          # (volume_id, group) -> (hlc, node) changed since the last seal
         self.written = {}        # volume_id -> bytes written since its last flush point
@@ -74,6 +83,10 @@ class BlockMap:
         self._read_txn = None
         self._cursor = None
         self.undo = None  # during a client request: (key, state, stamp) before each change
+        # Records of other nodes, applied last-writer-wins, until their origin's COMMIT:
+        self.foreign = {}          # (volume_id, group) -> [(first, count, ref or None, stamp, stamps before)]
+        self.foreign_written = {}  # volume_id -> bytes
+        self.conflict_puts = {}    # format/conflict.py key -> value, for the next checkpoint
 
     def _check_file_size(self):
         """LMDB maps its file: a page past the end of a truncated file kills the process
@@ -97,6 +110,39 @@ class BlockMap:
         """{node: greatest origin sequence received} as of the checkpoint."""
         raw = self.reader().get(ORIGINS_KEY, db=self.meta_db)
         return {} if raw is None else origins_format.decode(raw, self.path)
+
+    def read_origin_stamps(self):
+        """{node: greatest COMMIT stamp received from it} as of the checkpoint."""
+        raw = self.reader().get(ORIGIN_STAMPS_KEY, db=self.meta_db)
+        return {} if raw is None else origins_format.decode(raw, self.path)
+
+    def read_tombstones(self):
+        raw = self.reader().get(TOMBSTONES_KEY, db=self.meta_db)
+        return [] if raw is None else tombstones_format.decode(raw, self.path)
+
+    def conflicts(self, volume_id):
+        """Every recorded conflict of a volume, checkpointed or not, in stamp order: (volume,
+        first block, end block, the other write's stamp, the arriving write's stamp)."""
+        found = {}
+        prefix = volume_id.to_bytes(4, "big")
+        if self.conflicts_db is not None:
+            cursor = self.reader().cursor(db=self.conflicts_db)
+            if cursor.set_range(prefix):
+                for raw_key, raw in cursor:
+                    if raw_key[:4] != prefix:
+                        break
+                    found[raw_key] = raw
+        for raw_key, raw in self.conflict_puts.items():
+            if raw_key[:4] == prefix:
+                found[raw_key] = raw
+        runs = []
+        for raw_key in sorted(found, key=lambda k: (k[4:12], k[12:20])):
+            volume, first, end, other, stamp = conflict_format.decode(raw_key, found[raw_key])
+            if runs and runs[-1][3:] == (other, stamp) and runs[-1][2] == first:
+                runs[-1] = (volume, runs[-1][1], end, other, stamp)  # one range across map groups
+            else:
+                runs.append((volume, first, end, other, stamp))
+        return runs
 
     def stored_volumes(self):
         cursor = self.reader().cursor(db=self.volumes_db)
@@ -171,18 +217,25 @@ class BlockMap:
     def stored_state(self, txn, volume_id, group, hlc=None):
         """The newest sealed version of a group, or the newest at or before stamp `hlc`
         (None: never written). A clone falls back to its parent as of its snapshot."""
+        sealed = None
         if hlc is not None and self.sealed:
             versions = self.sealed.get((volume_id, group))
             if versions:
                 for stamp, _, state in reversed(versions):
                     if stamp <= hlc:
-                        return state
+                        sealed = (stamp, state)
+                        break
         cursor = self._cursor if txn is self._read_txn else txn.cursor()
         start = group_map.newest_key(volume_id, group) if hlc is None else group_map.key(volume_id, group, hlc, group_map.MAX_U32)
         if cursor.set_range(start):
             raw_key = cursor.key()
             if raw_key[:12] == start[:12]:
-                return group_map.decode_state(cursor.value(), raw_key)
+                # A sealed version wins unless a checkpointed one is newer (another node's
+                # interval sealed late lies before versions already in LMDB).
+                if sealed is None or group_map.decode_key(raw_key)[2] > sealed[0]:
+                    return group_map.decode_state(cursor.value(), raw_key)
+        if sealed is not None:
+            return sealed[1]
         parent = self.parents.get(volume_id)
         if parent is not None:
             return self.stored_state(txn, parent[0], group, parent[1] if hlc is None else min(hlc, parent[1]))
@@ -253,6 +306,130 @@ class BlockMap:
         self.dirty.clear()
         self.written.clear()
 
+    def update_foreign(self, volume_id, group, state, first, count, ref, stamp, before):
+        """A record of another node met a group: `state` is the live state it leaves (None:
+        unchanged, it lost every block; last writer wins).
+        Its versions are made at that node's COMMIT (seal_foreign), not at ours."""
+        key = (volume_id, group)
+        if state is not None:  # None: it won no block
+            self.overlay[key] = state
+        self.foreign.setdefault(key, []).append((first, count, ref, stamp, before))
+
+    def seal_foreign(self, stamp, node, tombstones, seen):
+        """Another node's flush point (its COMMIT, `stamp`) arrived with its records: each
+        group they touched gets a version at `stamp`, made from the version this map holds at
+        or before it; versions after it (this node's later flush points, sealed before the
+        records arrived) take every block the records win there. So a point in time reads
+        the same on every node once every record up to it has arrived. `seen`: {node: stamp}
+        the origin had received when it wrote them, for the conflict list."""
+        if self.dirty or self.written:
+            self.seal(stamp, node)  # what its other records changed (a rollback, on a mirror)
+        txn = self.reader()
+        sealed = self.sealed
+        for key, updates in self.foreign.items():
+            volume_id, group = key
+            later_versions = self._versions_after(txn, key, stamp)
+            later_holes = tombstones.commits_after(volume_id, group, stamp)
+            versions = sealed.setdefault(key, [])
+            if not later_versions and not later_holes:
+                # The usual case (a mirror, a peer that is not behind): the live state, which
+                # took the records in log order, is the state at their COMMIT.
+                state = self.get(txn, volume_id, group)
+                if state is not None:
+                    self._put_sealed(versions, stamp, node, state)
+                self._note_conflicts(volume_id, group, updates, node, seen)
+                continue
+            # Arrived late: versions after its COMMIT exist here, or ZEROs over groups that held
+            # nothing then (they left no version; the records make one, so they must too).
+            state = self._merged(self.stored_state(txn, volume_id, group, stamp), updates,
+                                 tombstones.floors(volume_id, group, stamp))
+            if state is not None:
+                self._put_sealed(versions, stamp, node, state)
+            existing = {later: (later_node, later_state) for later, later_node, later_state in later_versions}
+            previous = state
+            for later in sorted(set(existing) | set(later_holes)):
+                later_node, base = existing.get(later, (later_holes.get(later), previous))
+                fixed = self._merged(base, updates, tombstones.floors(volume_id, group, later))
+                if fixed is not None and (fixed is not base or later not in existing):
+                    self._put_sealed(versions, later, later_node, fixed)
+                previous = fixed
+            self._note_conflicts(volume_id, group, updates, node, seen)
+        touched = dict(self.foreign_written)
+        for volume_id, _ in self.foreign:
+            touched.setdefault(volume_id, 0)
+        for volume_id, written in touched.items():
+            raw_key = history_format.key(volume_id, stamp)
+            self.history_puts[raw_key] = history_format.encode(raw_key, written, node)
+        self.foreign.clear()
+        self.foreign_written.clear()
+
+    @staticmethod
+    def _merged(state, updates, floors):
+        for first, count, ref, record_stamp, _ in updates:
+            state = group_map.merge(state, first, count, ref, record_stamp, floors)[0]
+        return group_map.enforce_holes(state, floors)
+
+    def _put_sealed(self, versions, stamp, node, state):
+        """Put a version in a group's sealed list (oldest first), replacing one of that stamp."""
+        if not versions or versions[-1][0] < stamp:
+            versions.append((stamp, node, state))
+            self.sealed_count += 1
+            return
+        for index, (existing, existing_node, _) in enumerate(versions):
+            if (existing, existing_node) == (stamp, node):
+                versions[index] = (stamp, node, state)
+                return
+            if existing > stamp:
+                versions.insert(index, (stamp, node, state))
+                self.sealed_count += 1
+                return
+        versions.append((stamp, node, state))
+        self.sealed_count += 1
+
+    def _versions_after(self, txn, key, stamp):
+        """(stamp, node, state) of every version of a group newer than `stamp`, oldest first,
+        sealed or checkpointed (a sealed one hides a checkpointed one of the same stamp)."""
+        found = {}
+        cursor = txn.cursor()
+        start = group_map.newest_key(*key)
+        if cursor.set_range(start):
+            for raw_key, raw in cursor:
+                if raw_key[:12] != start[:12]:
+                    break
+                _, _, version_stamp, version_node = group_map.decode_key(raw_key)
+                if version_stamp <= stamp:
+                    break
+                found[(version_stamp, version_node)] = group_map.decode_state(raw, raw_key)
+        for version_stamp, version_node, state in self.sealed.get(key, ()):
+            if version_stamp > stamp:
+                found[(version_stamp, version_node)] = state
+        return [(version_stamp, version_node, found[(version_stamp, version_node)])
+                for version_stamp, version_node in sorted(found)]
+
+    def _note_conflicts(self, volume_id, group, updates, node, seen):
+        """Blocks where the record of `node` met what another node wrote without `node`
+        having seen it: written concurrently. Kept with both stamps and the winner."""
+        origin_index = node_index(node)
+        seen_by_index = {node_index(other): other_stamp for other, other_stamp in seen.items()}
+        runs = {}
+        for first, count, _, record_stamp, before in updates:
+            for block in range(first, first + count):
+                other = before[block]
+                if not other or node_index_of(other) == origin_index:
+                    continue
+                if other <= seen_by_index.get(node_index_of(other), 0):
+                    continue  # the origin had it when it wrote: an overwrite, not a conflict
+                runs.setdefault((record_stamp, other), []).append(block)
+        base = group * group_map.GROUP_BLOCKS
+        for (record_stamp, other), blocks in runs.items():
+            start = blocks[0]
+            for previous, block in zip(blocks, blocks[1:] + [None]):
+                if block != previous + 1:
+                    raw_key, raw = conflict_format.encode(volume_id, base + start, base + previous + 1,
+                                                          other, record_stamp)
+                    self.conflict_puts[raw_key] = raw
+                    start = block
+
     def forget_volume(self, volume_id):
         for key in [key for key in self.overlay if key[0] == volume_id]:
             del self.overlay[key]
@@ -282,7 +459,7 @@ class BlockMap:
         """Changes not yet in LMDB: unsealed groups plus sealed versions."""
         return len(self.dirty) + self.sealed_count
 
-    def checkpoint(self, checkpoint, origins=None):
+    def checkpoint(self, checkpoint, origins=None, origin_stamps=None, tombstones=None):
         """Write sealed versions, volume changes and the checkpoint (with the received
         `origins`) in one synced transaction. The caller has made the log durable up to
         checkpoint.log_address and sealed."""
@@ -290,7 +467,7 @@ class BlockMap:
             raise CorruptionError("checkpoint with unsealed block-map changes (a bug)")
         self._drop_reader()
         try:
-            self._write_checkpoint(checkpoint, origins)
+            self._write_checkpoint(checkpoint, origins, origin_stamps, tombstones)
         except lmdb.Error as error:
             if "No space" in str(error) or isinstance(error, lmdb.MapFullError):
                 raise OutOfSpaceError(f"no space left for the block map checkpoint ({error})") from None
@@ -304,6 +481,7 @@ class BlockMap:
         self.volume_puts.clear()
         self.snapshot_puts.clear()
         self.prunes.clear()
+        self.conflict_puts.clear()
 
     def _sealed_items(self):
         items = []
@@ -314,7 +492,7 @@ class BlockMap:
         items.sort()
         return items
 
-    def _write_checkpoint(self, checkpoint, origins):
+    def _write_checkpoint(self, checkpoint, origins, origin_stamps, tombstones):
         with self.env.begin(write=True) as txn:
             if self.sealed:
                 txn.cursor(db=self.groups_db).putmulti(self._sealed_items(), overwrite=True)
@@ -323,7 +501,7 @@ class BlockMap:
             for volume_id, before, keep in self.prunes:
                 self._prune_groups(txn, volume_id, before, keep)
             for volume_id in self.removed_volumes:
-                for db in (self.groups_db, self.history_db, self.snapshots_db):
+                for db in (self.groups_db, self.history_db, self.snapshots_db, self.conflicts_db):
                     self._delete_prefix(txn, db, volume_id.to_bytes(4, "big"))
             for name, value in self.volume_puts.items():
                 if value is None:
@@ -338,6 +516,12 @@ class BlockMap:
                     txn.put(raw_key, value, db=self.snapshots_db)
             if origins:
                 txn.put(ORIGINS_KEY, origins_format.encode(origins), db=self.meta_db)
+            if origin_stamps:
+                txn.put(ORIGIN_STAMPS_KEY, origins_format.encode(origin_stamps), db=self.meta_db)
+            if tombstones is not None and tombstones.changed:
+                txn.put(TOMBSTONES_KEY, tombstones_format.encode(tombstones.entries()), db=self.meta_db)
+            if self.conflict_puts:
+                txn.cursor(db=self.conflicts_db).putmulti(sorted(self.conflict_puts.items()), overwrite=True)
             txn.put(CHECKPOINT_KEY, checkpoint_format.encode(checkpoint), db=self.meta_db)
 
     @staticmethod

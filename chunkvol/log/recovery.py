@@ -27,11 +27,10 @@ A read-only open (writable=False) does the same walk but cuts nothing.
 from typing import NamedTuple
 
 from chunkvol.errors import CorruptionError
-from chunkvol.format import chunk_header
 from chunkvol.format.chunk_header import DATA_OFFSET, address, split_address
 from chunkvol.format import record
 from chunkvol.format.record import (BLOCK_SIZE, COMMIT_PAYLOAD, FLAG_MORE, FLAG_RELOCATED, GROUP_SIZE, HEADER_SIZE,
-                                    RecordType)
+                                    RecordType, commit_payload_valid)
 from chunkvol.log.reader import ChunkScan, find_next_header
 from chunkvol.log.writer import PAGE
 
@@ -207,8 +206,8 @@ def _durable_after(chunks, chunk_id, stop):
     while position is not None:
         scan = ChunkScan(chunks, chunk_id, position)
         for _, header, payload in scan:
-            if header[0] == RecordType.COMMIT and len(payload) == COMMIT_PAYLOAD.size:
-                if COMMIT_PAYLOAD.unpack(payload)[0] > stop_address:
+            if header[0] == RecordType.COMMIT and commit_payload_valid(len(payload)):
+                if COMMIT_PAYLOAD.unpack_from(payload)[0] > stop_address:
                     return True
         if scan.stop_error is None:
             break

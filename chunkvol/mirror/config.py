@@ -54,6 +54,16 @@ def held_chunk(pool_path, files=None):
     return lowest
 
 
+def peer_nodes(pool_path, files=None):
+    """Node ids of the pool's peers (`peer add`): nodes that write too (multi-master)."""
+    try:
+        mirrors = load_mirrors(pool_path, files)
+    except OSError:
+        return frozenset()
+    return frozenset(definition["node"] for definition in mirrors.values()
+                     if definition.get("peer") and isinstance(definition.get("node"), int))
+
+
 def definition_of(pool_path, name, files=None):
     mirrors = load_mirrors(pool_path, files)
     if name not in mirrors:

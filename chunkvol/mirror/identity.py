@@ -96,6 +96,15 @@ def ensure_authority(pool_path, fields):
     _write_private(os.path.join(directory, "node.crt"), node_cert)
 
 
+def issued_nodes(pool_path):
+    """Node ids this node has issued join files for (POOL/keys/issued, one per line)."""
+    try:
+        with open(keys_path(pool_path, "issued")) as handle:
+            return [int(line) for line in handle.read().split() if line.isdigit()]
+    except FileNotFoundError:
+        return []
+
+
 def issue_join(pool_path, fields, node_id):
     """The contents of a join file for a new node `node_id` (bytes, JSON)."""
     ensure_authority(pool_path, fields)
@@ -115,6 +124,8 @@ def issue_join(pool_path, fields, node_id):
                 "chunk_size": fields["chunk_size"], "node_id": node_id, "issued_by": fields["node_id"],
                 "ca_cert": authority_cert.decode(), "node_cert": node_cert.decode(),
                 "node_key": _pem_key(node_key).decode()}
+    issued = issued_nodes(pool_path) + [node_id]
+    _write_private(keys_path(pool_path, "issued"), "".join(f"{each}\n" for each in issued).encode())
     return (json.dumps(document, indent=2) + "\n").encode()
 
 

@@ -22,12 +22,12 @@ import zstandard
 from chunkvol import pool as pool_module
 from chunkvol.errors import CorruptionError, PeerError, ReadOnlyError, UsageError
 from chunkvol.format import record
-from chunkvol.format.record import (BLOCK_SIZE, CHECKSUM_BYTES, COMMIT_PAYLOAD, FLAG_MORE, FLAG_TRIM, FLAG_ZSTD,
+from chunkvol.format.record import (BLOCK_SIZE, CHECKSUM_BYTES, COMMIT_PAYLOAD, commit_payload_valid, FLAG_MORE, FLAG_TRIM, FLAG_ZSTD,
                                     GROUP_SIZE, HEADER_SIZE, RecordType)
 
 SHIPPED_TYPES = frozenset((RecordType.EXTENT, RecordType.ZERO, RecordType.COMMIT, RecordType.VOLUME_CREATE,
                            RecordType.VOLUME_RESIZE, RecordType.VOLUME_REMOVE, RecordType.SNAPSHOT,
-                           RecordType.ROLLBACK, RecordType.PRUNE))
+                           RecordType.ROLLBACK, RecordType.PRUNE, RecordType.VOLUME_PRIMARY))
 ALLOWED_FLAGS = FLAG_ZSTD | FLAG_TRIM | FLAG_MORE
 MAX_BATCH_RECORDS = 1 << 20
 
@@ -80,7 +80,7 @@ def receive(pool, pool_uuid, origin, raw_records):
 def _append(writer, header, payload):
     record_type, flags, volume_id, stored, node, sequence, hlc, offset, length, _ = header
     if record_type == RecordType.COMMIT:
-        payload = COMMIT_PAYLOAD.pack(writer.durable_address)
+        payload = COMMIT_PAYLOAD.pack(writer.durable_address) + bytes(payload[COMMIT_PAYLOAD.size:])
     elif record_type == RecordType.EXTENT and not flags & FLAG_ZSTD:
         table_bytes = length // BLOCK_SIZE * CHECKSUM_BYTES
         return writer.append(record_type, flags, volume_id, payload[table_bytes:], node, sequence, hlc,
@@ -89,14 +89,7 @@ def _append(writer, header, payload):
 
 
 def _apply(pool, address, header, payload):
-    if header[0] == RecordType.COMMIT:
-        # As replay does, without its mid-replay checkpoint: the caller checkpoints after.
-        pool.blockmap.seal(header[6], header[4])
-        pool.committed_stamp = header[6]
-        if header[6] > pool.clock.last:
-            pool.clock.last = header[6]
-        return
-    pool._apply_record(address, header, payload)
+    pool._apply_record(address, header, payload, checkpoint=False)  # the caller checkpoints after
 
 
 def _checked(pool, origin, held, raw_records):
@@ -154,7 +147,7 @@ def _check_fields(header, payload, sizes, names):
             raise ValueError("a ZERO record carries a payload")
         return
     if record_type == RecordType.COMMIT:
-        if stored != COMMIT_PAYLOAD.size or volume_id:
+        if not commit_payload_valid(stored) or volume_id:
             raise ValueError("malformed COMMIT")
         return
     description = json.loads(payload)
@@ -163,8 +156,11 @@ def _check_fields(header, payload, sizes, names):
     if record_type == RecordType.VOLUME_CREATE:
         pool_module.validate_volume_name(description["name"])
         pool_module._check_volume_size(description["size"])
-        if description["compression"] not in pool_module.COMPRESSIONS or volume_id in sizes or description["name"] in names:
+        if description["compression"] not in pool_module.COMPRESSIONS or volume_id in sizes:
             raise ValueError("volume exists already or has an unknown compression")
+        if description.get("mode") not in (None,) + pool_module.VOLUME_MODES or not (
+                description.get("primary") is None or isinstance(description["primary"], int)):
+            raise ValueError("unknown volume mode or primary")
         parent = description.get("parent")
         if parent is not None and (not isinstance(parent, dict) or parent.get("id") not in sizes
                                    or not isinstance(parent.get("stamp"), int)):
@@ -180,6 +176,9 @@ def _check_fields(header, payload, sizes, names):
         sizes[volume_id] = description["size"]
     elif record_type == RecordType.VOLUME_REMOVE:
         del sizes[volume_id]
+    elif record_type == RecordType.VOLUME_PRIMARY:
+        if not isinstance(description["primary"], int) or description["primary"] != node:
+            raise ValueError("a node promotes only itself")
     elif record_type == RecordType.SNAPSHOT:
         if description["op"] not in ("create", "remove") or not isinstance(description["name"], str):
             raise ValueError("malformed snapshot record")

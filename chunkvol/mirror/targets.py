@@ -12,6 +12,7 @@ hold the log as segments (mirror/object_target.py), for `restore` and for evicte
 import os
 
 from chunkvol import objstore
+from chunkvol.clock import new_node_id
 from chunkvol.errors import PeerError, UsageError
 from chunkvol.format import mirrors as mirrors_format
 from chunkvol.mirror import receiver
@@ -65,9 +66,7 @@ class DirTarget:
         self.pool_uuid = bytes.fromhex(source_fields["pool_uuid"])
         self.source_node = source_fields["node_id"]
         if not os.path.exists(os.path.join(path, "pool.json")):
-            node_id = self.source_node
-            while node_id == self.source_node:
-                node_id = int.from_bytes(os.urandom(4), "little") or 1
+            node_id = new_node_id([self.source_node])
             Pool.create(path, chunk_size=source_fields["chunk_size"], node_id=node_id,
                         pool_uuid=self.pool_uuid, mirror_of=self.source_node)
         self.pool = Pool.open(path)
