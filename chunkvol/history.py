@@ -345,8 +345,10 @@ def snapshot_rows(pool, volume_name):
         info = pool.volume_info(volume_name)
         snapshots = sorted(pool.snapshots.get(info.volume_id, {}).values(), key=lambda s: s["stamp"])
         unique = _bytes_held_only_by(pool, info, [s["stamp"] for s in snapshots])
+        peers = set(pool.peer_nodes) | set(pool.origins) if pool.peer_nodes else set()
         return [{"name": s["name"], "time": format_stamp(s["stamp"]), "created": s["created"],
-                 "stamp": s["stamp"], "size": s["size"], "unique_bytes": unique.get(s["stamp"], 0)}
+                 "stamp": s["stamp"], "size": s["size"], "unique_bytes": unique.get(s["stamp"], 0),
+                 "waiting_for": sorted(peer for peer in peers if pool.origin_stamps.get(peer, 0) < s["stamp"])}
                 for s in snapshots]
 
 

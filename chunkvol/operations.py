@@ -20,8 +20,13 @@ def _user_change(operation):
 
 
 @_user_change
-def volume_create(pool, name, size, compression="none"):
-    return pool.create_volume(name, size, compression).as_dict()
+def volume_create(pool, name, size, compression="none", mode=None):
+    return pool.create_volume(name, size, compression, mode=mode).as_dict()
+
+
+@_user_change
+def volume_promote(pool, name):
+    return pool.promote_volume(name).as_dict()
 
 
 @_user_change
@@ -100,15 +105,21 @@ def chunk_switch(pool, chunk_id):
     return tiering.switch(pool, chunk_id)
 
 
+def become_writer(pool):
+    """`peer add` on a node that joined as a mirror: it writes too from now on."""
+    return pool.become_writer()
+
+
 def log_horizon(pool):
     """For a shipper in another process: a flush point for what was written, then how far
     this node's log is durable (it ships only that much, read from the files)."""
     pool.flush()
+    pool.heartbeat()
     with pool.lock:
         return {"durable": pool.writer.durable_address, "next_sequence": pool.next_sequence,
                 "node": pool.node_id}
 
 
 OPERATIONS = {function.__name__: function for function in (
-    volume_create, volume_resize, volume_remove, snapshot_create, snapshot_remove, snapshot_rollback,
-    snapshot_clone, prune, retention, compact, scrub, chunk_switch, log_horizon)}
+    volume_create, volume_promote, volume_resize, volume_remove, snapshot_create, snapshot_remove, snapshot_rollback,
+    snapshot_clone, prune, retention, compact, scrub, chunk_switch, become_writer, log_horizon)}

@@ -28,7 +28,7 @@ import lmdb
 import zstandard
 
 from chunkvol import compaction, history
-from chunkvol.clock import MAX_NODES, NODE_MASK, HybridClock, node_index, node_index_of
+from chunkvol.clock import MAX_NODES, NODE_MASK, HybridClock, hlc_to_seconds, node_index, node_index_of
 from chunkvol.errors import (AlreadyExistsError, ChunkvolError, CorruptionError, NotFoundError,
                              OutOfRangeError, OutOfSpaceError, PoolBusyError, ReadOnlyError, UsageError)
 from chunkvol.format import chunk_header, pool_metadata
@@ -46,6 +46,7 @@ from chunkvol.storage.files import LocalFiles
 
 DEFAULT_CHUNK_SIZE = 8 << 30
 VOLUME_MODES = ("single-primary", "multi-master")
+HEARTBEAT_SECONDS = 1.0
 VOLUME_ID_NODE_SHIFT = 24  # a volume id's top bits are the creating node's index: no two nodes pick one id
 CHECKPOINT_GROUPS = 16384      # unsaved group versions that force a checkpoint (memory bound)
 AUTO_FLUSH_GROUPS = 16384      # unsealed groups that force a flush point (1 GiB of data)
@@ -388,11 +389,13 @@ class Pool:
                     except ChunkvolError as error:  # the flush itself succeeded: say so, retry later
                         self.notes.append(f"retention pass failed: {error}")
 
-    def _flush_locked(self, durable=None):
-        """A flush point; returns its stamp (the last one's when nothing changed since)."""
+    def _flush_locked(self, durable=None, heartbeat=False):
+        """A flush point; returns its stamp (the last one's when nothing changed since, unless
+        `heartbeat`: peers learn from it that they have all of ours up to now)."""
         if durable is None:
             durable = self.writer.sync()
-        if durable == self.committed_address and not self.blockmap.dirty and not self.blockmap.written:
+        if (durable == self.committed_address and not self.blockmap.dirty and not self.blockmap.written
+                and not heartbeat):
             return self.committed_stamp  # nothing since the last flush point
         _, stamp = self._append(RecordType.COMMIT, 0, 0, encode_commit(durable, self.origin_stamps), 0, 0)
         # Into the file now (no sync): a kill -9 keeps it, so recovery can still tell damage in
@@ -403,6 +406,17 @@ class Pool:
         self.tombstones.commit(node_index(self.node_id), stamp)
         self.blockmap.seal(stamp, self.node_id)
         return stamp
+
+    def heartbeat(self):
+        """With peers, an idle node still makes a flush point now and then (HEARTBEAT_SECONDS):
+        it tells them they hold every record of ours up to its stamp, so their snapshots up to
+        it are complete and their tombstones before it can go."""
+        with self.lock:
+            self.peer_nodes = peer_nodes(self.path, self.files)
+            if not self.peer_nodes or self.readonly:
+                return
+            if time.time() - hlc_to_seconds(self.committed_stamp) >= HEARTBEAT_SECONDS:
+                self._flush_locked(durable=self.writer.durable_address, heartbeat=True)
 
     def _checkpoint_locked(self):
         """Log durable up to here, then the block map and this address in one synced txn."""
@@ -802,6 +816,17 @@ class Pool:
         info = self.volume_info(name)
         return Volume(self, info, readonly=readonly or self.readonly or self.role == "mirror"
                       or not self.writable_here(info))
+
+    def become_writer(self):
+        """A mirror becomes a writing node of the pool (a peer of the others): pool.json loses
+        its mirror role. Returns the node id."""
+        with self.lock:
+            if self.role == "mirror":
+                fields = {key: value for key, value in self.fields.items()
+                          if key not in ("role", "mirror_of", "checksum")}
+                self.files.publish(os.path.join(self.path, "pool.json"), pool_metadata.encode(fields))
+                self.fields, self.role = fields, "primary"
+            return self.node_id
 
     def check_changeable(self):
         """A mirror takes changes only from its source (records it receives)."""

@@ -101,9 +101,12 @@ def list_command(arguments):
     if arguments.json:
         print(json.dumps(rows, indent=2))
         return
-    print(f"{'NAME':<24} {'TIME (UTC)':<25} {'SIZE':>11} {'UNIQUE':>11}")
+    print(f"{'NAME':<24} {'TIME (UTC)':<25} {'SIZE':>11} {'UNIQUE':>11}  COMPLETE")
     for row in rows:
-        print(f"{row['name']:<24} {row['time']:<25} {format_size(row['size']):>11} {format_size(row['unique_bytes']):>11}")
+        complete = "yes" if not row["waiting_for"] else \
+            "no: waiting for node " + ", ".join(str(node) for node in row["waiting_for"])
+        print(f"{row['name']:<24} {row['time']:<25} {format_size(row['size']):>11} "
+              f"{format_size(row['unique_bytes']):>11}  {complete}")
 
 
 def remove_command(arguments):

@@ -11,7 +11,7 @@ import sys
 
 from chunkvol import errors
 from chunkvol.cli import (check_command, chunk_commands, compact_command, history_commands, inspect_command, mirror_commands,
-                          node_commands, pool_commands, restore_command, scrub_command, serve_command, status_command,
+                          node_commands, peer_commands, pool_commands, restore_command, scrub_command, serve_command, status_command,
                           volume_commands)
 
 EXIT_CODES = (
@@ -52,6 +52,7 @@ def build_parser():
     scrub_command.register(commands)
     restore_command.register(commands)
     chunk_commands.register(commands)
+    peer_commands.register(commands)
     return parser
 
 

@@ -1,10 +1,10 @@
-"""`chunkvol volume create|list|remove|resize`."""
+"""`chunkvol volume create|list|remove|resize|promote`."""
 
 import json
 
 from chunkvol.cli.common import open_pool_for_reading, run_operation
 from chunkvol.cli.sizes import format_size, parse_size
-from chunkvol.pool import COMPRESSIONS
+from chunkvol.pool import COMPRESSIONS, VOLUME_MODES
 
 
 def register(commands):
@@ -16,7 +16,13 @@ def register(commands):
     create.add_argument("name")
     create.add_argument("--size", required=True, help="size, e.g. 4G")
     create.add_argument("--compression", choices=COMPRESSIONS, default="none")
+    create.add_argument("--mode", choices=VOLUME_MODES, help="with peers: single-primary (the default: one node "
+                                                             "writes, the others read) or multi-master (all write)")
     create.set_defaults(run=create_volume)
+
+    promote = verbs.add_parser("promote", help="make this node the writer of a single-primary volume")
+    promote.add_argument("name")
+    promote.set_defaults(run=promote_volume)
 
     listing = verbs.add_parser("list", aliases=["ls"], help="list volumes")
     listing.add_argument("--json", action="store_true")
@@ -36,8 +42,15 @@ def register(commands):
 def create_volume(arguments):
     size = parse_size(arguments.size)
     info = run_operation(arguments.pool, "volume_create", name=arguments.name, size=size,
-                         compression=arguments.compression)
-    print(f"created volume {info['name']}: {format_size(info['size'])}, compression {info['compression']}")
+                         compression=arguments.compression, mode=arguments.mode)
+    mode = f", {info['mode']}" if info.get("mode") else ""
+    print(f"created volume {info['name']}: {format_size(info['size'])}, compression {info['compression']}{mode}")
+
+
+def promote_volume(arguments):
+    info = run_operation(arguments.pool, "volume_promote", name=arguments.name)
+    print(f"this node (node {info['primary']}) now writes volume {info['name']}; the other nodes serve it "
+          "read-only from the moment they receive this (reconnect clients to write)")
 
 
 def list_volumes(arguments):
@@ -48,9 +61,11 @@ def list_volumes(arguments):
     if arguments.json:
         print(json.dumps(rows, indent=2))
         return
-    print(f"{'NAME':<24} {'SIZE':>12} {'COMPRESSION':<11}")
+    print(f"{'NAME':<24} {'SIZE':>12} {'COMPRESSION':<11} {'MODE':<14} PRIMARY")
     for row in rows:
-        print(f"{row['name']:<24} {format_size(row['size']):>12} {row['compression']:<11}")
+        split = "  SPLIT BRAIN (see `chunkvol conflicts`)" if row.get("split_brain") else ""
+        print(f"{row['name']:<24} {format_size(row['size']):>12} {row['compression']:<11} "
+              f"{row.get('mode') or '-':<14} {row.get('primary') or '-'}{split}")
 
 
 def remove_volume(arguments):

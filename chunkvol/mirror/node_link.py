@@ -85,6 +85,7 @@ class NodeTarget:
             if welcome.get("pool_uuid") != self.pool_uuid or not isinstance(welcome.get("have"), int):
                 raise PeerError(f"node {host}:{port} answered for another pool")
             self.held = welcome["have"]
+            self.status = welcome.get("status") if isinstance(welcome.get("status"), dict) else {}
         except BaseException:
             self.close()
             raise
@@ -153,6 +154,23 @@ class NodeTarget:
             pass
 
 
+def peer_status_for(pool, node):
+    """What a node tells a peer that connects (`peer status` there): how far its own log goes,
+    and how far behind its shipper to that peer is."""
+    from chunkvol.mirror import config as mirror_config
+    from chunkvol.mirror.source import log_distance
+    with pool.lock:
+        status = {"next_sequence": pool.next_sequence, "committed_stamp": pool.committed_stamp,
+                  "durable": pool.writer.durable_address if pool.writer else 0}
+    for name, definition in mirror_config.load_mirrors(pool.path, pool.files).items():
+        if definition.get("peer") and definition.get("node") == node:
+            state = mirror_config.load_state(pool.path, name, 0, pool.files)
+            with pool.lock:
+                status["bytes_behind"] = log_distance(pool.chunks, state["cursor"], status["durable"])
+            status["shipper_state"] = state["state"]
+    return status
+
+
 class ReceiverServer:
     """Accept batches from the pool's other nodes into `pool` (held open by the caller)."""
 
@@ -204,7 +222,8 @@ class ReceiverServer:
                 raise PeerError(f"the peer claims this node's own id {node}")
             connection.sendall(wire.encode_json(wire.WELCOME, {"pool_uuid": self.pool_uuid_hex,
                                                                "node_id": self.pool.node_id,
-                                                               "have": receiver.have(self.pool, node)}))
+                                                               "have": receiver.have(self.pool, node),
+                                                               "status": peer_status_for(self.pool, node)}))
             while not self.stopping:
                 try:
                     kind, payload = read_frame(connection)

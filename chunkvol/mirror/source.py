@@ -50,19 +50,7 @@ class LogSource:
         self.chunks.close()
 
     def distance(self, start, end):
-        """Log bytes between two addresses (chunks hold their records from DATA_OFFSET on)."""
-        start_chunk, start_offset = split_address(start)
-        end_chunk, end_offset = split_address(end)
-        if end <= start:
-            return 0
-        if start_chunk == end_chunk:
-            return end_offset - start_offset
-        total = end_offset - DATA_OFFSET
-        for chunk_id in self.chunks.ids():
-            if start_chunk <= chunk_id < end_chunk:
-                size = self.chunks.get(chunk_id).size_bytes
-                total += size - (start_offset if chunk_id == start_chunk else DATA_OFFSET)
-        return max(0, total)
+        return log_distance(self.chunks, start, end)
 
     def first_own_stamp(self, cursor, horizon):
         """Stamp of the first record of this node at or after `cursor` (0: none before horizon)."""
@@ -130,6 +118,22 @@ class LogSource:
                 refreshed, offset = True, scan.stop_offset
                 continue
             chunk_id, offset, refreshed = chunk_id + 1, DATA_OFFSET, False
+
+
+def log_distance(chunks, start, end):
+    """Log bytes between two addresses of a chunk table (chunks hold records from DATA_OFFSET on)."""
+    start_chunk, start_offset = split_address(start)
+    end_chunk, end_offset = split_address(end)
+    if end <= start:
+        return 0
+    if start_chunk == end_chunk:
+        return end_offset - start_offset
+    total = end_offset - DATA_OFFSET
+    for chunk_id in chunks.ids():
+        if start_chunk <= chunk_id < end_chunk:
+            size = chunks.get(chunk_id).size_bytes
+            total += size - (start_offset if chunk_id == start_chunk else DATA_OFFSET)
+    return max(0, total)
 
 
 def age_seconds(stamp):
