@@ -106,8 +106,16 @@ class Oracle:
         self.data = {}        # (origin, sequence) -> bytes of an EXTENT's blocks
         self.volumes = {}     # volume id -> (name, size)
         self.snapshots = {}   # (volume name, snapshot name) -> stamp
+        self.created = {}     # volume id -> stamp of its VOLUME_CREATE
         for node in nodes:
             self._read(node)
+        # One name created on two nodes apart: the older keeps it, the newer is NAME.nodeN.
+        by_name = {}
+        for volume_id in sorted(self.volumes, key=lambda v: (self.created[v], v)):
+            name, size = self.volumes[volume_id]
+            if name in by_name:
+                self.volumes[volume_id] = (f"{name}.node{node_index_of(self.created[volume_id])}", size)
+            by_name.setdefault(name, volume_id)
 
     def _walk(self, node):
         log = LogSource(node.path, node.fields, LocalFiles())
@@ -130,6 +138,7 @@ class Oracle:
             if kind == RecordType.VOLUME_CREATE:
                 description = json.loads(payload)
                 self.volumes[volume_id] = (description["name"], description["size"])
+                self.created[volume_id] = stamp
             elif kind == RecordType.SNAPSHOT:
                 description = json.loads(payload)
                 if description["op"] == "create":

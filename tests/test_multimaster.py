@@ -72,3 +72,113 @@ def test_two_writers_converge_to_the_oracle(tmp_path, seed):
     finally:
         for node in nodes:
             node.close()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_clocks_that_jump_back_or_run_ahead_still_converge(tmp_path, seed):
+    """Node 1's wall clock jumps back 10 s in the middle, node 0's runs 5 s ahead for a while:
+    each node's own writes stay in order (the hybrid clock never goes back) and both converge."""
+    rng = random.Random(100 + seed)
+    time = SimulatedTime(rng)
+    nodes = pool_pair(tmp_path, walls=[time.wall_for(0), time.wall_for(1)])
+    try:
+        a, b = nodes
+        a.pool.create_volume("mm", MiB, mode="multi-master")
+        _exchange_everything(nodes)
+        for round_number in range(6):
+            if round_number == 2:
+                time.jump(1, -10_000_000_000)
+            if round_number == 3:
+                time.jump(0, 5_000_000_000)
+            if round_number == 5:
+                time.jump(0, -5_000_000_000)
+            for node in nodes:
+                volume = node.pool.volume("mm")
+                offset = rng.randrange(0, 15) * 65536
+                first = rng.randbytes(65536)
+                volume.write(first, offset)
+                volume.write(rng.randbytes(65536), offset)  # the same node's later write must win
+                second = bytearray(65536)
+                volume.read(second, offset)
+                assert bytes(second) != first
+                random_ops(node, "mm", rng, 10)
+            ship(a, b, batches=rng.randrange(0, 3))
+            ship(b, a, batches=rng.randrange(0, 3))
+        _exchange_everything(nodes)
+        expected = Oracle(nodes).expected()
+        for node in nodes:
+            assert contents(node) == expected
+    finally:
+        for node in nodes:
+            node.close()
+
+
+def test_disjoint_writers_have_no_conflicts(tmp_path):
+    """Each node writes its own half of a volume (and its own volume): nothing conflicts, and
+    everything converges."""
+    rng = random.Random(7)
+    time = SimulatedTime(rng)
+    nodes = pool_pair(tmp_path, walls=[time.wall_for(0), time.wall_for(1)])
+    try:
+        a, b = nodes
+        a.pool.create_volume("mm", 2 * MiB, mode="multi-master")
+        b.pool.create_volume("own-b", MiB, mode="multi-master")
+        _exchange_everything(nodes)
+        for _ in range(5):
+            random_ops(a, "mm", rng, 15, region=(0, MiB))
+            random_ops(b, "mm", rng, 15, region=(MiB, 2 * MiB))
+            random_ops(b, "own-b", rng, 5)
+            ship(a, b, batches=rng.randrange(0, 3))
+            ship(b, a, batches=rng.randrange(0, 3))
+        _exchange_everything(nodes)
+        expected = Oracle(nodes).expected()
+        for node in nodes:
+            assert contents(node) == expected
+            assert _reported_conflicts(node) == []
+    finally:
+        for node in nodes:
+            node.close()
+
+
+def test_three_nodes_converge(tmp_path):
+    rng = random.Random(33)
+    time = SimulatedTime(rng)
+    nodes = pool_pair(tmp_path, count=3, walls=[time.wall_for(index) for index in range(3)])
+    try:
+        nodes[0].pool.create_volume("mm", MiB, mode="multi-master")
+        _exchange_everything(nodes)
+        for _ in range(6):
+            for node in nodes:
+                random_ops(node, "mm", rng, rng.randrange(3, 15))
+            for source in nodes:
+                for target in nodes:
+                    if source is not target:
+                        ship(source, target, batches=rng.randrange(0, 3))
+        _exchange_everything(nodes)
+        expected = Oracle(nodes).expected()
+        for node in nodes:
+            assert contents(node) == expected
+    finally:
+        for node in nodes:
+            node.close()
+
+
+def test_same_volume_name_created_on_two_nodes_apart(tmp_path):
+    """Created on both while apart: the older keeps the name, the newer is NAME.nodeN, on both."""
+    rng = random.Random(3)
+    time = SimulatedTime(rng)
+    nodes = pool_pair(tmp_path, walls=[time.wall_for(0), time.wall_for(1)])
+    try:
+        a, b = nodes
+        a.pool.create_volume("data", MiB, mode="multi-master")
+        b.pool.create_volume("data", 2 * MiB, mode="multi-master")
+        a.pool.volume("data").write(b"a" * 4096, 0)
+        b.pool.volume("data").write(b"b" * 4096, 0)
+        _exchange_everything(nodes)
+        for node in nodes:
+            assert sorted(node.pool.volumes) == ["data", f"data.node{b.node_id & 15}"]
+            assert node.pool.volumes["data"].size_bytes == MiB
+        assert contents(a) == contents(b) == Oracle(nodes).expected()
+    finally:
+        for node in nodes:
+            node.close()
