@@ -158,6 +158,11 @@ def rollback(pool, spec):
     point, so the content just before it stays readable (and can be rolled back to)."""
     with pool.lock:
         point = resolve_point(pool, spec)
+        if point.info.mode == "multi-master":
+            # Another node's older writes may still arrive and win over the rolled-back blocks
+            # there but not here: the nodes would part. A clone of the point is the same data.
+            raise UsageError(f"volume {point.info.name!r} is multi-master: a rollback could part its nodes; "
+                             f"`chunkvol snapshot clone {spec} NEWVOL` gives that content as a volume")
         if pool.connections(point.info.name, live_only=True):
             raise PoolBusyError(f"volume {point.info.name!r} has {pool.connections(point.info.name, True)} NBD "
                                 "connection(s): disconnect them first (a filesystem or VM on it would see its "

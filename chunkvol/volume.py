@@ -62,7 +62,10 @@ class Volume:
         return self.info.size_bytes if self.point is None else self.point.size_bytes
 
     def _check(self, offset, length, writing=False):
-        if writing and self.readonly:
+        if writing and (self.readonly or (self.info.mode == "single-primary"
+                                          and not self.pool.writable_here(self.info))):
+            # (A single-primary volume promoted on another node stops taking writes here the
+            # moment that promotion arrives, also on connections opened before.)
             raise ReadOnlyError(f"volume {self.name!r} is read-only here")
         if offset < 0 or length < 0 or offset + length > self.size_bytes:
             raise OutOfRangeError(f"request [{offset}, +{length}) is outside volume {self.name!r} "

@@ -230,7 +230,8 @@ def test_snapshot_while_a_client_writes(tmp_path, server_factory):
     rows = snapshots(pool, "v")
     assert set(rows) == {"during"}
     row = rows["during"]
-    assert set(row) == {"name", "time", "created", "stamp", "size", "unique_bytes"}
+    assert set(row) == {"name", "time", "created", "stamp", "size", "unique_bytes", "waiting_for"}
+    assert row["waiting_for"] == []  # no peers: complete
     assert TIME_FORMAT.match(row["time"]) and re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", row["created"])
     assert row["size"] == 64 * MiB and isinstance(row["stamp"], int)
     # The 200 overwritten or trimmed blocks are now only in the snapshot.

@@ -98,15 +98,18 @@ def create_command(arguments):
 def list_command(arguments):
     with open_pool_for_reading(arguments.pool) as pool:
         rows = history.snapshot_rows(pool, arguments.volume)
+        peers = bool(pool.peer_nodes)
     if arguments.json:
         print(json.dumps(rows, indent=2))
         return
-    print(f"{'NAME':<24} {'TIME (UTC)':<25} {'SIZE':>11} {'UNIQUE':>11}  COMPLETE")
+    print(f"{'NAME':<24} {'TIME (UTC)':<25} {'SIZE':>11} {'UNIQUE':>11}" + ("  COMPLETE" if peers else ""))
     for row in rows:
-        complete = "yes" if not row["waiting_for"] else \
-            "no: waiting for node " + ", ".join(str(node) for node in row["waiting_for"])
+        complete = ""
+        if peers:  # with peers: are all their records up to the snapshot here?
+            complete = "  yes" if not row["waiting_for"] else \
+                "  no: waiting for node " + ", ".join(str(node) for node in row["waiting_for"])
         print(f"{row['name']:<24} {row['time']:<25} {format_size(row['size']):>11} "
-              f"{format_size(row['unique_bytes']):>11}  {complete}")
+              f"{format_size(row['unique_bytes']):>11}{complete}")
 
 
 def remove_command(arguments):

@@ -61,11 +61,14 @@ def list_volumes(arguments):
     if arguments.json:
         print(json.dumps(rows, indent=2))
         return
-    print(f"{'NAME':<24} {'SIZE':>12} {'COMPRESSION':<11} {'MODE':<14} PRIMARY")
+    modes = any(row.get("mode") for row in rows)  # a pool with peers: who writes what
+    print(f"{'NAME':<24} {'SIZE':>12} {'COMPRESSION':<11}" + (f" {'MODE':<14} PRIMARY" if modes else ""))
     for row in rows:
-        split = "  SPLIT BRAIN (see `chunkvol conflicts`)" if row.get("split_brain") else ""
-        print(f"{row['name']:<24} {format_size(row['size']):>12} {row['compression']:<11} "
-              f"{row.get('mode') or '-':<14} {row.get('primary') or '-'}{split}")
+        extra = ""
+        if modes:
+            extra = f" {row.get('mode') or '-':<14} {row.get('primary') or '-'}"
+            extra += "  SPLIT BRAIN (see `chunkvol conflicts`)" if row.get("split_brain") else ""
+        print(f"{row['name']:<24} {format_size(row['size']):>12} {row['compression']:<11}{extra}")
 
 
 def remove_volume(arguments):
