@@ -566,20 +566,21 @@ class Pool:
 
     def _prune_tombstones(self):
         """Tombstones matter while a peer may still send a record older than them, or one
-        written without having seen them (a conflict to report): keep those newer than what
-        every peer has both sent us and seen of the others (the seen stamps of its last COMMIT)."""
+        written without having seen them (a conflict to report). A tombstone of node X goes
+        once every peer P has sent us its records past it and, unless P is X, seen it (the
+        seen stamps of P's last COMMIT here)."""
         if not self.tombstones.by_volume:
             return
         peers = set(self.peer_nodes) | set(self.origins)
-        horizon = self.clock.last
-        for peer in peers:
-            seen = self.peer_seen.get(peer)
-            if seen is None:
-                return  # nothing heard from it since the open: keep every tombstone
-            horizon = min(horizon, self.origin_stamps.get(peer, 0),
-                          *(stamp for node, stamp in seen.items() if node != peer),
-                          seen.get(self.node_id, 0))
-        self.tombstones.prune(horizon)
+        sent = min((self.origin_stamps.get(peer, 0) for peer in peers), default=self.clock.last)
+        horizons = {}
+        for origin in self.tombstones.origins():
+            horizon = sent
+            for peer in peers:
+                if peer != origin:
+                    horizon = min(horizon, self.peer_seen.get(peer, {}).get(origin, 0))
+            horizons[origin] = horizon
+        self.tombstones.prune(horizons)
 
     def _map_extent(self, volume_id, offset_bytes, length_bytes, ref, hlc, node):
         """Blocks [offset, offset+length) of one group now live in record `ref`."""

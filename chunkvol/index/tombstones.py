@@ -2,10 +2,9 @@
 
 A block map slot that is a hole has no stamp; a tombstone gives it one: the greatest stamp of
 a ZERO over the block. It counts for points in time from its flush interval's COMMIT on
-(`commit`), as the ZERO itself does; until then it counts only for the live state. Kept only in pools with peers, and only as long as a record older than
-it can still arrive: `prune(horizon)` drops those at or before the stamp up to which every
-peer's records are here.
-"""
+(`commit`), as the ZERO itself does; until then only for the live state. Kept only in pools
+that take other nodes' records, and only while a peer can still send a record older than it,
+or one written without having seen it: `prune` (Pool._prune_tombstones says when)."""
 
 from chunkvol.clock import node_index_of
 from chunkvol.format.record import GROUP_BLOCKS
@@ -67,10 +66,15 @@ class Tombstones:
         if self.by_volume.pop(volume, None):
             self.changed = True
 
-    def prune(self, horizon):
-        """Drop tombstones no record can lose to any more (stamp <= horizon)."""
+    def origins(self):
+        return {entry[4] for entries in self.by_volume.values() for entry in entries}
+
+    def prune(self, horizons):
+        """Drop the ended tombstones of each origin node at or before its horizon
+        ({node: stamp}): no record can lose to them or conflict with them any more."""
         for volume in list(self.by_volume):
-            kept = [entry for entry in self.by_volume[volume] if entry[2] > horizon or not entry[3]]
+            kept = [entry for entry in self.by_volume[volume]
+                    if not entry[3] or entry[2] > horizons.get(entry[4], 0)]
             if len(kept) != len(self.by_volume[volume]):
                 self.changed = True
                 if kept:
