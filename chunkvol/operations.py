@@ -113,8 +113,8 @@ def become_writer(pool):
 def log_horizon(pool):
     """For a shipper in another process: a flush point for what was written, then how far
     this node's log is durable (it ships only that much, read from the files)."""
+    pool.heartbeat()  # first: the flush below makes it durable, so it ships in this same pass
     pool.flush()
-    pool.heartbeat()
     with pool.lock:
         return {"durable": pool.writer.durable_address, "next_sequence": pool.next_sequence,
                 "node": pool.node_id}

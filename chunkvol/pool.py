@@ -28,7 +28,7 @@ import lmdb
 import zstandard
 
 from chunkvol import compaction, history
-from chunkvol.clock import MAX_NODES, NODE_MASK, HybridClock, hlc_to_seconds, node_index, node_index_of
+from chunkvol.clock import MAX_NODES, NODE_MASK, HybridClock, node_index, node_index_of
 from chunkvol.errors import (AlreadyExistsError, ChunkvolError, CorruptionError, NotFoundError,
                              OutOfRangeError, OutOfSpaceError, PoolBusyError, ReadOnlyError, UsageError)
 from chunkvol.format import chunk_header, pool_metadata
@@ -163,6 +163,7 @@ class Pool:
         self.recovery = None
         self.committed_address = None  # log position just after our last COMMIT record
         self.committed_stamp = 0  # stamp of the last flush point
+        self.own_commit_time = 0.0  # wall time of this node's last COMMIT (heartbeats count from it)
         self.notes = []  # things a user should know about this open (status shows them)
 
     # ---- creating and opening -----------------------------------------------------
@@ -403,6 +404,7 @@ class Pool:
         self.writer.drain()
         self.committed_address = self.writer.position
         self.committed_stamp = stamp
+        self.own_commit_time = time.time()
         self.tombstones.commit(node_index(self.node_id), stamp)
         self.blockmap.seal(stamp, self.node_id)
         return stamp
@@ -415,7 +417,7 @@ class Pool:
             self.peer_nodes = peer_nodes(self.path, self.files)
             if not self.peer_nodes or self.readonly:
                 return
-            if time.time() - hlc_to_seconds(self.committed_stamp) >= HEARTBEAT_SECONDS:
+            if time.time() - self.own_commit_time >= HEARTBEAT_SECONDS:  # the peer's COMMITs do not count
                 self._flush_locked(durable=self.writer.durable_address, heartbeat=True)
 
     def _checkpoint_locked(self):

@@ -57,6 +57,7 @@ def receive(pool, pool_uuid, origin, raw_records):
         if pool.blockmap.dirty or pool.blockmap.written:
             pool._flush_locked()  # this node's own writes get their own flush point first
         writer = pool.writer
+        ours_flushed = pool.committed_address == writer.position  # nothing of ours after our last COMMIT
         mark = writer.mark()
         addresses = []
         try:
@@ -72,6 +73,11 @@ def receive(pool, pool_uuid, origin, raw_records):
         for address, (header, payload) in zip(addresses, records):
             _apply(pool, address, header, payload)
         pool.origins[origin] = records[-1][0][5]
+        if ours_flushed:
+            # The batch ends at the origin's COMMIT, rewritten to this log's synced address: a
+            # flush point here too, so no COMMIT of ours is owed for it (else peers ping-pong
+            # them). Records of ours before it (a snapshot) still get theirs.
+            pool.committed_address = writer.position
         if pool.blockmap.unsaved >= pool_module.CHECKPOINT_GROUPS:
             pool._checkpoint_locked()
         return pool.origins[origin]

@@ -12,7 +12,7 @@ import time
 
 from chunkvol.errors import CorruptionError
 from chunkvol.format.chunk_header import DATA_OFFSET, address, split_address
-from chunkvol.format.record import FLAG_RELOCATED, HEADER_SIZE, RecordType
+from chunkvol.format.record import FLAG_MORE, FLAG_RELOCATED, HEADER_SIZE, RecordType
 from chunkvol.log.reader import ChunkScan
 from chunkvol.mirror.receiver import SHIPPED_TYPES
 from chunkvol.storage.chunks import ChunkTable
@@ -70,11 +70,25 @@ class LogSource:
         are left out; a batch with no records just moves the cursor."""
         records, size, first_stamp, last_sequence = [], 0, None, 0
         cut = None  # (record count, end address, last sequence, size, first stamp) at the last COMMIT
+        request = []  # records of a client request whose last record has not come yet (FLAG_MORE)
         for position, header, raw in self._walk(cursor, horizon):
             if header[4] != self.node_id:
                 continue
             record_type, sequence = header[0], header[5]
             if record_type in SHIPPED_TYPES and not header[1] & FLAG_RELOCATED and sequence > skip_through:
+                if header[1] & FLAG_MORE:
+                    request.append((bytes(raw), header))
+                    continue
+                if request:
+                    if record_type in (RecordType.EXTENT, RecordType.ZERO):
+                        for raw_more, header_more in request:  # the request's last record: it is whole
+                            records.append(raw_more)
+                            size += len(raw_more)
+                            if first_stamp is None:
+                                first_stamp = header_more[6]
+                    # else: a request cut by a crash (its last record was lost with the tail):
+                    # recovery dropped it here, so it is never shipped either.
+                    request = []
                 records.append(bytes(raw))
                 size += len(raw)
                 last_sequence = sequence
@@ -107,7 +121,13 @@ class LogSource:
             for position, header, _ in scan:
                 yield address(chunk_id, position), header, scan.raw
             if scan.stop_error is not None:
-                raise CorruptionError(f"cannot ship past damage: {scan.stop_error}", chunk.path, scan.stop_offset)
+                if not refreshed:
+                    # The file's size was read while the writer (another process) was in the
+                    # middle of a record: read the table again before calling it damage.
+                    self.refresh()
+                    refreshed, offset = True, scan.stop_offset
+                    continue
+                raise CorruptionError(f"cannot ship past damage: {scan.stop_error}")
             if chunk_id == horizon_chunk:
                 return
             if not scan.sealed:
