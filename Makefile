@@ -16,7 +16,7 @@ DEBIAN_PACKAGES := nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd python3
 	ceph-mon ceph-osd ceph-common python3-rados radosgw python3-boto3
 export PATH := /usr/bin:/bin:/usr/sbin:/sbin:$(PATH)
 
-.PHONY: all install system-packages run test test-fast bench bench-history bench-mirror bench-objstore clean
+.PHONY: all install system-packages run test test-soak test-fast bench bench-history bench-mirror bench-objstore clean
 
 all: install
 
@@ -48,6 +48,10 @@ run: install
 
 test: install
 	$(PY) -m pytest -q -x --timeout=600 tests
+
+# Longer runs: the multi-master simulation over many seeds.
+test-soak: install
+	CHUNKVOL_SIM_SEEDS=$${SEEDS:-400} $(PY) -m pytest -q -x --timeout=3600 tests/test_multimaster.py
 
 bench: install
 	$(PY) tools/bench/run.py

@@ -43,8 +43,8 @@ class Node:
         self.wall = wall
         self.pool = None
 
-    def open(self):
-        self.pool = Pool.open(self.path, wall=self.wall)
+    def open(self, files=None):
+        self.pool = Pool.open(self.path, wall=self.wall, files=files)
         return self
 
     def close(self):
