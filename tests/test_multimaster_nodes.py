@@ -38,6 +38,8 @@ CONVERGE_TIMEOUT = 120
 # `mirror run` keeps that Shipper for ever: the node stops shipping until restarted. The log
 # is not damaged (`chunkvol check` finds nothing; a fresh shipper ships it).
 STALE_CHUNK_ERROR = "record runs past the end of the chunk"
+# One seeded partition run in `make test`; `make test-soak` runs more.
+PARTITION_SEEDS = [int(seed) for seed in os.environ.get("CHUNKVOL_PARTITION_SEEDS", "1").split(",")]
 
 
 def free_port():
@@ -508,7 +510,7 @@ def test_two_nodes_write_and_converge(cluster):
 # ---- 2. partitions and kill -9 --------------------------------------------------------------
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
-@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("seed", PARTITION_SEEDS)
 def test_partitions_and_kill9_converge_with_no_flushed_write_lost(cluster, seed):
     """B's whole serve session (NBD, its listener and its shipper) runs in a network namespace
     behind a veth pair; a partition drops everything crossing it, both ways. Seeded rounds:
