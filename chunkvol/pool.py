@@ -67,10 +67,10 @@ def validate_volume_name(name):
 
 class VolumeInfo:
     __slots__ = ("volume_id", "name", "size_bytes", "compression", "created_hlc", "parent", "retained_from",
-                 "detail_from", "mode", "primaries", "split_brain")
+                 "detail_from", "mode", "primaries", "split_brain", "discards")
 
     def __init__(self, volume_id, name, size_bytes, compression, created_hlc, parent=None, retained_from=0,
-                 detail_from=0, mode=None, primaries=(), split_brain=()):
+                 detail_from=0, mode=None, primaries=(), split_brain=(), discards=()):
         self.volume_id = volume_id
         self.name = name
         self.size_bytes = size_bytes
@@ -82,6 +82,15 @@ class VolumeInfo:
         self.mode = mode  # None (one writing node), "multi-master" or "single-primary"
         self.primaries = sorted(tuple(pair) for pair in primaries)  # single-primary: [(stamp, node)]
         self.split_brain = [dict(event) for event in split_brain]  # writes made by a node not primary then
+        # An old primary's writes its successor had not received when promoted: left out of the
+        # volume on every node ({"node", "after", "before"} stamps), as DRBD discards them.
+        self.discards = [dict(event) for event in discards]
+
+    def discarded(self, node, stamp):
+        for event in self.discards:
+            if event["node"] == node and event["after"] < stamp < event["before"]:
+                return True
+        return False
 
     def primary(self, at=None):
         """The single-primary volume's writer (at a stamp), or None."""
@@ -96,7 +105,8 @@ class VolumeInfo:
     def from_dict(cls, info):
         return cls(info["id"], info["name"], info["size"], info["compression"], info["created_hlc"],
                    info.get("parent"), info.get("retained_from", 0), info.get("detail_from", 0),
-                   info.get("mode"), info.get("primaries", ()), info.get("split_brain", ()))
+                   info.get("mode"), info.get("primaries", ()), info.get("split_brain", ()),
+                   info.get("discards", ()))
 
     def as_dict(self):
         info = {"id": self.volume_id, "name": self.name, "size": self.size_bytes,
@@ -113,6 +123,8 @@ class VolumeInfo:
                 info["primary"] = self.primary()
             if self.split_brain:
                 info["split_brain"] = self.split_brain
+            if self.discards:
+                info["discards"] = self.discards
         return info
 
 
@@ -489,8 +501,7 @@ class Pool:
                 if node == self.node_id:
                     self._map_hole(volume_id, offset_bytes, length_bytes, hlc, node)
                     self.count_written(volume_id, length_bytes)
-                else:
-                    self._merge_foreign(volume_id, offset_bytes, length_bytes, None, hlc, node)
+                elif self._merge_foreign(volume_id, offset_bytes, length_bytes, None, hlc, node):
                     self._add_tombstone(volume_id, offset_bytes, length_bytes, hlc, node)
         elif record_type == RecordType.COMMIT:
             self.tombstones.commit(node_index_of(hlc), hlc)
@@ -535,6 +546,8 @@ class Pool:
         Its versions wait for that node's COMMIT (BlockMap.seal_foreign)."""
         info = self.volumes_by_id[volume_id]
         if info.mode == "single-primary":
+            if info.discarded(node, hlc):
+                return False  # an old primary's write its successor never had: left out
             primary = info.primary(at=hlc)
             if primary is not None and primary != node:
                 self._note_split_brain(info, node, primary, hlc)
@@ -565,24 +578,25 @@ class Pool:
             blockmap.update_foreign(volume_id, group, merged if merged is not state else None,
                                     start, end - start, ref, hlc, before)
         blockmap.foreign_written[volume_id] = blockmap.foreign_written.get(volume_id, 0) + length_bytes
+        return True
 
     def _prune_tombstones(self):
         """Tombstones matter while a peer may still send a record older than them, or one
-        written without having seen them (a conflict to report). A tombstone of node X goes
-        once every peer P has sent us its records past it and, unless P is X, seen it (the
-        seen stamps of P's last COMMIT here)."""
+        written without having seen them (a conflict to report). They go up to the stamp to
+        which every peer P has sent us its records and seen every other node's tombstones
+        (the seen stamps of P's last COMMIT here)."""
         if not self.tombstones.by_volume:
             return
         peers = set(self.peer_nodes) | set(self.origins)
         sent = min((self.origin_stamps.get(peer, 0) for peer in peers), default=self.clock.last)
-        horizons = {}
+        horizon = sent
         for origin in self.tombstones.origins():
-            horizon = sent
             for peer in peers:
                 if peer != origin:
                     horizon = min(horizon, self.peer_seen.get(peer, {}).get(origin, 0))
-            horizons[origin] = horizon
-        self.tombstones.prune(horizons)
+        # One horizon for all origins: a block's newest tombstone goes only with every older
+        # one, so what is left still names the block's newest ZERO (or none at all).
+        self.tombstones.prune(horizon)
 
     def _map_extent(self, volume_id, offset_bytes, length_bytes, ref, hlc, node):
         """Blocks [offset, offset+length) of one group now live in record `ref`."""
@@ -657,7 +671,8 @@ class Pool:
             if info is None:
                 return
             if record_type == RecordType.VOLUME_PRIMARY:
-                self._apply_primary(info, description["primary"], hlc)
+                seen = {int(node): stamp for node, stamp in description.get("seen", {}).items()}
+                self._apply_primary(info, description["primary"], hlc, seen)
             elif record_type == RecordType.VOLUME_RESIZE:
                 info.size_bytes = description["size"]
                 self.blockmap.put_volume(info.name, info.as_dict())
@@ -690,19 +705,74 @@ class Pool:
         self.notes.append(f"volume name {info.name if newer is other else other.name!r} was created on two nodes: "
                           f"the newer one is now {name!r}")
 
-    def _apply_primary(self, info, node, hlc):
-        """A VOLUME_PRIMARY record: `node` writes the single-primary volume from `hlc` on. If
-        this node wrote it after that stamp (both were primary while apart), that is split
-        brain: recorded, and resolved like any concurrent writes (last writer wins)."""
+    def _apply_primary(self, info, node, hlc, seen):
+        """A VOLUME_PRIMARY record: `node` writes the single-primary volume from `hlc` on.
+        Writes of the other nodes it had not received then (`seen`: the stamp of each one's
+        last COMMIT it had) and made before `hlc` are left out of the volume everywhere: the
+        new primary's filesystem moved on without them (DRBD discards them too); they stay in
+        their node's log and history. If this node wrote it after that stamp (both were
+        primary while apart), that is split brain: recorded, and resolved like any concurrent
+        writes (last writer wins)."""
         if (hlc, node) in info.primaries:
             return
         info.primaries = sorted(info.primaries + [(hlc, node)])
+        for other in set(self.origins) | set(self.peer_nodes) | {self.node_id}:
+            if other != node and seen.get(other, 0) < hlc:
+                event = {"node": other, "after": seen.get(other, 0), "before": hlc}
+                if event not in info.discards:
+                    info.discards.append(event)
+                    self._leave_out(info, other, event["after"], hlc)
         if node != self.node_id:
             mine = [stamp for stamp, _, writer in self.blockmap.history(info.volume_id, after=hlc)
                     if writer == self.node_id]
             if mine:
                 self._note_split_brain(info, self.node_id, node, min(mine))
         self.blockmap.put_volume(info.name, info.as_dict())
+
+    def _leave_out(self, info, node, after, before):
+        """Take `node`'s writes stamped in (after, before) back out of the volume's live state
+        here; versions keep them (history still shows what was). In a single-primary volume
+        nobody else wrote it in that window (its next primary writes from `before` on), so a
+        block such a write holds gets back what it held at `after`."""
+        index = node_index(node)
+
+        def left_out(stamp):
+            return node_index_of(stamp) == index and after < stamp < before
+
+        volume_id = info.volume_id
+        blockmap = self.blockmap
+        txn = blockmap.reader()
+        groups = sorted({group for group, stamp, _ in blockmap.versions_of(volume_id) if stamp > after}
+                        | {group for volume, group in blockmap.overlay if volume == volume_id})
+        zeroes = {}  # group -> per block, the greatest left-out ZERO's stamp
+        for group in groups:
+            zeroes[group] = [0] * GROUP_BLOCKS
+        for first, end, stamp, _, origin in self.tombstones.by_volume.get(volume_id, ()):
+            if origin == node and left_out(stamp):
+                for block in range(first, end):
+                    row = zeroes.get(block // GROUP_BLOCKS)
+                    if row is not None and stamp > row[block % GROUP_BLOCKS]:
+                        row[block % GROUP_BLOCKS] = stamp
+        floors_all = {group: self.tombstones.floors(volume_id, group) or [0] * GROUP_BLOCKS for group in groups}
+        self.tombstones.drop(volume_id, lambda entry: entry[4] == node and left_out(entry[2]))
+        for group in groups:
+            live = blockmap.get(txn, volume_id, group)
+            if live is None:
+                continue
+            earlier = stored_state_blocks(blockmap.stored_state(txn, volume_id, group, after))
+            slots, refs = live
+            blocks = [None if slot == group_map.HOLE else (refs[slot >> 4], slot & 0x0F) for slot in slots]
+            changed = False
+            for block, entry in enumerate(blocks):
+                if entry is not None:
+                    held_by_left_out = left_out(entry[0][2])
+                else:
+                    held_by_left_out = zeroes[group][block] and zeroes[group][block] == floors_all[group][block]
+                if held_by_left_out:
+                    blocks[block] = earlier[block]
+                    changed = True
+            if changed:
+                blockmap.update(volume_id, group, group_map.from_blocks(blocks), before, node)
 
     def _note_split_brain(self, info, writer, primary, stamp):
         for event in info.split_brain:
@@ -742,8 +812,10 @@ class Pool:
             description = {"name": name, "size": size_bytes, "compression": compression}
             if parent is not None:
                 description["parent"] = parent
-            if mode is None and self.peer_nodes:
-                mode = "single-primary"
+            if mode is None:
+                self.peer_nodes = peer_nodes(self.path, self.files)  # a `peer add` may be a moment old
+                if self.peer_nodes:
+                    mode = "single-primary"
             if mode is not None:
                 description["mode"] = mode
                 if mode == "single-primary":
@@ -760,7 +832,9 @@ class Pool:
                 raise UsageError(f"volume {name!r} is not single-primary (every node writes it already)")
             if info.primary() == self.node_id:
                 raise UsageError(f"this node (node {self.node_id}) is already the primary of {name!r}")
-            self._volume_change(RecordType.VOLUME_PRIMARY, info.volume_id, {"name": name, "primary": self.node_id})
+            self._volume_change(RecordType.VOLUME_PRIMARY, info.volume_id,
+                                {"name": name, "primary": self.node_id,
+                                 "seen": {str(node): stamp for node, stamp in self.origin_stamps.items()}})
             return info
 
     def resize_volume(self, name, size_bytes):
@@ -836,6 +910,14 @@ class Pool:
         if self.role == "mirror":
             raise ReadOnlyError(f"this pool is a mirror of node {self.fields.get('mirror_of')}: it changes only "
                                 "through what its source ships (`chunkvol mirror promote` makes it writable)")
+
+
+def stored_state_blocks(state):
+    """A group state as 16 entries of (ref, block in record) or None (a hole)."""
+    if state is None:
+        return [None] * GROUP_BLOCKS
+    slots, refs = state
+    return [None if slot == group_map.HOLE else (refs[slot >> 4], slot & 0x0F) for slot in slots]
 
 
 def take_pool_lock(path):

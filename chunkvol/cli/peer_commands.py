@@ -197,10 +197,12 @@ def conflicts_command(arguments):
                          "winner_node": nodes.get(node_index_of(winner)), "winner_stamp": winner})
         rows.sort(key=lambda row: (row["offset"], row["second_write"]["stamp"]))
         split = list(info.split_brain)
+        discards = list(info.discards)
     if arguments.json:
-        print(json.dumps({"volume": arguments.volume, "conflicts": rows, "split_brain": split}, indent=2))
+        print(json.dumps({"volume": arguments.volume, "conflicts": rows, "split_brain": split,
+                          "left_out": discards}, indent=2))
         return
-    if not rows and not split:
+    if not rows and not split and not discards:
         print(f"no conflicts on {arguments.volume}")
     for row in rows:
         print(f"bytes {row['offset']}+{row['length']} ({format_size(row['offset'])}): node {row['first_write']['node']} at "
@@ -209,3 +211,7 @@ def conflicts_command(arguments):
     for event in split:
         print(f"split brain: node {event['writer']} wrote while node {event['primary']} was primary "
               f"({history.format_stamp(event['first'])} .. {history.format_stamp(event['last'])})")
+    for event in discards:
+        print(f"left out: node {event['node']}'s writes after {history.format_stamp(event['after'])} and before "
+              f"{history.format_stamp(event['before'])}, which the next primary never received; they stay in that "
+              "node's log and history")

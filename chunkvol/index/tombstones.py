@@ -62,6 +62,15 @@ class Tombstones:
         return {commit: node for first, last, _, commit, node in self.by_volume.get(volume, ())
                 if commit > stamp and last > start and first < start + GROUP_BLOCKS}
 
+    def drop(self, volume, which):
+        """Drop the volume's tombstones for which `which(entry)` is true."""
+        entries = self.by_volume.get(volume)
+        if entries:
+            kept = [entry for entry in entries if not which(entry)]
+            if len(kept) != len(entries):
+                self.by_volume[volume] = kept
+                self.changed = True
+
     def forget_volume(self, volume):
         if self.by_volume.pop(volume, None):
             self.changed = True
@@ -69,12 +78,11 @@ class Tombstones:
     def origins(self):
         return {entry[4] for entries in self.by_volume.values() for entry in entries}
 
-    def prune(self, horizons):
-        """Drop the ended tombstones of each origin node at or before its horizon
-        ({node: stamp}): no record can lose to them or conflict with them any more."""
+    def prune(self, horizon):
+        """Drop the ended tombstones stamped at or before `horizon`: no record can lose to
+        them or conflict with them any more."""
         for volume in list(self.by_volume):
-            kept = [entry for entry in self.by_volume[volume]
-                    if not entry[3] or entry[2] > horizons.get(entry[4], 0)]
+            kept = [entry for entry in self.by_volume[volume] if not entry[3] or entry[2] > horizon]
             if len(kept) != len(self.by_volume[volume]):
                 self.changed = True
                 if kept:

@@ -185,6 +185,10 @@ def _check_fields(header, payload, sizes, names):
     elif record_type == RecordType.VOLUME_PRIMARY:
         if not isinstance(description["primary"], int) or description["primary"] != node:
             raise ValueError("a node promotes only itself")
+        seen = description.get("seen", {})
+        if not isinstance(seen, dict) or not all(key.isdigit() and isinstance(value, int)
+                                                 for key, value in seen.items()):
+            raise ValueError("malformed seen stamps")
     elif record_type == RecordType.SNAPSHOT:
         if description["op"] not in ("create", "remove") or not isinstance(description["name"], str):
             raise ValueError("malformed snapshot record")
