@@ -16,7 +16,7 @@ DEBIAN_PACKAGES := nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd python3
 	ceph-mon ceph-osd ceph-common python3-rados radosgw python3-boto3
 export PATH := /usr/bin:/bin:/usr/sbin:/sbin:$(PATH)
 
-.PHONY: all install system-packages run test test-soak test-fast bench bench-history bench-mirror bench-objstore clean
+.PHONY: all install system-packages run test test-soak test-fast bench bench-history bench-mirror bench-objstore bench-multimaster clean
 
 all: install
 
@@ -65,6 +65,9 @@ bench-mirror: install
 
 bench-objstore: install
 	$(PY) tools/bench/objstore_bench.py $(OBJSTORE_ARGS)
+
+bench-multimaster: install
+	$(PY) tools/bench/multimaster_bench.py $(MULTIMASTER_ARGS)
 
 clean:
 	rm -rf $(VENV) .stamp-system-packages var build *.egg-info

@@ -16,13 +16,13 @@ test_ext4_failover_to_the_other_node:
    was not written; B writes a tree of its own; `e2fsck -fn` is clean.
 4. A is served again: it catches up from B without a full copy (what B ships is about what B
    wrote; A's chunk files grow by about that much, not by the volume), serves `fs` read-only
-   with B as its primary, and its content equals B's; what B serves is still a clean ext4 with
-   every tree.
+   with B as its primary, and its content equals B's. A's tail is left out (DRBD's rule): what
+   B serves does not change when A comes back, and is still a clean ext4 with every tree.
 
 test_old_primary_tail_stays_out_of_the_promoted_volume: the same failover on a raw volume, to
-show what happens to A's tail (durable on A, never shipped) when A comes back: it must not
-change what B, the promoted primary, serves. It fails today: A ships the tail and B merges it
-by last writer wins, with no conflict and no split brain reported.
+pin down what happens to A's tail (durable on A, never shipped): when A comes back it must not
+change what B, the promoted primary, serves, on either node, and `conflicts` names it. (Before
+commit 770c4d1, A shipped the tail and B merged it by last writer wins, silently.)
 
 Every process, mount, loop device and FUSE mount is removed also when the test fails.
 """
@@ -340,18 +340,16 @@ def test_ext4_failover_to_the_other_node(tmp_path):
         digest_a = _volume_digest(a)
         assert digest_a == _volume_digest(b), "A's fs differs from B's after catching up\n" + "\n".join(report)
 
-        # What B serves must still be a clean filesystem holding every tree. (A's tail, durable
-        # on A but never received by B, is merged into B when A comes back:
-        # test_old_primary_tail_stays_out_of_the_promoted_volume pins that down on its own.)
-        changed = _volume_digest(b) != digest_b
+        # A's tail (durable on A, never received by B before B took over) is left out: what B
+        # serves has not changed under B's filesystem, which is still clean with every tree.
+        assert _volume_digest(b) == digest_b, f"B's volume changed when A came back (A's tail: {tail_bytes} bytes)"
         with attached(b.socket_path, VOLUME, tmp_path, readonly=True) as dev:
             check = fs.fsck(dev, "ext4")
             assert check.clean, f"B after A came back: {check}\n" + "\n".join(report)
             with fs.mounted(dev, mnt, options="ro,noload"):
                 for name in synced + ["on-b"]:
                     assert fs.compare_trees(src / name, mnt / name) == [], f"{name} on B after A came back"
-        effect = "changed (A's tail merged in)" if changed else "unchanged"
-        note(f"A read-only and equal to B; B's fsck clean, trees intact; B's volume {effect} when A came back")
+        note("A read-only and equal to B; B unchanged by A's return, fsck clean, trees intact")
     finally:
         for node in (a, b):
             with contextlib.suppress(Exception):
@@ -409,6 +407,8 @@ def test_old_primary_tail_stays_out_of_the_promoted_volume(tmp_path):
         _holds_everything(a, b)
         _holds_everything(b, a)
         status = b.json("peer", "status")
+        left_out = b.json("conflicts", "v")["left_out"]
+        assert [event["node"] for event in left_out] == [a.json("status")["node_id"]], left_out
         for node in (b, a):
             connection = handle(node)
             try:
