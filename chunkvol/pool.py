@@ -759,9 +759,8 @@ class Pool:
             live = blockmap.get(txn, volume_id, group)
             if live is None:
                 continue
-            earlier = stored_state_blocks(blockmap.stored_state(txn, volume_id, group, after))
-            slots, refs = live
-            blocks = [None if slot == group_map.HOLE else (refs[slot >> 4], slot & 0x0F) for slot in slots]
+            earlier = group_map.to_blocks(blockmap.stored_state(txn, volume_id, group, after))
+            blocks = group_map.to_blocks(live)
             changed = False
             for block, entry in enumerate(blocks):
                 if entry is not None:
@@ -910,14 +909,6 @@ class Pool:
         if self.role == "mirror":
             raise ReadOnlyError(f"this pool is a mirror of node {self.fields.get('mirror_of')}: it changes only "
                                 "through what its source ships (`chunkvol mirror promote` makes it writable)")
-
-
-def stored_state_blocks(state):
-    """A group state as 16 entries of (ref, block in record) or None (a hole)."""
-    if state is None:
-        return [None] * GROUP_BLOCKS
-    slots, refs = state
-    return [None if slot == group_map.HOLE else (refs[slot >> 4], slot & 0x0F) for slot in slots]
 
 
 def take_pool_lock(path):

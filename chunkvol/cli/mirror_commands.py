@@ -131,12 +131,8 @@ def mirror_remove(arguments):
     mirrors = mirror_config.load_mirrors(path)
     if arguments.name not in mirrors:
         raise NotFoundError(f"no mirror {arguments.name!r}")
-    target = mirrors.pop(arguments.name)["to"]
-    mirror_config.save_mirrors(path, mirrors)
-    try:
-        os.unlink(mirror_config.state_path(path, arguments.name))
-    except FileNotFoundError:
-        pass
+    target = mirrors[arguments.name]["to"]
+    mirror_config.remove_mirror(path, mirrors, arguments.name)
     print(f"removed mirror {arguments.name} (its data at {target} is left as it is)")
 
 

@@ -4,11 +4,11 @@ records to the other (mirrors.json marks the definition `peer`, with the peer's 
 each applies the other's by last writer wins (README, "Multi-master")."""
 
 import json
-import os
 import time
 
 from chunkvol import history
 from chunkvol.cli.common import open_pool_for_reading, run_operation
+from chunkvol.cli.mirror_commands import _pool_path
 from chunkvol.cli.sizes import format_size, parse_size
 from chunkvol.clock import node_index, node_index_of
 from chunkvol.errors import AlreadyExistsError, ChunkvolError, NotFoundError, UsageError
@@ -47,19 +47,12 @@ def register(commands):
     conflicts.set_defaults(run=conflicts_command)
 
 
-def _pool(arguments):
-    if not arguments.pool:
-        raise UsageError("name the pool with --pool PATH (or $CHUNKVOL_POOL)")
-    path = os.path.abspath(arguments.pool)
-    return path, Pool.read_metadata(path)
-
-
 def _peers(path):
     return {name: definition for name, definition in mirror_config.load_mirrors(path).items() if definition.get("peer")}
 
 
 def peer_add(arguments):
-    path, fields = _pool(arguments)
+    path, fields = _pool_path(arguments)
     if not mirrors_format.NAME.match(arguments.name):
         raise UsageError(f"invalid peer name {arguments.name!r}: letters, digits, '.', '_', '+', '-'")
     target = targets.normalize(f"node:{arguments.address}")
@@ -92,7 +85,7 @@ def peer_add(arguments):
 
 
 def peer_list(arguments):
-    path, _ = _pool(arguments)
+    path, _ = _pool_path(arguments)
     rows = [{"name": name, **definition} for name, definition in sorted(_peers(path).items())]
     if arguments.json:
         print(json.dumps(rows, indent=2))
@@ -104,21 +97,16 @@ def peer_list(arguments):
 
 
 def peer_remove(arguments):
-    path, _ = _pool(arguments)
+    path, _ = _pool_path(arguments)
     mirrors = mirror_config.load_mirrors(path)
     if arguments.name not in mirrors or not mirrors[arguments.name].get("peer"):
         raise NotFoundError(f"no peer {arguments.name!r}")
-    mirrors.pop(arguments.name)
-    mirror_config.save_mirrors(path, mirrors)
-    try:
-        os.unlink(mirror_config.state_path(path, arguments.name))
-    except FileNotFoundError:
-        pass
+    mirror_config.remove_mirror(path, mirrors, arguments.name)
     print(f"removed peer {arguments.name}: this node no longer ships to it (remove this node there too)")
 
 
 def peer_status(arguments):
-    path, fields = _pool(arguments)
+    path, fields = _pool_path(arguments)
     peers = _peers(path)
     with open_pool_for_reading(path) as pool:
         horizon, next_sequence = pool.writer.durable_address, pool.next_sequence

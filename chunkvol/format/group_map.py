@@ -198,11 +198,18 @@ def merge(state, first_block, block_count, ref, stamp, floors=None):
         if ref is None:
             return apply_hole(state, first_block, block_count), before, held
         return apply_write(state, first_block, block_count, ref), before, held
-    slots, refs = state if state is not None else EMPTY_STATE
-    blocks = [None if slot == HOLE else (refs[slot >> 4], slot & 0x0F) for slot in slots]
+    blocks = to_blocks(state)
     for block in wins:
         blocks[block] = None if ref is None else (ref, block - first_block)
     return from_blocks(blocks), before, held
+
+
+def to_blocks(state):
+    """A state as 16 entries of (ref, block within its record) or None (a hole)."""
+    if state is None:
+        return [None] * GROUP_BLOCKS
+    slots, refs = state
+    return [None if slot == HOLE else (refs[slot >> 4], slot & 0x0F) for slot in slots]
 
 
 def from_blocks(blocks):
@@ -226,8 +233,7 @@ def enforce_holes(state, floors):
     """The state with every block whose tombstone (`floors`) is newer than its data made a hole."""
     if state is None or not floors:
         return state
-    slots, refs = state
-    blocks = [None if slot == HOLE else (refs[slot >> 4], slot & 0x0F) for slot in slots]
+    blocks = to_blocks(state)
     changed = False
     for block, entry in enumerate(blocks):
         if entry is not None and floors[block] > entry[0][2]:

@@ -54,6 +54,16 @@ def held_chunk(pool_path, files=None):
     return lowest
 
 
+def remove_mirror(pool_path, mirrors, name, files=None):
+    """Drop a mirror (or peer) definition and its cursor; its data stays where it is."""
+    mirrors.pop(name)
+    save_mirrors(pool_path, mirrors, files)
+    try:
+        os.unlink(state_path(pool_path, name))
+    except FileNotFoundError:
+        pass
+
+
 def peer_nodes(pool_path, files=None):
     """Node ids of the pool's peers (`peer add`): nodes that write too (multi-master)."""
     try:

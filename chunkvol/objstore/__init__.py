@@ -41,10 +41,6 @@ def parse_url(text):
     return "s3", match.group("endpoint"), match.group("bucket")
 
 
-def is_store_url(text):
-    return isinstance(text, str) and URL.match(text) is not None
-
-
 def open_store(text):
     parsed = parse_url(text)
     if parsed[0] == "rados":
