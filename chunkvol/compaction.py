@@ -29,13 +29,16 @@ from chunkvol.format import chunk_header, group_map
 from chunkvol.format import checkpoint as checkpoint_format
 from chunkvol.format import record
 from chunkvol.format.record import CHECKSUM_BYTES, FLAG_RELOCATED, FLAG_ZSTD, HEADER_SIZE, RAW_BLOCK_BYTES, RecordType
-from chunkvol.index.blockmap import CHECKPOINT_KEY, ORIGINS_KEY
+from chunkvol.format import tombstones as tombstones_format
+from chunkvol.index.blockmap import CHECKPOINT_KEY, ORIGIN_STAMPS_KEY, ORIGINS_KEY, TOMBSTONES_KEY
 from chunkvol.mirror import config as mirror_config
 from chunkvol.log.reader import ChunkScan
 
 DEFAULT_MIN_DEAD = 0.5
 COPY_BATCH_BYTES = 4 << 20  # copied per hold of the pool lock
 HINT_NAME = "base"
+BASE_META_KEYS = (ORIGINS_KEY, ORIGIN_STAMPS_KEY)  # the rest of meta is the checkpoint, in BASE_END
+TOMBSTONES_PER_ENTRY = 1000  # 40 KB: one base entry stays within a fragment
 
 
 def live_records(pool):
@@ -203,13 +206,24 @@ def write_base(pool):
 
 
 def _map_entries(blockmap, txn):
-    for db_id, db in ((base_format.DB_GROUPS, blockmap.groups_db), (base_format.DB_HISTORY, blockmap.history_db),
-                      (base_format.DB_VOLUMES, blockmap.volumes_db), (base_format.DB_SNAPSHOTS, blockmap.snapshots_db)):
+    databases = [(base_format.DB_GROUPS, blockmap.groups_db), (base_format.DB_HISTORY, blockmap.history_db),
+                 (base_format.DB_VOLUMES, blockmap.volumes_db), (base_format.DB_SNAPSHOTS, blockmap.snapshots_db)]
+    if blockmap.conflicts_db is not None:
+        databases.append((base_format.DB_CONFLICTS, blockmap.conflicts_db))
+    for db_id, db in databases:
         for key, value in txn.cursor(db=db):
             yield db_id, bytes(key), bytes(value)
-    origins = txn.get(ORIGINS_KEY, db=blockmap.meta_db)
-    if origins is not None:
-        yield base_format.DB_META, ORIGINS_KEY, bytes(origins)
+    for key in BASE_META_KEYS:
+        value = txn.get(key, db=blockmap.meta_db)
+        if value is not None:
+            yield base_format.DB_META, key, bytes(value)
+    # Tombstones, in pieces: a rebuild without them would let a late record of another node
+    # that is older than a hole here win over the hole, and the nodes would diverge.
+    raw = txn.get(TOMBSTONES_KEY, db=blockmap.meta_db)
+    entries = [] if raw is None else tombstones_format.decode(raw, blockmap.path)
+    for index in range(0, len(entries), TOMBSTONES_PER_ENTRY):
+        yield (base_format.DB_META, b"%s/%d" % (TOMBSTONES_KEY, index // TOMBSTONES_PER_ENTRY),
+               tombstones_format.encode(entries[index:index + TOMBSTONES_PER_ENTRY]))
 
 
 def _append_summary(pool, record_type, payloads, base_address, first_index):
@@ -302,12 +316,19 @@ def load_base(pool):
     blockmap = pool.blockmap
     databases = {base_format.DB_GROUPS: blockmap.groups_db, base_format.DB_HISTORY: blockmap.history_db,
                  base_format.DB_VOLUMES: blockmap.volumes_db, base_format.DB_SNAPSHOTS: blockmap.snapshots_db,
-                 base_format.DB_META: blockmap.meta_db}
+                 base_format.DB_CONFLICTS: blockmap.conflicts_db}
+    tombstones = []
     blockmap._drop_reader()
     with blockmap.env.begin(write=True) as txn:
         for db_id, key, value in entries:
-            if db_id == base_format.DB_META and key != ORIGINS_KEY:
-                continue  # the checkpoint comes from BASE_END alone
-            txn.put(key, value, db=databases[db_id])
+            if db_id != base_format.DB_META:
+                txn.put(key, value, db=databases[db_id])
+            elif key in BASE_META_KEYS:
+                txn.put(key, value, db=blockmap.meta_db)
+            elif key.startswith(TOMBSTONES_KEY + b"/"):
+                tombstones += tombstones_format.decode(value, pool.path)
+            # anything else in meta: the checkpoint comes from BASE_END alone
+        if tombstones:
+            txn.put(TOMBSTONES_KEY, tombstones_format.encode(tombstones), db=blockmap.meta_db)
         txn.put(CHECKPOINT_KEY, checkpoint_format.encode(checkpoint), db=blockmap.meta_db)
     return checkpoint

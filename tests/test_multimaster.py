@@ -4,10 +4,12 @@ logs (tests/multimaster_sim.py), conflicts included."""
 
 import os
 import random
+import shutil
 
 import pytest
 
-from chunkvol import history
+from chunkvol import compaction, history
+from chunkvol.mirror import config as mirror_config
 from tests.multimaster_sim import Oracle, SimulatedTime, contents, pool_pair, random_ops, ship
 
 MiB = 1 << 20
@@ -273,3 +275,52 @@ class _no_tracking:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_a_pool_rebuilt_from_its_compaction_base_still_converges(tmp_path):
+    """Compaction writes the block map into the log as a base, and a pool whose index is lost
+    is rebuilt from it. The base must carry what last-writer-wins needs besides the map: the
+    tombstones (without them, a late record of the other node that is older than a hole here
+    would win over the hole on this node alone), the other nodes' stamps and the conflicts."""
+    clock = SimulatedTime(random.Random(5))
+    nodes = pool_pair(tmp_path, walls=[clock.wall_for(0), clock.wall_for(1)])
+    a, b = nodes
+    try:
+        a.pool.create_volume("mm", 32 * MiB, mode="multi-master")
+        _exchange_everything(nodes)
+        # A conflict: both write block 1 before either has seen the other's write.
+        a.pool.volume("mm").write(b"a" * 4096, 4096)
+        b.pool.volume("mm").write(b"b" * 4096, 4096)
+        _exchange_everything(nodes)
+        # B writes blocks 8..15 and keeps them; A zeroes them a second later (concurrent: A
+        # has not seen B's write, so only the stamps order them): the newer hole must win.
+        b.pool.volume("mm").write(os.urandom(32768), 32768)
+        b.pool.flush()
+        clock.jump(0, 1_000_000_000)
+        a.pool.volume("mm").zero(32768, 32768)
+        a.pool.flush()
+        # Enough overwritten on A, and its history pruned, that its first chunk is dead;
+        # shipped, so that no peer holds it.
+        for _ in range(2):
+            for offset in range(MiB, 17 * MiB, MiB):
+                a.pool.volume("mm").write(os.urandom(MiB), offset)
+            a.pool.flush()
+        history.prune(a.pool, "mm", 0, now=clock.now_ns / 1e9 + 60)
+        ship(a, b)
+        state = mirror_config.load_state(a.path, f"n{b.node_id}", 0)
+        state["cursor"] = a.cursors[b.node_id]
+        mirror_config.save_state(a.path, f"n{b.node_id}", state)
+        assert compaction.compact(a.pool, min_dead=0.5)["victims"], "no chunk was compacted"
+        before = (_reported_conflicts(a), sorted(a.pool.tombstones.entries()), a.pool.origin_stamps)
+        assert before[0] and before[1], "the set-up should leave a conflict and a tombstone"
+
+        a.close()
+        shutil.rmtree(os.path.join(a.path, "index"))
+        a.open()
+        assert (_reported_conflicts(a), sorted(a.pool.tombstones.entries()), a.pool.origin_stamps) == before
+        _exchange_everything(nodes)  # B's older write of blocks 8..15 reaches A only now
+        assert contents(a) == contents(b)
+        assert contents(a)["mm"][32768:65536] == bytes(32768)
+    finally:
+        for node in nodes:
+            node.close()

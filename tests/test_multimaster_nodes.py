@@ -39,6 +39,11 @@ CONVERGE_TIMEOUT = 120
 # is not damaged (`chunkvol check` finds nothing; a fresh shipper ships it).
 STALE_CHUNK_ERROR = "record runs past the end of the chunk"
 # One seeded partition run in `make test`; `make test-soak` runs more.
+# A partition longer than the replication link's timeouts; after it heals, the nodes must
+# converge within a bound that does not grow with the partition: one TCP user timeout and one
+# reconnect backoff (chunkvol/mirror/node_link.py), the catch-up, and a 2-core margin.
+PARTITION_SECONDS = float(os.environ.get("CHUNKVOL_PARTITION_SECONDS", "45"))
+RESUME_BOUND_SECONDS = 40
 PARTITION_SEEDS = [int(seed) for seed in os.environ.get("CHUNKVOL_PARTITION_SEEDS", "1").split(",")]
 
 
@@ -592,6 +597,37 @@ def test_partitions_and_kill9_converge_with_no_flushed_write_lost(cluster, seed)
     for node in (a, b):
         node.stop()
     check_against_oracle(a, b, served)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+def test_replication_resumes_soon_after_a_long_partition(cluster):
+    """Both nodes write through a partition longer than any of the link's timeouts, with a
+    shipper blocked mid-batch on the dead connection; after the heal, replication must
+    start again within a bound that does not grow with the partition (TCP_USER_TIMEOUT on
+    replication sockets, a short reconnect backoff), not after the kernel's ever longer
+    retransmission timeouts, then converge with nothing lost."""
+    a, b, link = cluster(namespace=True)
+    a.cv("volume", "create", "mm", "--size", "64M", "--mode", "multi-master")
+    wait_for_volume(b, "mm")
+    clients = {"A": Client(a, random.Random(71), (0, 16 * MiB)), "B": Client(b, random.Random(72), (16 * MiB, 32 * MiB))}
+    in_threads([lambda client=client: client.run(1.0) for client in clients.values()])
+    wait_converged([a, b])
+    partition(link)
+    # Big batches in flight when the link goes: sequential writes fill the socket buffers.
+    in_threads([lambda node=node, first=first: stream(node, first, first + 16 * MiB, 3.0, {}, node.name)
+                for node, first in ((a, 32 * MiB), (b, 48 * MiB))])
+    time.sleep(max(0.0, PARTITION_SECONDS - 3.0))
+    in_threads([lambda client=client: client.run(1.0) for client in clients.values()])
+    for client in clients.values():
+        client.close()
+    heal(link)
+    converged = wait_converged([a, b], timeout=RESUME_BOUND_SECONDS)
+    figure(test="multimaster_resume_after_partition", partition_seconds=PARTITION_SECONDS,
+           convergence_seconds_after_heal=converged)
+    served = assert_nodes_identical(a, b, {"mm": 64 * MiB})
+    for client in clients.values():
+        for node in (a, b):
+            client.check(served["mm"], f"node {node.name}")
 
 
 # ---- 3. single primary: read-only elsewhere, promotion while partitioned, split brain -------

@@ -27,6 +27,10 @@ from chunkvol.storage.files import LocalFiles
 
 POLL_SECONDS = 0.5
 MAX_BACKOFF_SECONDS = 30.0
+# An unreachable mirror is tried again at least this often, so that replication resumes
+# within seconds of a link coming back (DRBD's connect-int is 10 s); a refusal (wrong pool,
+# bad credentials, damage) waits the longer MAX_BACKOFF_SECONDS between tries.
+MAX_UNREACHABLE_BACKOFF_SECONDS = 5.0
 
 
 def register(commands):
@@ -258,9 +262,11 @@ def mirror_run(arguments):
                     shipper.ship(durable, stop=stop)
                     backoff[name] = 0.0
                 except (ChunkvolError, OSError) as error:
-                    backoff[name] = min(MAX_BACKOFF_SECONDS, max(1.0, backoff.get(name, 0.0) * 2))
+                    unreachable = isinstance(error, UnreachableError)
+                    ceiling = MAX_UNREACHABLE_BACKOFF_SECONDS if unreachable else MAX_BACKOFF_SECONDS
+                    backoff[name] = min(ceiling, max(1.0, backoff.get(name, 0.0) * 2))
                     retry_at[name] = time.monotonic() + backoff[name]
-                    kind = "unreachable" if isinstance(error, UnreachableError) else "failed"
+                    kind = "unreachable" if unreachable else "failed"
                     _say(f"mirror {name} {kind}: {error}; retrying in {backoff[name]:.0f}s")
             _apply_tiering(path, fields, stop)
             stop.wait(POLL_SECONDS)

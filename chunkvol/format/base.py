@@ -3,7 +3,8 @@ to rebuild it. Payloads of the BASE and BASE_END records (format/record.py).
 
 Compaction copies the live records out of its victim chunks, points the block map at the
 copies, checkpoints it at log address P, and then writes everything the map holds as of P
-(group versions, flush-point history, volumes, snapshots) as BASE records, closed by one
+(group versions, flush-point history, volumes, snapshots, and in pools with peers what
+last-writer-wins needs: origin stamps, tombstones, conflicts) as BASE records, closed by one
 BASE_END. Only after that is durable are the victims deleted. A rebuild loads the newest
 complete base and replays the log from P; without one it replays from the first chunk, which
 must then be chunk 1.
@@ -15,7 +16,11 @@ BASE payload (little-endian):
 |      0 |    8 | u64  | base_address   | P: the log address the base summarizes          |
 |      8 |    4 | u32  | fragment_index | 0, 1, 2, ...                                    |
 |     12 |    4 | u32  | entry_count    |                                                 |
-|     16 |    . |      | entries        | per entry: u8 db (1 groups, 2 history, 3 volumes, 4 snapshots, 5 meta: only the `origins` key), u8 0, u16 key_len, u32 value_len, key, value |
+|     16 |    . |      | entries        | per entry: u8 db (1 groups, 2 history, 3 volumes, 4 snapshots, 5 meta, 6 conflicts), u8 0, u16 key_len, u32 value_len, key, value |
+
+Meta entries are the keys `origins` and `origin_stamps` as LMDB holds them, and the tombstones
+(format/tombstones.py) cut into values of at most 1000 entries under the keys `tombstones/0`,
+`tombstones/1`, ... (one LMDB value could outgrow a fragment); a rebuild joins them.
 
 BASE_END payload:
 
@@ -41,8 +46,9 @@ CHECKPOINT_BYTES = 80
 FRAGMENT_BYTES = 60 << 10  # stays below a record's payload limit
 MAX_FRAGMENTS = (64 << 10) // 8  # the BASE_END payload stays below the limit too
 DB_GROUPS, DB_HISTORY, DB_VOLUMES, DB_SNAPSHOTS = 1, 2, 3, 4
-DB_META = 5  # only the received origins (format/origins.py); the checkpoint is in BASE_END
-DATABASES = (DB_GROUPS, DB_HISTORY, DB_VOLUMES, DB_SNAPSHOTS, DB_META)
+DB_META = 5  # origins and origin stamps (format/origins.py), tombstones; the checkpoint is in BASE_END
+DB_CONFLICTS = 6
+DATABASES = (DB_GROUPS, DB_HISTORY, DB_VOLUMES, DB_SNAPSHOTS, DB_META, DB_CONFLICTS)
 
 
 def fragments(base_address, entries):

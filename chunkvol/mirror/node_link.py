@@ -24,6 +24,25 @@ HANDSHAKE_SECONDS = 10.0
 FRAME_GRACE_SECONDS = 30.0
 MIN_BYTES_PER_SECOND = 4096
 MAX_CONNECTIONS = 16
+# A link that stops carrying bytes (a partition, a peer's power cut) is given up after this
+# long, on both sides, so a shipper reconnects soon after the link comes back instead of
+# waiting out the kernel's ever longer retransmission timeouts (about 0.8 x the partition).
+LINK_DEAD_SECONDS = 15
+KEEPALIVE_IDLE_SECONDS = 5
+KEEPALIVE_INTERVAL_SECONDS = 2
+
+
+def tune(raw):
+    """Replication socket options: frames go out at once (an ACK is small and awaited), and a
+    dead link is an error within LINK_DEAD_SECONDS, whether this side is sending (unacknowledged
+    bytes: TCP_USER_TIMEOUT) or waiting (keepalive probes, also bounded by the user timeout)."""
+    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE_SECONDS)
+    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL_SECONDS)
+    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT,
+                   max(1, (LINK_DEAD_SECONDS - KEEPALIVE_IDLE_SECONDS) // KEEPALIVE_INTERVAL_SECONDS))
+    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, LINK_DEAD_SECONDS * 1000)
 
 
 def _read_exactly(connection, length, deadline):
@@ -69,6 +88,7 @@ class NodeTarget:
         except OSError as error:
             raise UnreachableError(f"node {host}:{port}: {error.strerror or error}") from None
         try:
+            tune(raw)
             raw.settimeout(HANDSHAKE_SECONDS)
             self.connection = context.wrap_socket(raw)
         except ssl.SSLError as error:
@@ -208,6 +228,7 @@ class ReceiverServer:
         where = f"{peer[0]}:{peer[1]}"
         connection = None
         try:
+            tune(raw)
             raw.settimeout(HANDSHAKE_SECONDS)
             try:
                 connection = self.context.wrap_socket(raw, server_side=True)
