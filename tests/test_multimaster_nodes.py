@@ -244,6 +244,12 @@ def wait_converged(nodes, timeout=CONVERGE_TIMEOUT):
     return round(time.monotonic() - started, 2)
 
 
+def held_from_the_other(node):
+    """How many of the other node's records this one holds (`peer status`, incoming)."""
+    (row,) = node.json("peer", "status")["peers"]
+    return row["incoming"]["records_held"]
+
+
 def wait_for_volume(node, name, timeout=30):
     started = time.monotonic()
     while time.monotonic() - started < timeout:
@@ -620,10 +626,18 @@ def test_replication_resumes_soon_after_a_long_partition(cluster):
     in_threads([lambda client=client: client.run(1.0) for client in clients.values()])
     for client in clients.values():
         client.close()
+    held = {node.name: held_from_the_other(node) for node in (a, b)}
     heal(link)
+    healed = time.monotonic()
+    resumed = {}
+    while len(resumed) < 2 and time.monotonic() - healed < RESUME_BOUND_SECONDS:
+        for node in (a, b):
+            if node.name not in resumed and held_from_the_other(node) > held[node.name]:
+                resumed[node.name] = round(time.monotonic() - healed, 2)
+        time.sleep(0.1)
     converged = wait_converged([a, b], timeout=RESUME_BOUND_SECONDS)
     figure(test="multimaster_resume_after_partition", partition_seconds=PARTITION_SECONDS,
-           convergence_seconds_after_heal=converged)
+           first_records_received_seconds_after_heal=resumed, convergence_seconds_after_heal=converged)
     served = assert_nodes_identical(a, b, {"mm": 64 * MiB})
     for client in clients.values():
         for node in (a, b):

@@ -27,10 +27,11 @@ from chunkvol.storage.files import LocalFiles
 
 POLL_SECONDS = 0.5
 MAX_BACKOFF_SECONDS = 30.0
-# An unreachable mirror is tried again at least this often, so that replication resumes
-# within seconds of a link coming back (DRBD's connect-int is 10 s); a refusal (wrong pool,
-# bad credentials, damage) waits the longer MAX_BACKOFF_SECONDS between tries.
-MAX_UNREACHABLE_BACKOFF_SECONDS = 5.0
+# An unreachable mirror is tried again this soon after a failed try (a connection attempt
+# itself gives up after node_link.CONNECT_SECONDS), so that replication resumes within
+# seconds of a link coming back; a refusal (wrong pool, bad credentials, damage) waits the
+# longer MAX_BACKOFF_SECONDS between tries.
+MAX_UNREACHABLE_BACKOFF_SECONDS = 2.0
 
 
 def register(commands):
@@ -230,7 +231,7 @@ def mirror_run(arguments):
         signal.signal(signum, lambda *_: stop.set())
     if arguments.via_server:
         _die_with_parent()
-    shippers, retry_at, backoff = {}, {}, {}
+    shippers, retry_at, backoff, said = {}, {}, {}, {}
     horizon = None
     last_complaint = None
     try:
@@ -261,13 +262,17 @@ def mirror_run(arguments):
                 try:
                     shipper.ship(durable, stop=stop)
                     backoff[name] = 0.0
+                    if said.pop(name, None) is not None:
+                        _say(f"mirror {name} is shipping again")
                 except (ChunkvolError, OSError) as error:
                     unreachable = isinstance(error, UnreachableError)
                     ceiling = MAX_UNREACHABLE_BACKOFF_SECONDS if unreachable else MAX_BACKOFF_SECONDS
                     backoff[name] = min(ceiling, max(1.0, backoff.get(name, 0.0) * 2))
                     retry_at[name] = time.monotonic() + backoff[name]
                     kind = "unreachable" if unreachable else "failed"
-                    _say(f"mirror {name} {kind}: {error}; retrying in {backoff[name]:.0f}s")
+                    if said.get(name) != str(error):  # a link that stays down: said once, not every try
+                        _say(f"mirror {name} {kind}: {error}; retrying, at most {ceiling:.0f}s apart")
+                        said[name] = str(error)
             _apply_tiering(path, fields, stop)
             stop.wait(POLL_SECONDS)
     finally:
@@ -300,7 +305,9 @@ def _die_with_parent():
 
 
 def _say(message):
-    print(f"chunkvol: {message}", file=sys.stderr, flush=True)
+    """A line of the shipper's log (serve's output): stamped, since its lines are events."""
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    print(f"chunkvol: {stamp} {message}", file=sys.stderr, flush=True)
 
 
 def mirror_promote(arguments):
