@@ -23,6 +23,7 @@ import time
 
 import lmdb
 
+from chunkvol import tiering
 from chunkvol.errors import ChunkvolError, CorruptionError, FormatError
 from chunkvol.format import base as base_format
 from chunkvol.format import chunk_header, group_map
@@ -81,7 +82,8 @@ def compact(pool, min_dead=None, progress=lambda count: None):
     victims = sorted(chunk_id for chunk_id, (written, live_bytes) in usage.items()
                      if chunk_id < limit and written > 0 and 1.0 - live_bytes / written >= min_dead)
     report = {"victims": [], "copied_records": 0, "copied_bytes": 0, "freed_bytes": 0, "skipped": [],
-              "seconds": 0.0, "held_for_mirrors_from_chunk": held}
+              "store_objects_deleted": 0, "store_objects_left": [], "seconds": 0.0,
+              "held_for_mirrors_from_chunk": held}
     if not victims:
         report["seconds"] = round(time.monotonic() - started, 3)
         return report
@@ -100,13 +102,21 @@ def compact(pool, min_dead=None, progress=lambda count: None):
         _point_map_at_copies(pool, remap)
     write_base(pool)
     with pool.lock:
-        freed = 0
+        freed, gone_remote = 0, []
         for chunk_id in victims:
-            freed += pool.chunks.get(chunk_id).size_bytes
+            chunk = pool.chunks.get(chunk_id)
+            if chunk.remote is None:
+                freed += chunk.size_bytes
+            else:
+                gone_remote.append(chunk.remote.manifest)
             pool.chunks.remove(chunk_id)
+    # Evicted victims' objects, outside the lock (many deletes); a failure leaves them behind,
+    # said in the report, and costs only store space: nothing refers to them any more.
+    deleted, left = tiering.delete_evicted_objects(gone_remote)
     report.update(victims=victims, copied_records=len(remap),
                   copied_bytes=sum(HEADER_SIZE + stored for address, stored in moves if address in remap),
-                  freed_bytes=freed, seconds=round(time.monotonic() - started, 3))
+                  freed_bytes=freed, store_objects_deleted=deleted, store_objects_left=left,
+                  seconds=round(time.monotonic() - started, 3))
     return report
 
 

@@ -72,7 +72,7 @@ def refusal(pool_path, chunk_id, store_url, current_chunk, checkpoint_chunk, fil
     return None
 
 
-def upload(pool_uuid, chunk, store_url, files=None, progress=None):
+def upload(pool_uuid, node_id, chunk, store_url, files=None, progress=None):
     """Store a local chunk's bytes as pieces in the store; publish and return its manifest path."""
     files = files or LocalFiles()
     store = objstore.open_store(store_url)
@@ -85,7 +85,7 @@ def upload(pool_uuid, chunk, store_url, files=None, progress=None):
             view = memoryview(data)
             hashes.extend(evicted.hash_unit(view[offset:offset + evicted.UNIT_BYTES])
                           for offset in range(0, len(data), evicted.UNIT_BYTES))
-            name = evicted.piece_name(pool_uuid, chunk.chunk_id, piece)
+            name = evicted.piece_name(pool_uuid, node_id, chunk.chunk_id, piece)
             store.put(name, data)
             if store.size(name) != len(data):
                 raise OSError(f"{store_url}: {name} was not stored whole")
@@ -93,11 +93,31 @@ def upload(pool_uuid, chunk, store_url, files=None, progress=None):
                 progress(len(data))
     finally:
         store.close()
-    manifest = evicted.Manifest(pool_uuid, chunk.chunk_id, chunk.size_bytes, chunk.capacity_bytes,
+    manifest = evicted.Manifest(pool_uuid, node_id, chunk.chunk_id, chunk.size_bytes, chunk.capacity_bytes,
                                 chunk.created_hlc, evicted.UNIT_BYTES, evicted.PIECE_BYTES, store_url, tuple(hashes))
     path = os.path.join(os.path.dirname(chunk.path), manifest_name(chunk.chunk_id))
     files.publish(path, evicted.encode(manifest))
     return path
+
+
+def delete_evicted_objects(manifests):
+    """Delete the pieces of evicted chunks that compaction has freed. Returns (objects deleted,
+    [{"chunk", "store", "error"}] for chunks whose objects could not all be deleted)."""
+    deleted, left, stores = 0, [], {}
+    try:
+        for manifest in manifests:
+            try:
+                store = stores.get(manifest.store_url) or stores.setdefault(
+                    manifest.store_url, objstore.open_store(manifest.store_url))
+                for piece in range(-(-manifest.size_bytes // manifest.piece_bytes)):
+                    store.delete(manifest.piece_name(piece))
+                    deleted += 1
+            except ChunkvolError as error:
+                left.append({"chunk": manifest.chunk_id, "store": manifest.store_url, "error": str(error)})
+    finally:
+        for store in stores.values():
+            store.close()
+    return deleted, left
 
 
 def switch(pool, chunk_id):
@@ -111,8 +131,8 @@ def switch(pool, chunk_id):
         if not os.path.exists(path):
             raise NotFoundError(f"chunk {chunk_id} has no uploaded manifest ({path}): `chunk evict` uploads first")
         manifest = evicted.decode(pool.files.read_file(path), path)
-        if (manifest.pool_uuid != pool.pool_uuid or manifest.chunk_id != chunk_id
-                or manifest.size_bytes != chunk.size_bytes):
+        if (manifest.pool_uuid != pool.pool_uuid or manifest.node_id != pool.node_id
+                or manifest.chunk_id != chunk_id or manifest.size_bytes != chunk.size_bytes):
             raise UsageError(f"the manifest {path} does not describe chunk {chunk_id} as it is now")
         checkpoint = pool.blockmap.read_checkpoint()
         checkpoint_chunk = chunk_header.split_address(checkpoint.log_address)[0] if checkpoint else 0
@@ -176,15 +196,15 @@ def evict(pool_path, fields, chunk_ids, store_url, switch_call, files=None, prog
                 if why is not None:
                     raise UsageError(why)
                 path = os.path.join(os.path.dirname(chunk.path), manifest_name(chunk_id))
-                if not _manifest_fits(path, chunk, store_url, files):
-                    upload(table.pool_uuid, chunk, store_url, files, progress)
+                if not _manifest_fits(path, chunk, store_url, fields["node_id"], files):
+                    upload(table.pool_uuid, fields["node_id"], chunk, store_url, files, progress)
             results.append(switch_call(chunk_id))
     finally:
         source.close()
     return results
 
 
-def _manifest_fits(path, chunk, store_url, files):
+def _manifest_fits(path, chunk, store_url, node_id, files):
     """An upload done before (the switch was refused or interrupted) need not be done again."""
     if not os.path.exists(path):
         return False
@@ -192,7 +212,8 @@ def _manifest_fits(path, chunk, store_url, files):
         manifest = evicted.decode(files.read_file(path), path)
     except (OSError, ValueError, ChunkvolError):  # a bad leftover: upload it again
         return False
-    return manifest.size_bytes == chunk.size_bytes and manifest.store_url == store_url
+    return (manifest.size_bytes == chunk.size_bytes and manifest.store_url == store_url
+            and manifest.node_id == node_id)
 
 
 def apply_policy(pool_path, fields, switch_call, files=None):

@@ -16,8 +16,10 @@ import pytest
 import rados
 
 from chunkvol import history
-from chunkvol.format import segment
+from chunkvol.format import evicted, segment
+from chunkvol.mirror import config as mirror_config
 from chunkvol.pool import Pool
+from tests.multimaster_sim import pool_pair
 from tests.objstore import objstore_lab, s3_client  # noqa: F401 (a fixture)
 from tests.server import CHUNKVOL, ENVIRONMENT
 from tests.test_mirrors import Serve, everything, new_source, write_history
@@ -344,7 +346,8 @@ def test_evicted_chunks_read_back_through_the_cache_after_kill9(store_env, tmp_p
     handle.shutdown()
     serve.stop()
     client = s3_client(lab)
-    piece = f"chunkvol/{uuid_of(pool)}/chunks/{evicted_ids[0]:016x}/00000000"
+    metadata = Pool.read_metadata(pool)
+    piece = evicted.piece_name(bytes.fromhex(metadata["pool_uuid"]), metadata["node_id"], evicted_ids[0], 0)
     original = client.get_object(Bucket=lab["s3_bucket"], Key=piece)["Body"].read()
     tampered = bytearray(original)
     tampered[len(tampered) // 2] ^= 1
@@ -394,3 +397,61 @@ def serves():
             serve.kill()
         except OSError:
             pass
+
+
+def test_nodes_of_one_pool_evict_to_one_bucket_and_compaction_deletes_what_it_frees(store_env, tmp_path,
+                                                                                   monkeypatch):
+    """Chunk ids are per node: two nodes of one pool that both evict their chunk 1 to one
+    bucket must not share its objects. Compacting an evicted chunk away deletes its objects
+    from the store (nothing refers to them any more), and only those."""
+    lab = store_env
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+        monkeypatch.setenv(key, ENVIRONMENT[key])  # for the pools opened in this process
+    client = s3_client(lab)
+    nodes = pool_pair(tmp_path)
+    models = {}
+    for index, node in enumerate(nodes):  # two nodes of one pool, each with its own volume
+        node.close()
+        mirror_config.save_mirrors(node.path, {})
+        node.open()
+        node.pool.create_volume("v", 40 * MiB)
+        data = random.Random(index).randbytes(36 * MiB)
+        node.pool.volume("v").write(data, 0)
+        node.pool.flush()
+        models[node.path] = data + bytes(4 * MiB)
+        node.close()
+        cv(node.path, "mirror", "add", "s", "--to", s3_url(lab))
+        cv(node.path, "mirror", "sync", "s")
+        assert "evicted to" in cv(node.path, "chunk", "evict", "1").stdout
+
+    def pieces(node):
+        prefix = evicted.chunk_prefix(node.pool_uuid, node.node_id, 1)
+        listing = client.list_objects_v2(Bucket=lab["s3_bucket"], Prefix=prefix)
+        return [item["Key"] for item in listing.get("Contents", [])]
+
+    def read_back(node):
+        with Pool.open(node.path) as pool:
+            buffer = bytearray(40 * MiB)
+            pool.volume("v").read(buffer, 0)
+            return bytes(buffer)
+
+    for node in nodes:
+        assert pieces(node), "chunk 1's pieces should be in the bucket"
+        assert read_back(node) == models[node.path]
+
+    # Node 0 overwrites everything and lets its history go: chunk 1 is dead, and compacted.
+    a, b = nodes
+    with Pool.open(a.path) as pool:
+        data = random.Random(7).randbytes(36 * MiB)
+        pool.volume("v").write(data, 0)
+        pool.flush()
+        models[a.path] = data + bytes(4 * MiB)
+    cv(a.path, "mirror", "sync", "s")
+    cv(a.path, "prune", "--keep", "0s")
+    report = json.loads(cv(a.path, "compact", "--json").stdout)
+    assert 1 in report["victims"] and report["store_objects_deleted"] >= 1 and not report["store_objects_left"]
+    assert pieces(a) == []
+    assert pieces(b), "the other node's chunk 1 stays"
+    for node in nodes:
+        assert read_back(node) == models[node.path]
+    assert cv(a.path, "check").returncode == 0

@@ -140,11 +140,12 @@ def test_garbage_manifests_are_refused(data):
 
 
 def test_a_manifest_round_trips():
-    manifest = evicted.Manifest(POOL, 3, 5 << 20, 16 << 20, 99, evicted.UNIT_BYTES, evicted.PIECE_BYTES,
+    manifest = evicted.Manifest(POOL, 7, 3, 5 << 20, 16 << 20, 99, evicted.UNIT_BYTES, evicted.PIECE_BYTES,
                                 "s3:http://h/b", tuple(range(5)))
     data = evicted.encode(manifest)
     back = evicted.decode(data)
-    assert (back.chunk_id, back.size_bytes, back.store_url, back.unit_hashes) == (3, 5 << 20, "s3:http://h/b",
-                                                                                  tuple(range(5)))
+    assert (back.node_id, back.chunk_id, back.size_bytes, back.store_url, back.unit_hashes) == (
+        7, 3, 5 << 20, "s3:http://h/b", tuple(range(5)))
+    assert back.piece_name(2) != evicted.piece_name(POOL, 8, 3, 2), "two nodes' chunk 3 must not share objects"
     with pytest.raises(CorruptionError):
         evicted.decode(data[:-9] + data[-8:])

@@ -34,5 +34,9 @@ def compact_command(arguments):
         print(f"freed {len(report['victims'])} chunks ({format_size(report['freed_bytes'])}); copied "
               f"{report['copied_records']} live records ({format_size(report['copied_bytes'])}) "
               f"in {report['seconds']:.1f} s ({rate:.0f} MB/s)")
+    if report["store_objects_deleted"]:
+        print(f"deleted {report['store_objects_deleted']} objects of evicted chunks from their object store")
+    for left in report["store_objects_left"]:
+        print(f"objects of evicted chunk {left['chunk']} stay in {left['store']}: {left['error']}")
     for skipped in report["skipped"]:
         print(f"left chunk {skipped['chunk']} alone: {skipped['reason']}")

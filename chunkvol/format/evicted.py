@@ -2,8 +2,9 @@
 file once its bytes live in an object store only (tiering, chunkvol/tiering.py).
 
 The chunk's bytes are stored as objects of PIECE bytes each,
-  chunkvol/POOL_UUID/chunks/CHUNK_ID/PIECE
-(CHUNK_ID 16 and PIECE 8 hex digits), and the manifest keeps an xxh3-64 of every UNIT bytes
+  chunkvol/POOL_UUID/chunks/NODE_ID/CHUNK_ID/PIECE
+(NODE_ID and CHUNK_ID 16, PIECE 8 hex digits: chunk ids are per node, and the nodes of a pool
+may well evict to one bucket), and the manifest keeps an xxh3-64 of every UNIT bytes
 of the chunk, so each unit fetched from the store (or read back from the local cache) is
 checked before any of it is used.
 
@@ -15,15 +16,16 @@ Layout, little-endian:
 |      4 |      1 | u8      | version      | 1                                                |
 |      5 |      3 | -       | reserved     | 0                                                |
 |      8 |     16 | 16s     | pool_uuid    |                                                  |
-|     24 |      8 | u64     | chunk_id     |                                                  |
-|     32 |      8 | u64     | size_bytes   | the chunk file's size when it was evicted        |
-|     40 |      8 | u64     | capacity     | the chunk's capacity (from its header)           |
-|     48 |      8 | u64     | created_hlc  | from the chunk's header                          |
-|     56 |      4 | u32     | unit_bytes   | bytes per checked unit (1 MiB)                   |
-|     60 |      4 | u32     | piece_bytes  | bytes per object (16 MiB), a multiple of unit    |
-|     64 |      2 | u16     | url_length   |                                                  |
-|     66 |      n | utf-8   | store_url    | `rados:...` or `s3:...`                          |
-|   66+n |   8*u  | u64[u]  | unit_xxh3    | u = ceil(size_bytes / unit_bytes)                |
+|     24 |      8 | u64     | node_id      | the node whose log the chunk is                  |
+|     32 |      8 | u64     | chunk_id     |                                                  |
+|     40 |      8 | u64     | size_bytes   | the chunk file's size when it was evicted        |
+|     48 |      8 | u64     | capacity     | the chunk's capacity (from its header)           |
+|     56 |      8 | u64     | created_hlc  | from the chunk's header                          |
+|     64 |      4 | u32     | unit_bytes   | bytes per checked unit (1 MiB)                   |
+|     68 |      4 | u32     | piece_bytes  | bytes per object (16 MiB), a multiple of unit    |
+|     72 |      2 | u16     | url_length   |                                                  |
+|     74 |      n | utf-8   | store_url    | `rados:...` or `s3:...`                          |
+|   74+n |   8*u  | u64[u]  | unit_xxh3    | u = ceil(size_bytes / unit_bytes)                |
 |    end |      8 | u64     | xxh3         | of every byte before it                          |
 """
 
@@ -35,7 +37,7 @@ from chunkvol.errors import CorruptionError, FormatError
 
 MAGIC = b"CVev"
 VERSION = 1
-HEAD = struct.Struct("<4sB3x16sQQQQIIH")
+HEAD = struct.Struct("<4sB3x16sQQQQQIIH")
 CHECK = struct.Struct("<Q")
 UNIT_BYTES = 1 << 20
 PIECE_BYTES = 16 << 20
@@ -44,12 +46,13 @@ _xxh3 = xxhash.xxh3_64_intdigest
 
 
 class Manifest:
-    __slots__ = ("pool_uuid", "chunk_id", "size_bytes", "capacity", "created_hlc", "unit_bytes",
+    __slots__ = ("pool_uuid", "node_id", "chunk_id", "size_bytes", "capacity", "created_hlc", "unit_bytes",
                  "piece_bytes", "store_url", "unit_hashes")
 
-    def __init__(self, pool_uuid, chunk_id, size_bytes, capacity, created_hlc, unit_bytes, piece_bytes,
+    def __init__(self, pool_uuid, node_id, chunk_id, size_bytes, capacity, created_hlc, unit_bytes, piece_bytes,
                  store_url, unit_hashes):
         self.pool_uuid = pool_uuid
+        self.node_id = node_id
         self.chunk_id = chunk_id
         self.size_bytes = size_bytes
         self.capacity = capacity
@@ -60,11 +63,16 @@ class Manifest:
         self.unit_hashes = unit_hashes
 
     def piece_name(self, piece):
-        return piece_name(self.pool_uuid, self.chunk_id, piece)
+        return piece_name(self.pool_uuid, self.node_id, self.chunk_id, piece)
 
 
-def piece_name(pool_uuid, chunk_id, piece):
-    return f"chunkvol/{pool_uuid.hex()}/chunks/{chunk_id:016x}/{piece:08x}"
+def chunk_prefix(pool_uuid, node_id, chunk_id):
+    """What every piece of one evicted chunk is named with."""
+    return f"chunkvol/{pool_uuid.hex()}/chunks/{node_id:016x}/{chunk_id:016x}/"
+
+
+def piece_name(pool_uuid, node_id, chunk_id, piece):
+    return f"{chunk_prefix(pool_uuid, node_id, chunk_id)}{piece:08x}"
 
 
 def unit_count(size_bytes, unit_bytes=UNIT_BYTES):
@@ -77,7 +85,8 @@ def hash_unit(data):
 
 def encode(manifest):
     url = manifest.store_url.encode()
-    head = HEAD.pack(MAGIC, VERSION, manifest.pool_uuid, manifest.chunk_id, manifest.size_bytes, manifest.capacity,
+    head = HEAD.pack(MAGIC, VERSION, manifest.pool_uuid, manifest.node_id, manifest.chunk_id, manifest.size_bytes,
+                     manifest.capacity,
                      manifest.created_hlc, manifest.unit_bytes, manifest.piece_bytes, len(url))
     body = head + url + struct.pack(f"<{len(manifest.unit_hashes)}Q", *manifest.unit_hashes)
     return body + CHECK.pack(_xxh3(body))
@@ -88,7 +97,7 @@ def decode(data, path=None):
         raise CorruptionError("evicted-chunk manifest cut short", path)
     if _xxh3(data[:-CHECK.size]) != CHECK.unpack_from(data, len(data) - CHECK.size)[0]:
         raise CorruptionError("evicted-chunk manifest checksum mismatch", path)
-    (magic, version, pool_uuid, chunk_id, size_bytes, capacity, created_hlc, unit_bytes, piece_bytes,
+    (magic, version, pool_uuid, node_id, chunk_id, size_bytes, capacity, created_hlc, unit_bytes, piece_bytes,
      url_length) = HEAD.unpack_from(data, 0)
     if magic != MAGIC:
         raise FormatError("not an evicted-chunk manifest", path)
@@ -100,4 +109,5 @@ def decode(data, path=None):
         raise CorruptionError("evicted-chunk manifest fields are out of range", path)
     url = data[HEAD.size:HEAD.size + url_length].decode("utf-8", errors="strict")
     hashes = struct.unpack_from(f"<{units}Q", data, HEAD.size + url_length)
-    return Manifest(pool_uuid, chunk_id, size_bytes, capacity, created_hlc, unit_bytes, piece_bytes, url, hashes)
+    return Manifest(pool_uuid, node_id, chunk_id, size_bytes, capacity, created_hlc, unit_bytes, piece_bytes, url,
+                    hashes)

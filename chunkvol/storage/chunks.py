@@ -156,7 +156,7 @@ class ChunkTable:
         chunk.size_bytes = size_bytes
 
     def remove(self, chunk_id):
-        """Delete a chunk (an evicted one: its manifest and cache; its objects stay in the store)."""
+        """Delete a chunk (an evicted one: its manifest and cache; compaction then deletes its objects)."""
         chunk = self.chunks.pop(chunk_id)
         if chunk.remote is not None:
             chunk.remote.close()
