@@ -11,6 +11,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import time
 
@@ -21,7 +22,7 @@ from chunkvol import history
 from chunkvol.errors import PeerError
 from chunkvol.format import record
 from chunkvol.format.record import HEADER_SIZE, RecordType
-from chunkvol.mirror import receiver
+from chunkvol.mirror import node_link, receiver
 from chunkvol.mirror.source import LogSource
 from chunkvol.pool import Pool
 from chunkvol.storage.files import LocalFiles
@@ -494,3 +495,35 @@ def test_a_lost_source_rejoins_the_promoted_mirror_without_a_full_copy(tmp_path)
     assert_identical(b, a)
     again = cv(a, "mirror", "rejoin", "--from", f"dir:{b}", check=False)
     assert again.returncode == 2 and "already a mirror" in again.stderr
+
+
+def test_a_stuck_mirror_does_not_hold_up_the_others(tmp_path, serves):
+    """A node: mirror whose listener takes connections and never answers (a peer hung in the
+    TLS handshake) makes every try wait out the handshake timeout; meanwhile a dir: mirror of
+    the same pool must go on shipping: each flush reaches it within a fraction of one such
+    wait (`mirror run` ships each mirror in a thread of its own)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)  # the kernel completes connections; nothing here ever reads them
+    try:
+        source = new_source(tmp_path)
+        mirror = str(tmp_path / "mirror")
+        cv(source, "mirror", "add", "stuck", "--to", f"node:127.0.0.1:{listener.getsockname()[1]}")
+        cv(source, "mirror", "add", "m", "--to", f"dir:{mirror}")
+        serve = Serve(source, str(tmp_path / "nbd.sock"), str(tmp_path / "serve.log")).start()
+        serves.append(serve)
+        rng = random.Random(5)
+        handle = serve.connect()
+        for _ in range(4):
+            handle.pwrite(rng.randbytes(MiB), rng.randrange(0, 47) * MiB)
+            handle.flush()
+            _wait_caught_up(source, "m", timeout=node_link.HANDSHAKE_SECONDS * 0.6)
+        handle.shutdown()
+        deadline = time.monotonic() + 3 * node_link.HANDSHAKE_SECONDS
+        while (stuck := status(source, "stuck"))["state"] != "error" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "timed out" in (stuck["last_error"] or ""), stuck
+        serve.stop()
+        assert_identical(source, mirror)
+    finally:
+        listener.close()

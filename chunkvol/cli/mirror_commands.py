@@ -13,25 +13,21 @@ from chunkvol import control, tiering
 from chunkvol.cli.common import pool_is_busy, run_operation
 from chunkvol.cli.progress import progress_bar
 from chunkvol.cli.sizes import format_size, parse_size
-from chunkvol.errors import (AlreadyExistsError, ChunkvolError, NotFoundError, PoolBusyError, UnreachableError,
-                             UsageError)
+from chunkvol.errors import AlreadyExistsError, ChunkvolError, NotFoundError, PoolBusyError, UsageError
 from chunkvol.format import chunk_header, mirrors as mirrors_format
 from chunkvol.format import pool_metadata
 from chunkvol.mirror import config as mirror_config
 from chunkvol.mirror import identity, rejoin
 from chunkvol.mirror import shipper as shipping
 from chunkvol.mirror.source import LogSource
+from chunkvol.mirror.workers import MirrorWorker
 from chunkvol.mirror import targets
 from chunkvol.pool import Pool
 from chunkvol.storage.files import LocalFiles
 
 POLL_SECONDS = 0.5
-MAX_BACKOFF_SECONDS = 30.0
-# An unreachable mirror is tried again this soon after a failed try (a connection attempt
-# itself gives up after node_link.CONNECT_SECONDS), so that replication resumes within
-# seconds of a link coming back; a refusal (wrong pool, bad credentials, damage) waits the
-# longer MAX_BACKOFF_SECONDS between tries.
-MAX_UNREACHABLE_BACKOFF_SECONDS = 2.0
+TIERING_SECONDS = 1.0  # how often `mirror run` applies the tiering policy
+STOP_SECONDS = 10.0    # a worker blocked on a dead link is not waited for longer at exit
 
 
 def register(commands):
@@ -223,27 +219,35 @@ def mirror_sync(arguments):
 
 
 def mirror_run(arguments):
-    """Ship to every mirror until SIGTERM: picks up `mirror add/remove` while it runs; a
-    mirror that fails is retried with exponential backoff and does not hold up the others."""
+    """Ship to every mirror until SIGTERM: picks up `mirror add/remove` while it runs; each
+    mirror ships in its own thread (mirror/workers.py), retried with backoff when it fails,
+    so none holds up the others; the tiering policy runs in a thread of its own too."""
     path, fields = _pool_path(arguments)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     if arguments.via_server:
         _die_with_parent()
-    shippers, retry_at, backoff, said = {}, {}, {}, {}
+    workers = {}
     horizon = None
     last_complaint = None
+    tiering_thread = threading.Thread(target=_tiering_loop, args=(path, fields, stop), name="tiering", daemon=True)
+    tiering_thread.start()
     try:
         while not stop.is_set():
             mirrors = mirror_config.load_mirrors(path)
-            for name in list(shippers):
-                if mirrors.get(name) != shippers[name].definition:
-                    shippers.pop(name).close()
+            for name in list(workers):
+                if mirrors.get(name) != workers[name].definition:
+                    old = workers.pop(name)
+                    old.stop()
+                    old.join(STOP_SECONDS)  # a new definition of the name must not ship beside it
             for name, definition in mirrors.items():
-                if name not in shippers:
-                    shippers[name] = shipping.Shipper(path, fields, name, definition)
-            if not shippers:
+                if name not in workers:
+                    workers[name] = MirrorWorker(path, fields, name, definition, _say)
+            for worker in workers.values():
+                if worker.crashed is not None:
+                    raise worker.crashed
+            if not workers:
                 stop.wait(POLL_SECONDS)
                 continue
             try:
@@ -256,43 +260,34 @@ def mirror_run(arguments):
                     last_complaint = str(error)
                 stop.wait(POLL_SECONDS * 2)
                 continue
-            for name, shipper in list(shippers.items()):
-                if time.monotonic() < retry_at.get(name, 0) or stop.is_set():
-                    continue
-                try:
-                    shipper.ship(durable, stop=stop)
-                    backoff[name] = 0.0
-                    if said.pop(name, None) is not None:
-                        _say(f"mirror {name} is shipping again")
-                except (ChunkvolError, OSError) as error:
-                    unreachable = isinstance(error, UnreachableError)
-                    ceiling = MAX_UNREACHABLE_BACKOFF_SECONDS if unreachable else MAX_BACKOFF_SECONDS
-                    backoff[name] = min(ceiling, max(1.0, backoff.get(name, 0.0) * 2))
-                    retry_at[name] = time.monotonic() + backoff[name]
-                    kind = "unreachable" if unreachable else "failed"
-                    if said.get(name) != str(error):  # a link that stays down: said once, not every try
-                        _say(f"mirror {name} {kind}: {error}; retrying, at most {ceiling:.0f}s apart")
-                        said[name] = str(error)
-            _apply_tiering(path, fields, stop)
+            for worker in workers.values():
+                worker.offer(durable)
             stop.wait(POLL_SECONDS)
     finally:
-        for shipper in shippers.values():
-            shipper.close()
+        stop.set()
+        for worker in workers.values():
+            worker.stop()
+        deadline = time.monotonic() + STOP_SECONDS
+        for worker in list(workers.values()) + [tiering_thread]:
+            worker.join(max(0.0, deadline - time.monotonic()))
         if horizon is not None:
             horizon.close()
 
 
-def _apply_tiering(path, fields, stop):
-    """The tiering policy (`chunk policy`), after a shipping pass: its failures are said and
-    retried at the next pass; shipping never waits on them for long."""
-    if stop.is_set():
-        return
-    try:
-        for result in tiering.apply_policy(path, fields, lambda chunk_id: run_operation(path, "chunk_switch",
-                                                                                         chunk_id=chunk_id)):
-            _say(f"tiering: chunk {result['chunk']} evicted to {result['store']}")
-    except (ChunkvolError, OSError) as error:
-        _say(f"tiering: {error}")
+def _tiering_loop(path, fields, stop):
+    """The tiering policy (`chunk policy`), every TIERING_SECONDS: a failure is said once
+    (until it changes) and tried again the next time; shipping never waits on it."""
+    last = None
+    while not stop.wait(TIERING_SECONDS):
+        try:
+            for result in tiering.apply_policy(path, fields, lambda chunk_id: run_operation(
+                    path, "chunk_switch", chunk_id=chunk_id)):
+                _say(f"tiering: chunk {result['chunk']} evicted to {result['store']}")
+            last = None
+        except (ChunkvolError, OSError) as error:
+            if str(error) != last:
+                _say(f"tiering: {error}")
+                last = str(error)
 
 
 def _die_with_parent():
