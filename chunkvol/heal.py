@@ -6,7 +6,11 @@ transaction (compaction's step 3); a base (compaction.write_base) makes that hol
 rebuild too. `scrub` does it for every damaged live record; a read that meets one heals it
 and reads again, or fails with EIO where no mirror has a good copy.
 
-Mirrors are looked up among this pool's `dir:` mirrors (a pool readable here).
+Mirrors are looked up in this order: `dir:` mirrors (a pool readable here), `node:` mirrors
+and peers (a FETCH over the replication link, mirror/node_link.py), then object stores
+(`rados:`, `s3:`: the segment that origin shipped, mirror/object_heal.py). What an object
+store answers is kept for the rest of one heal pass (its listing, segment headers, fetched
+segments), and no store is opened before a copy is looked for there.
 """
 
 import os
@@ -18,11 +22,12 @@ from chunkvol.format import chunk_header, group_map, record
 from chunkvol.format.record import (CHECKSUM_BYTES, FLAG_RELOCATED, FLAG_ZSTD, GROUP_SIZE, HEADER_SIZE,
                                     RAW_BLOCK_BYTES, RecordType)
 from chunkvol.mirror import config as mirror_config
+from chunkvol.mirror.object_heal import PassStores
 
 
-def _mirror_pools(pool):
+def _mirror_pools(definitions):
     from chunkvol.pool import Pool
-    for name, definition in sorted(mirror_config.load_mirrors(pool.path, pool.files).items()):
+    for name, definition in definitions:
         if not definition["to"].startswith("dir:"):
             continue
         path = definition["to"][4:]
@@ -65,15 +70,22 @@ def find(mirror, volume_ids, group, ref, record_offset):
     return None
 
 
-def good_copy(pool, volume_ids, group, ref, record_offset):
-    """(mirror name, raw bytes, header) of a good copy of `ref`, or None."""
-    for name, mirror in _mirror_pools(pool):
+def good_copy(pool, volume_ids, group, ref, record_offset, stores):
+    """(mirror name, raw bytes, header) of a good copy of `ref`, or None. `stores` (a
+    PassStores) holds the object stores of this heal pass."""
+    definitions = sorted(mirror_config.load_mirrors(pool.path, pool.files).items())
+    for name, mirror in _mirror_pools(definitions):
         found = find(mirror, volume_ids, group, ref, record_offset)
         if found is not None:
             return (name,) + found
-    for name, definition in sorted(mirror_config.load_mirrors(pool.path, pool.files).items()):
+    for name, definition in definitions:
         if definition["to"].startswith("node:"):
             found = _fetch_from_node(pool, definition["to"], volume_ids, group, ref, record_offset)
+            if found is not None:
+                return (name,) + found
+    for name, definition in definitions:
+        if definition["to"].startswith(("rados:", "s3:")):
+            found = stores.find(definition["to"], volume_ids, ref, record_offset)
             if found is not None:
                 return (name,) + found
     return None
@@ -119,17 +131,22 @@ def heal(pool, damaged):
     """Heal records: `damaged` is [(volume ids to look in, group, ref, record volume offset)].
     Returns ({address: mirror name} healed, [addresses no mirror had])."""
     remap, sources, missing = {}, {}, []
-    for volume_ids, group, ref, record_offset in damaged:
-        if ref[0] in remap:
-            continue
-        found = good_copy(pool, volume_ids, group, ref, record_offset)
-        if found is None:
-            missing.append(ref[0])
-            continue
-        name, data, header = found
-        with pool.lock:
-            remap[ref[0]] = _append_copy(pool, data, header)
-        sources[ref[0]] = name
+    stores = PassStores(pool.pool_uuid)
+    try:
+        # In stamp order: an object store's copies of one batch are one segment, fetched once.
+        for volume_ids, group, ref, record_offset in sorted(damaged, key=lambda item: item[2][2]):
+            if ref[0] in remap or ref[0] in missing:
+                continue
+            found = good_copy(pool, volume_ids, group, ref, record_offset, stores)
+            if found is None:
+                missing.append(ref[0])
+                continue
+            name, data, header = found
+            with pool.lock:
+                remap[ref[0]] = _append_copy(pool, data, header)
+            sources[ref[0]] = name
+    finally:
+        stores.close()
     if remap:
         with pool.lock:
             compaction._point_map_at_copies(pool, remap)

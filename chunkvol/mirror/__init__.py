@@ -5,4 +5,5 @@ other nodes of its pool, which append them to their own logs and apply them as r
 - `source.py`: this node's own records, read from the chunk files from a cursor.
 - `shipper.py`: one mirror's loop: horizon, batches, bandwidth, durable cursor, status.
 - `targets.py`: where a batch goes (`dir:PATH`, a pool on another disk; `node:HOST:PORT`).
+- `object_heal.py`: a good copy of a damaged record from an object store's segments (heal.py).
 """
