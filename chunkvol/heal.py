@@ -127,11 +127,12 @@ def _append_copy(pool, data, header):
                               header[4], header[5], header[6], header[7], header[8], table)
 
 
-def heal(pool, damaged):
-    """Heal records: `damaged` is [(volume ids to look in, group, ref, record volume offset)].
+def heal(pool, damaged, store_retry_seconds=None):
+    """Heal records: `damaged` is [(volume ids to look in, group, ref, record volume offset)];
+    `store_retry_seconds`: how long an object store's faults are retried (its default if None).
     Returns ({address: mirror name} healed, [addresses no mirror had])."""
     remap, sources, missing = {}, {}, []
-    stores = PassStores(pool.pool_uuid)
+    stores = PassStores(pool.pool_uuid, store_retry_seconds)
     try:
         # In stamp order: an object store's copies of one batch are one segment, fetched once.
         for volume_ids, group, ref, record_offset in sorted(damaged, key=lambda item: item[2][2]):
@@ -154,6 +155,11 @@ def heal(pool, damaged):
     return sources, missing
 
 
+# A client waits on a read that heals (and, served one request at a time, every other client
+# with it): an object store that is away is given up after this, and the read is EIO.
+READ_STORE_RETRY_SECONDS = 2.0
+
+
 def heal_read(pool, volume, error):
     """A read met `error`; heal the record it names if a mirror has it. True when healed."""
     damage = getattr(error, "damage", None)
@@ -161,7 +167,8 @@ def heal_read(pool, volume, error):
         return False
     ref, record_offset = damage
     try:
-        healed, _ = heal(pool, [(volume.lineage_ids(), record_offset // GROUP_SIZE, ref, record_offset)])
+        healed, _ = heal(pool, [(volume.lineage_ids(), record_offset // GROUP_SIZE, ref, record_offset)],
+                         store_retry_seconds=READ_STORE_RETRY_SECONDS)
     except ChunkvolError:
         return False
     return bool(healed)

@@ -44,6 +44,16 @@ def test_transient_faults_are_retried_with_backoff_then_reported(monkeypatch):
         Flaky(100).get("x")
 
 
+def test_a_caller_may_retry_for_less_than_the_default(monkeypatch):
+    """A read that heals from a store waits for it less long than a shipper does."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    store = objstore.open_store("s3:http://127.0.0.1:9/bucket", retry_seconds=1.0)  # nothing listens on 9
+    assert objstore.RETRY_SECONDS >= 2
+    with pytest.raises(UnreachableError, match=r"retried for 1 s"):
+        store.get("x")
+
+
 def test_store_urls_are_checked():
     assert objstore.parse_url("rados:/etc/ceph/ceph.conf:pool") == ("rados", "/etc/ceph/ceph.conf", "pool")
     assert objstore.parse_url("s3:https://s3.example.com:8443/bucket") == ("s3", "https://s3.example.com:8443",

@@ -39,9 +39,10 @@ CACHE_BYTES = 64 << 20  # fetched segments kept per store for one heal pass (at 
 class SegmentCopies:
     """One object-store mirror during one heal pass: opened at the first lookup."""
 
-    def __init__(self, url, pool_uuid):
+    def __init__(self, url, pool_uuid, retry_seconds=None):
         self.url = url
         self.pool_uuid = pool_uuid
+        self.retry_seconds = retry_seconds
         self.store = None
         self.failed = None  # the error that made this pass give the store up
         self.origins = None  # origin -> [segment names in sequence order]
@@ -82,7 +83,7 @@ class SegmentCopies:
         if self.origins is None:
             if self.store is None:
                 from chunkvol.objstore import open_store
-                self.store = open_store(self.url)
+                self.store = open_store(self.url, self.retry_seconds)
             self.origins = {}
             for name in self.store.list(segment.pool_prefix(self.pool_uuid) + "log/"):
                 parsed = segment.parse_name(name)
@@ -177,14 +178,15 @@ def _checked(view, origin, volume_ids, ref, record_offset):
 class PassStores:
     """The object-store mirrors of a pool for one heal pass: each opened when first asked."""
 
-    def __init__(self, pool_uuid):
+    def __init__(self, pool_uuid, retry_seconds=None):
         self.pool_uuid = pool_uuid
+        self.retry_seconds = retry_seconds
         self.open = {}
 
     def find(self, url, volume_ids, ref, record_offset):
         copies = self.open.get(url)
         if copies is None:
-            copies = self.open[url] = SegmentCopies(url, self.pool_uuid)
+            copies = self.open[url] = SegmentCopies(url, self.pool_uuid, self.retry_seconds)
         return copies.find(volume_ids, ref, record_offset)
 
     def close(self):

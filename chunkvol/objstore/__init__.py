@@ -41,13 +41,19 @@ def parse_url(text):
     return "s3", match.group("endpoint"), match.group("bucket")
 
 
-def open_store(text):
+def open_store(text, retry_seconds=None):
+    """The store named by `text`; `retry_seconds`: how long its faults may last for this
+    caller (RETRY_SECONDS unless given; a client's read waits on it, a shipper need not)."""
     parsed = parse_url(text)
     if parsed[0] == "rados":
         from chunkvol.objstore.rados_store import RadosStore
-        return RadosStore(text, parsed[1], parsed[2])
-    from chunkvol.objstore.s3_store import S3Store
-    return S3Store(text, parsed[1], parsed[2])
+        store = RadosStore(text, parsed[1], parsed[2])
+    else:
+        from chunkvol.objstore.s3_store import S3Store
+        store = S3Store(text, parsed[1], parsed[2])
+    if retry_seconds is not None:
+        store.retry_seconds = retry_seconds
+    return store
 
 
 class ObjectStore:
@@ -55,16 +61,18 @@ class ObjectStore:
     raises TransientError, AccessDeniedError or NotFoundError."""
 
     url = None
+    retry_seconds = None  # RETRY_SECONDS unless open_store was given another
 
     def _retry(self, what, call, *args):
-        deadline = time.monotonic() + RETRY_SECONDS
+        patience = RETRY_SECONDS if self.retry_seconds is None else self.retry_seconds
+        deadline = time.monotonic() + patience
         backoff = FIRST_BACKOFF
         while True:
             try:
                 return call(*args)
             except TransientError as error:
                 if time.monotonic() + backoff > deadline:
-                    raise UnreachableError(f"{self.url}: {what}: {error} (retried for {RETRY_SECONDS:.0f} s)") from None
+                    raise UnreachableError(f"{self.url}: {what}: {error} (retried for {patience:.0f} s)") from None
                 time.sleep(backoff * (0.5 + random.random()))
                 backoff = min(MAX_BACKOFF, backoff * 2)
 
