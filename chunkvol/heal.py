@@ -15,7 +15,7 @@ segments), and no store is opened before a copy is looked for there.
 
 import os
 
-from chunkvol import compaction
+from chunkvol import compaction, objstore
 from chunkvol.check import scan_log
 from chunkvol.errors import ChunkvolError, CorruptionError
 from chunkvol.format import chunk_header, group_map, record
@@ -168,7 +168,7 @@ def heal_read(pool, volume, error):
     ref, record_offset = damage
     try:
         healed, _ = heal(pool, [(volume.lineage_ids(), record_offset // GROUP_SIZE, ref, record_offset)],
-                         store_retry_seconds=READ_STORE_RETRY_SECONDS)
+                         store_retry_seconds=min(READ_STORE_RETRY_SECONDS, objstore.RETRY_SECONDS))
     except ChunkvolError:
         return False
     return bool(healed)

@@ -23,6 +23,9 @@ from chunkvol.errors import CorruptionError, NotFoundError
 from chunkvol.format import evicted
 
 CACHE_BYTES = 1 << 30
+# A client waits on a read of an evicted chunk (and, served one request at a time, every other
+# client with it): a store that is away is given up after this, and the read is EIO.
+READ_RETRY_SECONDS = 5.0
 FALLOC_FL_KEEP_SIZE = 1
 FALLOC_FL_PUNCH_HOLE = 2
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -38,8 +41,8 @@ class Stores:
     def get(self, url):
         store = self.open.get(url)
         if store is None:
-            from chunkvol.objstore import open_store
-            store = self.open[url] = open_store(url)
+            from chunkvol import objstore
+            store = self.open[url] = objstore.open_store(url, min(READ_RETRY_SECONDS, objstore.RETRY_SECONDS))
         return store
 
     def close(self):
