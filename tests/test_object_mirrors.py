@@ -297,26 +297,27 @@ def test_evicted_chunks_read_back_through_the_cache_after_kill9(store_env, tmp_p
     cv(pool, "init", "--chunk-size", "16M")
     cv(pool, "volume", "create", "v", "--size", "48M")
     cv(pool, "mirror", "add", "s", "--to", s3_url(lab))
-    serve = Serve(pool, str(tmp_path / "nbd.sock"), str(tmp_path / "serve.log")).start()
-    serves.append(serve)
-    handle = serve.connect()
     rng = random.Random(9)
     model = bytearray(48 * MiB)
-    for offset in range(0, 48 * MiB, MiB):  # 48 MiB of data: three chunks and a bit
-        data = rng.randbytes(MiB)
-        handle.pwrite(data, offset)
-        model[offset:offset + MiB] = data
-    for _ in range(20):
-        offset = rng.randrange(0, 47) * MiB
-        data = rng.randbytes(MiB)
-        handle.pwrite(data, offset)
-        model[offset:offset + MiB] = data
-    handle.flush()
-    handle.shutdown()
+    # Written before the server starts: its shipper would otherwise race the refusal below.
+    with Pool.open(pool) as opened:
+        volume = opened.volume("v")
+        for offset in range(0, 48 * MiB, MiB):  # 48 MiB of data: three chunks and a bit
+            data = rng.randbytes(MiB)
+            volume.write(data, offset)
+            model[offset:offset + MiB] = data
+        for _ in range(20):
+            offset = rng.randrange(0, 47) * MiB
+            data = rng.randbytes(MiB)
+            volume.write(data, offset)
+            model[offset:offset + MiB] = data
+        opened.flush()
 
     # Not shipped yet: refused. Shipped: evicted while the server runs.
     result = cv(pool, "chunk", "evict", "1", check=False)
     assert result.returncode == 2 and "has not shipped" in result.stderr, result.stderr
+    serve = Serve(pool, str(tmp_path / "nbd.sock"), str(tmp_path / "serve.log")).start()
+    serves.append(serve)
     cv(pool, "mirror", "sync", "s")
     result = cv(pool, "chunk", "evict", "--keep-under", "24M")
     assert "evicted to" in result.stdout

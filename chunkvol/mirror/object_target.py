@@ -8,9 +8,15 @@ What the store holds of an origin is the last segment of its chain: found by lis
 first use, then tracked here.
 """
 
-from chunkvol.errors import CorruptionError, NotFoundError, PeerError
+import collections
+
+from chunkvol.errors import ChunkvolError, CorruptionError, NotFoundError, PeerError
 from chunkvol.format import segment, store_pool
 from chunkvol.objstore import open_store
+
+# One encoded batch: its object name and bytes (data None: the store has it already), and the
+# end of the origin's chain, (last sequence, digest), before and after it.
+Segment = collections.namedtuple("Segment", "origin name data previous after")
 
 
 class ObjectTarget:
@@ -46,18 +52,33 @@ class ObjectTarget:
         return self.tail(origin)[0]
 
     def send(self, origin, records):
+        return self.put(self.encode(origin, records, self.tail(origin)))
+
+    def encode(self, origin, records, previous):
+        """The segment of `records`, chained to `previous` ((last sequence, digest) of the
+        origin's segment before it). Touches nothing of this target's state, so the shipper
+        encodes the next batch in its read-ahead thread, chained to the one being put."""
         if origin == 0:
             raise PeerError("records without an origin")
-        previous_sequence, previous_digest = self.tail(origin)
-        data, header = segment.encode(self.pool_uuid, origin, records, previous_sequence, previous_digest)
-        if header.first_sequence <= previous_sequence:
-            return previous_sequence  # the store has these already
-        self.store.put(segment.name(self.pool_uuid, origin, header.first_sequence, header.last_sequence), data)
-        self.tails[origin] = (header.last_sequence, header.digest)
-        return header.last_sequence
+        data, header = segment.encode(self.pool_uuid, origin, records, previous[0], previous[1])
+        if header.first_sequence <= previous[0]:
+            return Segment(origin, None, None, previous, previous)  # the store has these already
+        return Segment(origin, segment.name(self.pool_uuid, origin, header.first_sequence, header.last_sequence),
+                       data, previous, (header.last_sequence, header.digest))
+
+    def put(self, encoded):
+        """Store a segment from `encode`; returns the origin's last sequence stored here."""
+        if encoded.previous != self.tail(encoded.origin):
+            raise ChunkvolError(f"a segment chained to sequence {encoded.previous[0]} where the store's "
+                                f"chain ends at {self.tail(encoded.origin)[0]}")
+        if encoded.data is not None:
+            self.store.put(encoded.name, encoded.data)
+            self.tails[encoded.origin] = encoded.after
+        return self.tails[encoded.origin][0]
 
     def describe(self):
         return {"store": self.url}
 
     def close(self):
         self.store.close()
+

@@ -7,9 +7,9 @@ flush point of what was written, so a mirror lags by one poll, not by one client
 or, with no server, from the pool opened here. Nothing is shipped that is not durable here:
 a record lost to a power cut here can never be on a mirror.
 
-Memory is one batch (MAX_BATCH_BYTES, or one second of bandwidth), however far behind the
-mirror is. A bandwidth limit is kept on average: after each batch the shipper waits until
-its bytes fit the rate.
+Memory is two batches (each MAX_BATCH_BYTES, or one second of bandwidth): the one being sent
+and the one read ahead, however far behind the mirror is. A bandwidth limit is kept on
+average: after each batch the shipper waits until its bytes fit the rate.
 """
 
 import time
@@ -17,6 +17,7 @@ import time
 from chunkvol.errors import ChunkvolError, UnreachableError
 from chunkvol.mirror import targets
 from chunkvol.mirror.config import load_state, save_state
+from chunkvol.mirror.read_ahead import ReadAhead
 from chunkvol.mirror.source import LogSource, age_seconds
 from chunkvol.storage.files import LocalFiles
 
@@ -60,33 +61,45 @@ class Shipper:
 
     def ship(self, horizon, progress=None, stop=None):
         """Send everything of this node's up to the last flush point before `horizon`.
-        Returns the bytes of records sent. Errors are recorded in the state and raised."""
+        Returns the bytes of records sent. Errors are recorded in the state and raised.
+
+        The next batch is read (and, for an object store, encoded) in a read-ahead thread
+        while the current one is sent (mirror/read_ahead.py); the cursor moves here, only
+        after the target has acknowledged a batch, so an error or a stop discards at most the
+        batch read ahead and the next ship reads it again."""
         try:
             target = self._connect()
             held = target.have(self.node_id)
             sent = 0
             state = self.state
-            for batch in self.source.batches(state["cursor"], horizon, self.batch_bytes(), skip_through=held):
-                if stop is not None and stop.is_set():
-                    break
-                started = time.monotonic()
-                if batch.records:
-                    self._throttle(batch.size_bytes)
-                    held = target.send(self.node_id, batch.records)
-                    elapsed = max(time.monotonic() - started, 1e-6)
-                    rate = batch.size_bytes / elapsed
-                    state["rate"] = rate if not state["rate"] else (
-                        (1 - RATE_WEIGHT) * state["rate"] + RATE_WEIGHT * rate)
-                if progress is not None:
-                    progress(self.source.distance(state["cursor"], batch.end))
-                state["cursor"] = batch.end
-                state["shipped_sequence"] = max(state["shipped_sequence"], held)
-                state["shipped_records"] += len(batch.records)
-                state["shipped_bytes"] += batch.size_bytes
-                state["state"] = "shipping"
-                state["updated"] = time.time()
-                save_state(self.pool_path, self.name, state, self.files)
-                sent += batch.size_bytes
+            encode = getattr(target, "encode", None)
+            chain = target.tail(self.node_id) if encode is not None else None
+            with ReadAhead(self._read(state["cursor"], horizon, held, encode, chain),
+                           name=f"chunkvol-read-{self.name}") as batches:
+                for batch, encoded, distance in batches:
+                    if stop is not None and stop.is_set():
+                        break
+                    started = time.monotonic()
+                    if batch.records:
+                        if not self._throttle(batch.size_bytes, stop):
+                            break
+                        held = target.put(encoded) if encoded is not None else target.send(self.node_id,
+                                                                                            batch.records)
+                        elapsed = max(time.monotonic() - started, 1e-6)
+                        rate = batch.size_bytes / elapsed
+                        state["rate"] = rate if not state["rate"] else (
+                            (1 - RATE_WEIGHT) * state["rate"] + RATE_WEIGHT * rate)
+                    if progress is not None:
+                        progress(distance)
+                    state["cursor"] = batch.end
+                    state["shipped_sequence"] = max(state["shipped_sequence"], held)
+                    state["shipped_records"] += len(batch.records)
+                    state["shipped_bytes"] += batch.size_bytes
+                    state["state"] = "shipping"
+                    state["updated"] = time.time()
+                    save_state(self.pool_path, self.name, state, self.files)
+                    sent += batch.size_bytes
+                    batch = encoded = None  # dropped before the next is asked for: two batches at most
             if state["state"] != "idle" or state.get("last_error"):
                 state["state"], state["last_error"] = "idle", None
                 state["updated"] = time.time()
@@ -98,6 +111,20 @@ class Shipper:
         except OSError as error:
             self._failed(error)
             raise UnreachableError(f"mirror {self.name} ({self.definition['to']}): {error}") from None
+
+    def _read(self, cursor, horizon, held, encode, chain):
+        """(batch, its segment or None, log bytes it moves the cursor) for every batch from
+        `cursor`: runs in the read-ahead thread, the only one that uses self.source meanwhile.
+        `encode` (an object store's) chains each segment to the one before, from `chain`."""
+        for batch in self.source.batches(cursor, horizon, self.batch_bytes(), skip_through=held):
+            distance = self.source.distance(cursor, batch.end)
+            cursor = batch.end
+            encoded = None
+            if encode is not None and batch.records:
+                encoded = encode(self.node_id, batch.records, chain)
+                chain = encoded.after
+            yield batch, encoded, distance
+            batch = encoded = None
 
     def _failed(self, error):
         if self.target is not None:
@@ -114,14 +141,20 @@ class Shipper:
         except OSError:
             pass
 
-    def _throttle(self, size):
+    def _throttle(self, size, stop=None):
+        """Wait until `size` more bytes fit the bandwidth limit; False if stopped meanwhile."""
         bandwidth = self.definition.get("bandwidth")
         if not bandwidth:
-            return
+            return True
         now = time.monotonic()
         if self.next_send > now:
-            time.sleep(self.next_send - now)
+            if stop is not None:
+                if stop.wait(self.next_send - now):
+                    return False
+            else:
+                time.sleep(self.next_send - now)
         self.next_send = max(now, self.next_send) + size / bandwidth
+        return True
 
     def status(self, horizon, next_sequence):
         """What `mirror status` shows for this mirror."""
