@@ -1,4 +1,4 @@
-"""The shipper reads (and, for an object store, encodes) the next batch in a read-ahead thread
+"""For an object store, the shipper reads and encodes the next batch in a read-ahead thread
 while the current one is sent (chunkvol/mirror/read_ahead.py). What must still hold:
 
 - the cursor moves only after the target acknowledged a batch: a target that fails (or a
@@ -109,7 +109,10 @@ def saved_cursor(source, name):
 class HookedTarget:
     """A real target (a dir: mirror pool) with hooks around each send, numbered from 1:
     `before(number, records)` may wait or raise (the batch is not applied), `after(number)`
-    may raise once it is (the acknowledgement lost on the way back)."""
+    may raise once it is (the acknowledgement lost on the way back). It asks for a read-ahead
+    as an object store does: the read-ahead's rules do not depend on the target."""
+
+    READ_AHEAD = True
 
     def __init__(self, path, fields, before=None, after=None):
         self.inner = DirTarget(path, fields)
@@ -252,6 +255,21 @@ def test_stop_during_a_read_ahead_returns_with_no_thread_left(tmp_path):
     assert_identical(source, mirror)
 
 
+def test_a_dir_mirror_is_shipped_without_a_read_ahead(tmp_path):
+    source, mirror, horizon, _, _ = unsynced_dir_mirror(tmp_path)
+    threads_during_send = []
+    shipper = shipper_for(source, "m")
+    target = shipper.target = HookedTarget(mirror, shipper.fields,
+                                           before=lambda *_: threads_during_send.append(len(read_ahead_threads())))
+    target.READ_AHEAD = False  # as DirTarget and NodeTarget: their receiver, not the reading, is the limit
+    try:
+        shipper.ship(horizon)
+    finally:
+        shipper.close()
+    assert target.sends >= 8 and set(threads_during_send) == {0}
+    assert_identical(source, mirror)
+
+
 def test_stop_during_the_bandwidth_wait_sends_nothing_more(tmp_path):
     source = new_source(tmp_path)
     with Pool.open(source) as pool:
@@ -323,6 +341,7 @@ def test_an_object_store_put_that_fails_discards_the_segment_encoded_ahead(objst
 
         def failing_put(name, data, put=put, puts=puts, nth=nth, stored=stored):
             puts.append(name)
+            assert len(read_ahead_threads()) == 1, "the next segment is read and encoded meanwhile"
             if len(puts) == nth:
                 if stored:
                     put(name, data)

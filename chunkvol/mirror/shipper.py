@@ -7,11 +7,12 @@ flush point of what was written, so a mirror lags by one poll, not by one client
 or, with no server, from the pool opened here. Nothing is shipped that is not durable here:
 a record lost to a power cut here can never be on a mirror.
 
-Memory is two batches (each MAX_BATCH_BYTES, or one second of bandwidth): the one being sent
-and the one read ahead, however far behind the mirror is. A bandwidth limit is kept on
-average: after each batch the shipper waits until its bytes fit the rate.
+Memory is one batch (MAX_BATCH_BYTES, or one second of bandwidth), two for an object store
+(the one being sent and the one read ahead), however far behind the mirror is. A bandwidth
+limit is kept on average: after each batch the shipper waits until its bytes fit the rate.
 """
 
+import contextlib
 import time
 
 from chunkvol.errors import ChunkvolError, UnreachableError
@@ -63,10 +64,11 @@ class Shipper:
         """Send everything of this node's up to the last flush point before `horizon`.
         Returns the bytes of records sent. Errors are recorded in the state and raised.
 
-        The next batch is read (and, for an object store, encoded) in a read-ahead thread
-        while the current one is sent (mirror/read_ahead.py); the cursor moves here, only
-        after the target has acknowledged a batch, so an error or a stop discards at most the
-        batch read ahead and the next ship reads it again."""
+        For a target that asks for it (READ_AHEAD: object stores), the next batch is read
+        and encoded in a read-ahead thread while the current one is sent
+        (mirror/read_ahead.py). Either way the cursor moves here, only after the target has
+        acknowledged a batch, so an error or a stop discards at most the batch read ahead and
+        the next ship reads it again."""
         try:
             target = self._connect()
             held = target.have(self.node_id)
@@ -74,8 +76,10 @@ class Shipper:
             state = self.state
             encode = getattr(target, "encode", None)
             chain = target.tail(self.node_id) if encode is not None else None
-            with ReadAhead(self._read(state["cursor"], horizon, held, encode, chain),
-                           name=f"chunkvol-read-{self.name}") as batches:
+            batches = self._read(state["cursor"], horizon, held, encode, chain)
+            if getattr(target, "READ_AHEAD", False):
+                batches = ReadAhead(batches, name=f"chunkvol-read-{self.name}")
+            with contextlib.closing(batches):
                 for batch, encoded, distance in batches:
                     if stop is not None and stop.is_set():
                         break
@@ -114,7 +118,7 @@ class Shipper:
 
     def _read(self, cursor, horizon, held, encode, chain):
         """(batch, its segment or None, log bytes it moves the cursor) for every batch from
-        `cursor`: runs in the read-ahead thread, the only one that uses self.source meanwhile.
+        `cursor`; with a read-ahead, in its thread, the only one using self.source meanwhile.
         `encode` (an object store's) chains each segment to the one before, from `chain`."""
         for batch in self.source.batches(cursor, horizon, self.batch_bytes(), skip_through=held):
             distance = self.source.distance(cursor, batch.end)
