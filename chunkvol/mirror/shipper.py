@@ -76,8 +76,9 @@ class Shipper:
             state = self.state
             encode = getattr(target, "encode", None)
             chain = target.tail(self.node_id) if encode is not None else None
+            read_ahead = getattr(target, "READ_AHEAD", False)
             batches = self._read(state["cursor"], horizon, held, encode, chain)
-            if getattr(target, "READ_AHEAD", False):
+            if read_ahead:
                 batches = ReadAhead(batches, name=f"chunkvol-read-{self.name}")
             with contextlib.closing(batches):
                 for batch, encoded, distance in batches:
@@ -103,7 +104,11 @@ class Shipper:
                     state["updated"] = time.time()
                     save_state(self.pool_path, self.name, state, self.files)
                     sent += batch.size_bytes
-                    batch = encoded = None  # dropped before the next is asked for: two batches at most
+                    if read_ahead:
+                        # Dropped before the next is asked for: two batches at most. Without a
+                        # read-ahead it is kept until the next is read, as it always was: dropped
+                        # first, glibc gives its pages back and faults them in again every batch.
+                        batch = encoded = None
             if state["state"] != "idle" or state.get("last_error"):
                 state["state"], state["last_error"] = "idle", None
                 state["updated"] = time.time()
@@ -128,7 +133,6 @@ class Shipper:
                 encoded = encode(self.node_id, batch.records, chain)
                 chain = encoded.after
             yield batch, encoded, distance
-            batch = encoded = None
 
     def _failed(self, error):
         if self.target is not None:
