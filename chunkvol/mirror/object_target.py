@@ -21,9 +21,9 @@ Segment = collections.namedtuple("Segment", "origin name data previous after")
 
 class ObjectTarget:
     # The shipper reads and encodes the next batch while a put is under way: measured
-    # (docs/BENCH.md) 1.8x on RADOS, 1.2x on S3. Not for dir: and node: targets, where the
-    # receiver's CPU is the limit on two cores and a read-ahead only made the shipper
-    # fault in fresh pages for every batch.
+    # (docs/BENCH.md) 1.9x on RADOS, 1.15x on S3. Not for dir: and node: targets, where the
+    # receiver is the limit and a read-ahead only made the shipper fault in fresh pages for
+    # every batch.
     READ_AHEAD = True
 
     def __init__(self, url, source_fields):
