@@ -44,6 +44,7 @@ import pytest
 
 from tests.server import CHUNKVOL, ENVIRONMENT, chunkvol
 from tests.test_mirrors import Serve
+from tests.unsynced import check_maybe_lost as _check_maybe_lost
 from tools.guest import fs
 from tools.guest.nbdfuse import attached
 
@@ -200,24 +201,15 @@ def _export_read_only(node: Node) -> bool:
         handle.shutdown()
 
 
-def _check_maybe_lost(src: Path, dst: Path) -> list[str]:
-    """Files written without a sync may be missing, short, or hold blocks that still read as
-    zeros, but never bytes that were not written there (as in tests/realclients)."""
-    problems = []
-    for path in sorted(src.rglob("*.bin")):
-        target = dst / path.relative_to(src)
-        if not target.is_file():
-            continue
-        want, got = path.read_bytes(), target.read_bytes()
-        if len(got) > len(want):
-            problems.append(f"{target}: {len(got)} bytes, only {len(want)} were written")
-            continue
-        for at in range(0, len(got), 512):
-            piece = got[at:at + 512]
-            if piece != want[at:at + len(piece)] and piece.count(0) != len(piece):
-                problems.append(f"{target}: block at {at} holds bytes never written there")
-                break
-    return problems
+def _pair(a, b, tmp_path):
+    """A founds the pool, B joins it, both serve, and each is the other's peer."""
+    a.cv("init", "--chunk-size", "16M")
+    a.cv("join-file", str(tmp_path / "b.join"))
+    b.cv("init", "--join", str(tmp_path / "b.join"))
+    a.start()
+    b.start()
+    a.cv("peer", "add", "b", "--address", b.address)
+    b.cv("peer", "add", "a", "--address", a.address)
 
 
 @contextlib.contextmanager
@@ -243,14 +235,8 @@ def test_ext4_failover_to_the_other_node(tmp_path):
     a, b = Node(tmp_path, "A"), Node(tmp_path, "B")
     src, mnt = tmp_path / "src", tmp_path / "mnt"
     try:
-        a.cv("init", "--chunk-size", "16M")
-        a.cv("join-file", str(tmp_path / "b.join"))
-        b.cv("init", "--join", str(tmp_path / "b.join"))
-        a.start()
-        b.start()
-        note("serving")
-        a.cv("peer", "add", "b", "--address", b.address)
-        b.cv("peer", "add", "a", "--address", a.address)
+        _pair(a, b, tmp_path)
+        note("serving, paired")
         a.cv("volume", "create", VOLUME, "--size", "256M")
         assert a.volume_row()["mode"] == "single-primary"
         _holds_everything(b, a)
@@ -372,13 +358,7 @@ def test_old_primary_tail_stays_out_of_the_promoted_volume(tmp_path):
         return connection
 
     try:
-        a.cv("init", "--chunk-size", "16M")
-        a.cv("join-file", str(tmp_path / "b.join"))
-        b.cv("init", "--join", str(tmp_path / "b.join"))
-        a.start()
-        b.start()
-        a.cv("peer", "add", "b", "--address", b.address)
-        b.cv("peer", "add", "a", "--address", a.address)
+        _pair(a, b, tmp_path)
         a.cv("volume", "create", "v", "--size", "16M")
         connection = handle(a)
         connection.pwrite(b"a" * MiB, 0)

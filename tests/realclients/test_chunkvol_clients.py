@@ -36,6 +36,7 @@ from pathlib import Path
 import pytest
 
 from tests.server import NbdServer, chunkvol
+from tests.unsynced import check_maybe_lost as _check_maybe_lost
 from tools.guest import fs, guest
 from tools.guest.nbdfuse import attached
 
@@ -45,7 +46,6 @@ CHUNK_SIZE = "16M"
 CHUNK_BYTES = 16 << 20
 VOLUME_SIZE = "384M"  # xfs refuses filesystems below 300 MiB
 VOLUME = "vol0"
-SECTOR = 512  # granularity of the "written or still zero" check: below any filesystem block
 KILL_SEED = int(os.environ.get("CHUNKVOL_KILL_SEED", "20240611"))
 
 
@@ -203,26 +203,6 @@ class FsyncWriter(threading.Thread):
                 self.durable.append(str(rel))
         except OSError as error:
             self.error = error
-
-
-def _check_maybe_lost(src: Path, dst: Path) -> list[str]:
-    """Files written without a sync may be missing, short, or have blocks still reading as
-    zeros (unwritten extents), but they must never hold bytes that were not written there."""
-    problems = []
-    for path in sorted(src.rglob("*.bin")):
-        target = dst / path.relative_to(src)
-        if not target.is_file():
-            continue
-        want, got = path.read_bytes(), target.read_bytes()
-        if len(got) > len(want):
-            problems.append(f"{target}: {len(got)} bytes, only {len(want)} were written")
-            continue
-        for at in range(0, len(got), SECTOR):
-            piece = got[at:at + SECTOR]
-            if piece != want[at:at + len(piece)] and piece.count(0) != len(piece):
-                problems.append(f"{target}: block at {at} holds bytes never written there")
-                break
-    return problems
 
 
 def _compare_files(src: Path, dst: Path, names: list[str]) -> list[str]:
