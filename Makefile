@@ -9,11 +9,14 @@ SIZE ?= 4G
 SOCKET ?= ./var/nbd.sock
 PORT ?= 10809
 # ceph-*, radosgw, python3-rados and python3-boto3: the RADOS and S3 mirror targets and their
-# local lab (tools/objstore_lab.py).
+# local lab (tools/objstore_lab.py). linux-source-6.12, flex, bison, bc: a user-mode kernel built
+# once (tools/guest/uml_kernel.py; bookworm's linux.uml panics on hosts with AMX state).
+# nbd-client, socat: the kernel's NBD client inside the qemu guest, reaching the host's socket.
 DEBIAN_PACKAGES := nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd python3-venv python3-dev \
 	fuse3 qemu-utils qemu-system-x86 fio e2fsprogs xfsprogs user-mode-linux linux-image-amd64 \
 	psmisc util-linux busybox-static python3-cryptography iproute2 iptables \
-	ceph-mon ceph-osd ceph-common python3-rados radosgw python3-boto3
+	ceph-mon ceph-osd ceph-common python3-rados radosgw python3-boto3 \
+	linux-source-6.12 flex bison bc xz-utils nbd-client socat
 export PATH := /usr/bin:/bin:/usr/sbin:/sbin:$(PATH)
 
 .PHONY: all install system-packages run test test-soak test-fast bench bench-history bench-mirror bench-objstore bench-multimaster clean
