@@ -508,3 +508,58 @@ def test_power_loss_during_volume_changes(templates, scratch):
             f"{states[done]} nor {states[done + 1]} ({faulty.materialized})")
         shutil.rmtree(work)
         shutil.rmtree(lost)
+
+
+def test_a_sync_overlapping_a_failed_one_fails_too(tmp_path):
+    """Linux reports a writeback error once per open file: of two overlapping fdatasyncs, one
+    can get EIO and the other 0 for the same lost pages. A flush whose sync overlapped a
+    failed one must fail too, and no COMMIT may follow the failure (issue 14, item 2)."""
+    import threading
+    path = make_pool(str(tmp_path / "pool"), volume_size=VOLUME)
+
+    class OneSlowFailingSync(FaultyFiles):
+        """Once armed, the first fdatasync blocks until released, then fails with EIO; later
+        ones pass."""
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.entered = threading.Event()
+            self.release = threading.Event()
+            self.armed = False
+
+        def fdatasync(self, fd):
+            if self.armed:
+                self.armed = False
+                self.entered.set()
+                assert self.release.wait(30)
+                self.faults.append(Fault("fdatasync", nth=1, error=errno.EIO))
+            super().fdatasync(fd)
+
+    faulty = OneSlowFailingSync(path, seed=1, modes=("drop",), index_modes=("snapshot",))
+    pool = Pool.open(path, files=faulty)
+    try:
+        volume = pool.volume("disk0")
+        volume.write(random.Random(3).randbytes(64 << 10), 0)
+        outcomes = {}
+        faulty.armed = True
+
+        def flush(name):
+            try:
+                volume.flush()
+                outcomes[name] = "acknowledged"
+            except (OSError, ChunkvolError) as error:
+                outcomes[name] = type(error).__name__
+
+        first = threading.Thread(target=flush, args=("first",))
+        first.start()
+        assert faulty.entered.wait(30)
+        second = threading.Thread(target=flush, args=("second",))
+        second.start()
+        second.join(2)  # before the fix it is acknowledged here, while the first sync is still out
+        faulty.release.set()
+        first.join(30)
+        second.join(30)
+        assert outcomes == {"first": "DeviceFailedError", "second": "DeviceFailedError"}, outcomes
+        with pytest.raises(ChunkvolError):
+            volume.write(bytes(4096), 0)
+    finally:
+        abandon(pool)

@@ -13,6 +13,7 @@ that all of chunk N was durable.
 
 import errno
 import mmap
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from chunkvol.errors import CorruptionError, DeviceFailedError, OutOfSpaceError
@@ -66,6 +67,7 @@ class LogWriter:
         self.durable_address = end_address
         self.preallocated_end = 0  # chunk offset up to which blocks are reserved
         self.failure = None  # set for good by a failed write or sync (errors.DeviceFailedError)
+        self.sync_lock = threading.Lock()  # one fdatasync at a time: see fdatasync
         if self.chunk is not None:
             self._start_at(offset)
 
@@ -251,12 +253,18 @@ class LogWriter:
         return self.durable_address
 
     def fdatasync(self, fd):
-        if self.failure is not None:
-            raise self.failure
-        try:
-            self.files.fdatasync(fd)
-        except OSError as error:
-            self.fail(error)
+        """One sync at a time, and a failure is recorded before the next begins. Linux reports
+        a writeback error once per open file: of two overlapping syncs one can get EIO and the
+        other 0 for the same lost pages, and the second must not be believed. A flush calls
+        this without the pool lock, so the pool lock may be held while waiting here, never
+        the other way round."""
+        with self.sync_lock:
+            if self.failure is not None:
+                raise self.failure
+            try:
+                self.files.fdatasync(fd)
+            except OSError as error:
+                self.fail(error)
 
     def fail(self, error):
         """Refuse all further writes: after a failed write or fsync the kernel may have
