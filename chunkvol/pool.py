@@ -31,7 +31,7 @@ from chunkvol import compaction, history
 from chunkvol.clock import MAX_NODES, NODE_MASK, HybridClock, node_index, node_index_of
 from chunkvol.errors import (AlreadyExistsError, ChunkvolError, CorruptionError, NotFoundError,
                              OutOfRangeError, OutOfSpaceError, PoolBusyError, ReadOnlyError, UsageError)
-from chunkvol.format import chunk_header, pool_metadata
+from chunkvol.format import chunk_dir_label, chunk_header, pool_metadata
 from chunkvol.format import group_map
 from chunkvol.format.checkpoint import Checkpoint
 from chunkvol.format.record import (BLOCK_SIZE, FLAG_ZSTD, GROUP_BLOCKS, HEADER_SIZE, RecordType, commit_seen,
@@ -197,6 +197,7 @@ class Pool:
             os.makedirs(path, exist_ok=True)
         except (FileExistsError, NotADirectoryError):
             raise UsageError(f"cannot create a pool at {path}: a file is in the way") from None
+        pool_uuid = pool_uuid or uuid.uuid4().bytes
         directories = []
         for directory in chunk_dirs or ["chunks"]:
             absolute = os.path.join(path, directory)
@@ -204,9 +205,10 @@ class Pool:
                 os.makedirs(absolute, exist_ok=True)
             except (FileExistsError, NotADirectoryError):
                 raise UsageError(f"cannot create chunk directory {absolute}: a file is in the way") from None
+            files.publish(os.path.join(absolute, chunk_dir_label.NAME), chunk_dir_label.encode(pool_uuid))
             directories.append(directory if not os.path.isabs(directory) else absolute)
         fields = {
-            "pool_uuid": pool_uuid.hex() if pool_uuid else uuid.uuid4().hex,
+            "pool_uuid": pool_uuid.hex(),
             # A founding node has index 0 (clock.py); joined nodes and mirrors get others.
             "node_id": node_id or ((int.from_bytes(os.urandom(4), "little") & ~NODE_MASK) or MAX_NODES),
             "chunk_size": chunk_size,

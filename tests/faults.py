@@ -361,10 +361,12 @@ class FaultyFiles(LocalFiles):
         super().remove(path)
         self._maybe_crash_after("remove", path)
 
-    def rename(self, source, target):
+    def rename(self, source, target, replace=True):
         fault = self._step("rename", target)
         if fault is not None:
             raise self._error(fault, target)
+        if not replace and os.path.lexists(target):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), target)
         if self._tracked(source) and self._tracked(target):
             source_dir, source_name = os.path.split(os.path.abspath(source))
             target_dir, target_name = os.path.split(os.path.abspath(target))
@@ -381,7 +383,7 @@ class FaultyFiles(LocalFiles):
             file_state.path = os.path.abspath(target)
             target_state.current[target_name] = file_state
             target_state.pending.append(("set", target_name, file_state))
-        super().rename(source, target)
+        super().rename(source, target, replace)
         self._maybe_crash_after("rename", target)
 
     # ---- the index (LMDB, outside the seam) ------------------------------------------

@@ -18,8 +18,8 @@ import subprocess
 import nbd
 import pytest
 
-from chunkvol.errors import CorruptionError, OutOfSpaceError
-from chunkvol.format import chunk_header
+from chunkvol.errors import AlreadyExistsError, CorruptionError, FormatError, NotFoundError, OutOfSpaceError
+from chunkvol.format import chunk_dir_label, chunk_header
 from chunkvol.index.blockmap import BlockMap
 from chunkvol.pool import Pool
 from chunkvol.storage.chunks import chunk_name
@@ -294,6 +294,124 @@ def _two_chunk_pool(path):
             volume.write(_data(f"fill{step}", 1 * MiB), step * MiB)
         assert pool.chunks.ids() == [1, 2]
         return _volume_hash(pool)
+
+
+def _three_chunk_pool(path, chunk_dirs=None):
+    """A pool whose log runs through chunks 1, 2 and 3, every write flushed; cleanly closed."""
+    make_pool(path, volume_size=VOLUME, chunk_dirs=chunk_dirs)
+    with Pool.open(path) as pool:
+        volume = pool.volume("disk0")
+        for step in range(40):
+            volume.write(_data(f"fill{step}", 1 * MiB), step * MiB)
+            volume.flush()
+        assert pool.chunks.ids() == [1, 2, 3]
+        return _volume_hash(pool)
+
+
+def _file_digests(directory):
+    return {name: hashlib.sha256(open(os.path.join(directory, name), "rb").read()).hexdigest()
+            for name in sorted(os.listdir(directory))}
+
+
+def test_a_chunk_missing_in_the_middle_of_the_log_refuses_the_open(tmp_path):
+    """Chunk 2 of 1..3 is gone (moved away) and the map is rebuilt from the log: the open is
+    refused, naming chunk 2 and where it was expected, and changes nothing; with the file
+    back, the pool opens and every flushed byte is there. (Before: replay stopped at the hole,
+    chunk 3's records left the map and the writer re-created chunk 2.)"""
+    path = str(tmp_path / "pool")
+    before = _three_chunk_pool(path)
+    shutil.rmtree(os.path.join(path, "index"))  # replay from chunk 1
+    away = str(tmp_path / "away")
+    os.rename(_chunk_path(path, 2), away)
+    files_before = _file_digests(os.path.join(path, "chunks"))
+    with pytest.raises(NotFoundError) as refused:
+        Pool.open(path)
+    message = str(refused.value)
+    assert "chunk 2 " in message and chunk_name(2) in message and os.path.join(path, "chunks") in message
+    assert _file_digests(os.path.join(path, "chunks")) == files_before
+    os.rename(away, _chunk_path(path, 2))
+    with Pool.open(path) as pool:
+        assert pool.damage == [] and pool.chunks.ids() == [1, 2, 3]
+        assert _volume_hash(pool) == before
+
+
+def test_the_chunk_of_the_checkpoint_missing_refuses_the_open(tmp_path):
+    """The checkpoint points into chunk 3, whose file is gone and no later chunk exists: the
+    open is refused (before: the writer started chunk 3 anew, losing what the map named there)."""
+    path = str(tmp_path / "pool")
+    before = _three_chunk_pool(path)
+    away = str(tmp_path / "away")
+    os.rename(_chunk_path(path, 3), away)
+    with pytest.raises(NotFoundError, match="chunk 3 "):
+        Pool.open(path)
+    assert not os.path.exists(_chunk_path(path, 3))
+    os.rename(away, _chunk_path(path, 3))
+    with Pool.open(path) as pool:
+        assert _volume_hash(pool) == before
+
+
+def test_a_chunk_directory_whose_disk_is_not_mounted_refuses_the_open(tmp_path):
+    """A pool over two chunk directories; the second one's disk is not mounted at the next open
+    (its mount point an empty directory): the open is refused naming that directory, nothing
+    is written into it; the disk comes back and every flushed byte is there."""
+    path = str(tmp_path / "pool")
+    before = _three_chunk_pool(path, chunk_dirs=["disk-a", "disk-b"])
+    disk_a, disk_b = os.path.join(path, "disk-a"), os.path.join(path, "disk-b")
+    for chunk_id in (2, 3):  # where the allocator could have put them, on a fuller first disk
+        os.rename(os.path.join(disk_a, chunk_name(chunk_id)), os.path.join(disk_b, chunk_name(chunk_id)))
+    unmounted = str(tmp_path / "disk-b-unmounted")
+    os.rename(disk_b, unmounted)
+    os.mkdir(disk_b)  # the empty mount point
+    for index in (False, True):  # with the block map, and rebuilding it from the log
+        if index:
+            shutil.rmtree(os.path.join(path, "index"))
+        with pytest.raises(NotFoundError, match="disk-b is empty"):
+            Pool.open(path)
+        assert os.listdir(disk_b) == []
+    os.rmdir(disk_b)
+    os.rename(unmounted, disk_b)
+    with Pool.open(path) as pool:
+        assert pool.damage == [] and pool.chunks.ids() == [1, 2, 3]
+        assert _volume_hash(pool) == before
+
+
+def test_a_pool_from_before_directory_labels_is_labelled_at_open(tmp_path):
+    """Pools made before chunk directory labels have none: a writable open labels every
+    directory, and a later open with one of them empty is refused."""
+    path = str(tmp_path / "pool")
+    before = _three_chunk_pool(path, chunk_dirs=["disk-a", "disk-b"])
+    for directory in ("disk-a", "disk-b"):
+        os.remove(os.path.join(path, directory, chunk_dir_label.NAME))
+    with Pool.open(path) as pool:
+        assert _volume_hash(pool) == before
+    for directory in ("disk-a", "disk-b"):
+        assert os.path.exists(os.path.join(path, directory, chunk_dir_label.NAME))
+
+
+def test_a_chunk_directory_of_another_pool_is_refused(tmp_path):
+    path, other = str(tmp_path / "pool"), str(tmp_path / "other")
+    make_pool(path, volume_size=VOLUME)
+    make_pool(other, volume_size=VOLUME)
+    shutil.copy(os.path.join(other, "chunks", chunk_dir_label.NAME), os.path.join(path, "chunks"))
+    with pytest.raises(FormatError, match="another pool"):
+        Pool.open(path)
+
+
+def test_a_new_chunk_never_replaces_an_existing_file(tmp_path):
+    """The writer's next chunk id already has a file (one that recovery could not see): the
+    chunk is not created over it, the write fails with a clear error, the file is untouched."""
+    path = str(tmp_path / "pool")
+    _two_chunk_pool(path)
+    stray = str(tmp_path / "pool" / "chunks" / chunk_name(3))
+    with Pool.open(path) as pool:
+        with open(stray, "wb") as handle:
+            handle.write(b"a chunk the log must not overwrite")
+        with pytest.raises(AlreadyExistsError, match="chunk 3 already exists"):
+            for step in range(20):
+                pool.volume("disk0").write(_data(f"more{step}", 1 * MiB), (20 + step) * MiB)
+        with open(stray, "rb") as handle:
+            assert handle.read() == b"a chunk the log must not overwrite"
+        os.remove(stray)
 
 
 def test_corrupted_record_in_a_sealed_chunk_is_reported(tmp_path):

@@ -1,6 +1,10 @@
 """Recovery: bring the block map up to the end of the log after any stop, clean or not.
 
 1. Start at the checkpoint's log address (or at the first chunk when the map is rebuilt).
+   Every chunk from there up to the highest id present must exist: a hole is a chunk that is
+   missing (a disk not mounted, a file moved away), never the end of the log, and the open is
+   refused, naming it, before anything is cut or written. (Compaction frees only chunks below
+   the replay start.)
 2. Walk the records in log order, chunk by chunk. A SEAL record ends a chunk; the walk goes on
    in the next chunk id. Every valid record goes to `apply(address, header, payload)`.
 3. At a record that breaks a validity rule (see format/record.py), at address Q, look past Q
@@ -101,6 +105,11 @@ def recover(chunks, start_address, apply, writable=True, volume_sizes=None, loca
     chunk_id, offset = split_address(start_address)
     damage = []
     requests = _Requests(apply, local_node)
+    missing = chunks.missing_between(chunk_id)
+    if not missing and chunk_id not in chunks.chunks and offset > DATA_OFFSET:
+        missing = [chunk_id]  # the checkpoint has records in it
+    if missing:
+        raise chunks.missing_error(missing)
     if chunk_id in chunks.chunks and offset > chunks.get(chunk_id).size_bytes:
         raise CorruptionError(f"the log ends before the block map's checkpoint ({chunk_id}:{offset}); "
                               "the chunk file was cut short: `chunkvol check` shows what is lost",

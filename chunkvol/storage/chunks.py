@@ -8,13 +8,18 @@ the order of the log.
 A chunk evicted to an object store (tiering) is `chunk-<id>.cvm` instead, a manifest
 (format/evicted.py); its reads go through storage/remote_chunks.py. Where both files exist
 (a crash during eviction), the local file wins.
+
+Each chunk directory holds a label naming its pool (format/chunk_dir_label.py): a directory
+without one (a disk not mounted, its mount point empty) is refused at load, never taken for
+a directory whose chunks were all freed. Chunk files are published under a name that must not
+exist yet, so a chunk is never written over another of the same id.
 """
 
 import os
 import re
 
-from chunkvol.errors import CorruptionError, FormatError
-from chunkvol.format import chunk_header, evicted
+from chunkvol.errors import AlreadyExistsError, CorruptionError, FormatError, NotFoundError
+from chunkvol.format import chunk_dir_label, chunk_header, evicted
 from chunkvol.storage.remote_chunks import CacheBudget, RemoteChunk, Stores
 
 NAME = re.compile(r"^chunk-([0-9a-f]{16})\.cvc$")
@@ -59,10 +64,14 @@ class ChunkTable:
     def load(self):
         """Open every chunk file in the pool's directories and check its header."""
         manifests = []
+        listings = {}
         for directory in self.directories:
             if not os.path.isdir(directory):
                 raise FormatError("chunk directory is missing", directory)
-            for name in sorted(self.files.listdir(directory)):
+            listings[directory] = sorted(self.files.listdir(directory))
+        self._check_labels(listings)
+        for directory in self.directories:
+            for name in listings[directory]:
                 if name.startswith("chunk-") and name.endswith(".cvc.new") and self.writable:
                     self.files.remove(os.path.join(directory, name))
                     continue
@@ -75,6 +84,48 @@ class ChunkTable:
             if chunk_id not in self.chunks:
                 self._open_evicted(chunk_id, path)
         return self
+
+    def _check_labels(self, listings):
+        """Every directory must carry this pool's label. A directory without one is labelled
+        when it holds this pool's chunks (a pool from before labels, or a disk that came back
+        after an upgrade), or when no directory has a label yet (a pool from before labels);
+        an unlabelled empty directory beside labelled ones is a disk that is not there."""
+        unlabelled = []
+        for directory, names in listings.items():
+            if chunk_dir_label.NAME in names:
+                path = os.path.join(directory, chunk_dir_label.NAME)
+                if chunk_dir_label.decode(self.files.read_file(path), path) != self.pool_uuid:
+                    raise FormatError("chunk directory belongs to another pool", path)
+            else:
+                unlabelled.append(directory)
+        labelled_any = len(unlabelled) < len(listings)
+        for directory in unlabelled:
+            holds_chunks = any(NAME.match(name) or MANIFEST_NAME.match(name) for name in listings[directory])
+            if labelled_any and not holds_chunks:
+                raise NotFoundError(
+                    f"chunk directory {directory} is empty and has no {chunk_dir_label.NAME}: the disk that "
+                    "holds it is not mounted? The pool was not opened, so nothing is lost: mount it and open "
+                    "again (a directory that really is new: copy the label from another chunk directory)")
+            if self.writable:
+                self.label(directory)
+
+    def label(self, directory):
+        """Write this pool's label into a chunk directory (init, or upgrading an older pool)."""
+        self.files.publish(os.path.join(directory, chunk_dir_label.NAME), chunk_dir_label.encode(self.pool_uuid))
+
+    def missing_between(self, first_id):
+        """Chunk ids from `first_id` up to the highest present that have no file: a log with a
+        hole in it (a chunk that compaction freed is always below the replay start)."""
+        ids = self.ids()
+        return [] if not ids else [each for each in range(first_id, ids[-1]) if each not in self.chunks]
+
+    def missing_error(self, missing):
+        names = ", ".join(chunk_name(each) for each in missing[:8]) + (" ..." if len(missing) > 8 else "")
+        return NotFoundError(
+            f"the log is missing chunk{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing[:8]))}"
+            f"{' ...' if len(missing) > 8 else ''} ({names}), expected in one of {', '.join(self.directories)}; "
+            "later chunks exist, so the log cannot end there. The pool was not opened and nothing was changed: "
+            "bring the files (or the disk holding them) back and open again")
 
     def _open_evicted(self, chunk_id, path):
         manifest = evicted.decode(self.files.read_file(path), path)
@@ -131,15 +182,23 @@ class ChunkTable:
         directory = self._pick_directory()
         path = os.path.join(directory, chunk_name(chunk_id))
         temporary = path + ".new"  # a crash mid-creation leaves only this, removed at load
+        if any(os.path.exists(os.path.join(each, chunk_name(chunk_id))) for each in self.directories):
+            raise AlreadyExistsError(f"chunk {chunk_id} already exists ({path}): the log never writes over a chunk")
         fd = self.files.open_write(temporary, create=True)
+        published = False
         try:
             self.files.pwrite(fd, chunk_header.encode(self.pool_uuid, chunk_id, self.capacity_bytes, created_hlc), 0)
             self.files.fsync(fd)
-            self.files.rename(temporary, path)
+            try:
+                self.files.rename(temporary, path, replace=False)
+            except FileExistsError:
+                raise AlreadyExistsError(f"chunk {chunk_id} already exists ({path}): the log never writes "
+                                         "over a chunk") from None
+            published = True
             self.files.fsync_directory(directory)
         except BaseException:
             self.files.close(fd)
-            for leftover in (temporary, path):
+            for leftover in (temporary, path) if published else (temporary,):
                 try:
                     self.files.remove(leftover)
                 except OSError:

@@ -23,6 +23,9 @@ from chunkvol.errors import OutOfSpaceError
 FALLOC_FL_KEEP_SIZE = 1
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+_libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+AT_FDCWD = -100
+RENAME_NOREPLACE = 1
 
 
 class LocalFiles:
@@ -106,8 +109,20 @@ class LocalFiles:
     def remove(self, path):
         os.unlink(path)
 
-    def rename(self, source, target):
-        os.replace(source, target)
+    def rename(self, source, target, replace=True):
+        """Rename `source` to `target`; with replace=False, FileExistsError if `target` exists
+        (renameat2 RENAME_NOREPLACE; where the filesystem lacks it, link then unlink, which
+        refuses an existing name just the same)."""
+        if replace:
+            os.replace(source, target)
+            return
+        if _libc.renameat2(AT_FDCWD, os.fsencode(source), AT_FDCWD, os.fsencode(target), RENAME_NOREPLACE) == 0:
+            return
+        number = ctypes.get_errno()
+        if number not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise OSError(number, os.strerror(number), target)
+        os.link(source, target)
+        os.unlink(source)
 
     def read_file(self, path):
         with open(path, "rb") as handle:
