@@ -51,7 +51,7 @@ SECTOR = 512
 
 # Seam methods FaultyFiles models (overrides) or knows to be harmless (reads, listings).
 MODELLED = {"open_read", "open_write", "open_direct", "close", "pread", "preadv", "pwrite", "fdatasync", "fsync",
-            "truncate", "size", "fsync_directory", "listdir", "remove", "rename", "read_file",
+            "truncate", "size", "fsync_directory", "listdir", "remove", "rename", "read_file", "drop_cache",
             "publish", "preallocate"}
 
 
@@ -87,12 +87,13 @@ class Fault:
 class FileState:
     """One file (an inode): its durable content and the changes since its last sync."""
 
-    __slots__ = ("path", "durable", "pending")
+    __slots__ = ("path", "durable", "pending", "lost")
 
     def __init__(self, path, durable=None):
         self.path = path          # where the real file is now (None once removed)
         self.durable = durable    # bytearray, or None: not loaded yet (the real file is durable)
         self.pending = []         # ("w", offset, bytes) / ("t", size)
+        self.lost = False         # a sync failed: the page cache holds pages the disk does not
 
     def load(self):
         if self.durable is None:
@@ -287,7 +288,9 @@ class FaultyFiles(LocalFiles):
         fault = self._step(op, file_state.path if file_state else fd)
         if fault is not None:
             if file_state is not None:
+                file_state.load()
                 file_state.pending = []  # fsyncgate: the pages are clean now, the data is not on disk
+                file_state.lost = True
             raise self._error(fault)
         if self.real_sync:
             (os.fsync if op == "fsync" else os.fdatasync)(fd)
@@ -303,6 +306,22 @@ class FaultyFiles(LocalFiles):
 
     def fdatasync(self, fd):
         self._sync("fdatasync", fd)
+
+    def drop_cache(self, fd):
+        """The kernel forgets the file's clean cached pages: after a failed sync, reads show
+        what the disk holds (the durable image, plus writes made since, still dirty)."""
+        file_state = self.fds.get(fd)
+        if file_state is not None and file_state.lost:
+            content = file_state.image()
+            for change in file_state.pending:
+                if change[0] == "w":
+                    _apply_write(content, change[1], change[2])
+                else:
+                    _apply_truncate(content, change[1])
+            os.ftruncate(fd, len(content))
+            os.pwrite(fd, content, 0)
+            file_state.lost = False
+        super().drop_cache(fd)
 
     def fsync(self, fd):
         self._sync("fsync", fd)

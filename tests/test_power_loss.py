@@ -563,3 +563,37 @@ def test_a_sync_overlapping_a_failed_one_fails_too(tmp_path):
             volume.write(bytes(4096), 0)
     finally:
         abandon(pool)
+
+
+def test_restart_after_a_failed_fsync_reads_the_disk_not_the_page_cache(tmp_path):
+    """After a failed fsync the kernel keeps the lost pages in its cache, marked clean. The
+    server restarted on the same machine (no reboot) must not replay them as if they were on
+    disk: the reopened pool shows the disk's content (the write whose flush failed is gone),
+    and a power loss after that reveals no damage (issue 14, item 3)."""
+    path = make_pool(str(tmp_path / "pool"), volume_size=VOLUME)
+    faulty = FaultyFiles(path, seed=1, modes=("drop",), index_modes=("snapshot",))
+    old = random.Random(1).randbytes(64 << 10)
+    new = random.Random(2).randbytes(64 << 10)
+    with track_index(faulty):
+        pool = Pool.open(path, files=faulty)
+        volume = pool.volume("disk0")
+        volume.write(old, 0)
+        volume.flush()
+        volume.write(new, 0)
+        faulty.faults.append(Fault("fdatasync", nth=1, error=errno.EIO))
+        with pytest.raises(ChunkvolError):
+            volume.flush()
+        abandon(pool)  # the server is restarted; the machine and its page cache stay
+        pool = Pool.open(path, files=faulty)
+        buffer = bytearray(64 << 10)
+        pool.volume("disk0").read(buffer, 0)
+        assert bytes(buffer) == old, "the reopened pool replayed pages that never reached the disk"
+        pool.volume("disk0").flush()
+        lost = str(tmp_path / "lost")
+        faulty.power_loss(lost)
+        abandon(pool)
+    with Pool.open(lost) as pool:
+        assert pool.damage == []
+        buffer = bytearray(64 << 10)
+        pool.volume("disk0").read(buffer, 0)
+        assert bytes(buffer) == old

@@ -4,7 +4,9 @@
    Every chunk from there up to the highest id present must exist: a hole is a chunk that is
    missing (a disk not mounted, a file moved away), never the end of the log, and the open is
    refused, naming it, before anything is cut or written. (Compaction frees only chunks below
-   the replay start.)
+   the replay start.) A writable open reads the chunks from there from the disk itself, not
+   from the page cache: after a failed sync, a process that died or was restarted may have
+   left pages there that look written but never reached the disk.
 2. Walk the records in log order, chunk by chunk. A SEAL record ends a chunk; the walk goes on
    in the next chunk id. Every valid record goes to `apply(address, header, payload)`.
 3. At a record that breaks a validity rule (see format/record.py), at address Q, look past Q
@@ -110,6 +112,8 @@ def recover(chunks, start_address, apply, writable=True, volume_sizes=None, loca
         missing = [chunk_id]  # the checkpoint has records in it
     if missing:
         raise chunks.missing_error(missing)
+    if writable:
+        chunks.read_from_disk(chunk_id)
     if chunk_id in chunks.chunks and offset > chunks.get(chunk_id).size_bytes:
         raise CorruptionError(f"the log ends before the block map's checkpoint ({chunk_id}:{offset}); "
                               "the chunk file was cut short: `chunkvol check` shows what is lost",

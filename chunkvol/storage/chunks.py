@@ -113,6 +113,14 @@ class ChunkTable:
         """Write this pool's label into a chunk directory (init, or upgrading an older pool)."""
         self.files.publish(os.path.join(directory, chunk_dir_label.NAME), chunk_dir_label.encode(self.pool_uuid))
 
+    def read_from_disk(self, first_id):
+        """Local chunks from `first_id` on are read from the disk from now on, not from pages
+        the kernel kept: after a failed sync those are marked clean though never written."""
+        for chunk_id in self.ids():
+            chunk = self.chunks[chunk_id]
+            if chunk_id >= first_id and chunk.fd is not None:
+                self.files.drop_cache(chunk.fd)
+
     def missing_between(self, first_id):
         """Chunk ids from `first_id` up to the highest present that have no file: a log with a
         hole in it (a chunk that compaction freed is always below the replay start)."""

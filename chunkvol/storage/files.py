@@ -90,6 +90,12 @@ class LocalFiles:
     def fsync(self, fd):
         os.fsync(fd)
 
+    def drop_cache(self, fd):
+        """Forget the file's clean cached pages, so that reads come from the disk. After a
+        failed sync the kernel keeps the lost pages cached and marked clean; a process that
+        opens the file later must not take them for what the disk holds."""
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
     def truncate(self, fd, length):
         os.ftruncate(fd, length)
 
