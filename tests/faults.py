@@ -132,6 +132,15 @@ def _apply_write(image, offset, data):
     image[offset:end] = data
 
 
+def _apply_changes(image, pending):
+    for change in pending:
+        if change[0] == "w":
+            _apply_write(image, change[1], change[2])
+        else:
+            _apply_truncate(image, change[1])
+    return image
+
+
 def _apply_truncate(image, size):
     if size < len(image):
         del image[size:]
@@ -295,12 +304,7 @@ class FaultyFiles(LocalFiles):
         if self.real_sync:
             (os.fsync if op == "fsync" else os.fdatasync)(fd)
         if file_state is not None and file_state.pending:
-            image = file_state.load()
-            for change in file_state.pending:
-                if change[0] == "w":
-                    _apply_write(image, change[1], change[2])
-                else:
-                    _apply_truncate(image, change[1])
+            _apply_changes(file_state.load(), file_state.pending)
             file_state.pending = []
         self._maybe_crash_after(op, fd)
 
@@ -312,12 +316,7 @@ class FaultyFiles(LocalFiles):
         what the disk holds (the durable image, plus writes made since, still dirty)."""
         file_state = self.fds.get(fd)
         if file_state is not None and file_state.lost:
-            content = file_state.image()
-            for change in file_state.pending:
-                if change[0] == "w":
-                    _apply_write(content, change[1], change[2])
-                else:
-                    _apply_truncate(content, change[1])
+            content = _apply_changes(file_state.image(), file_state.pending)
             os.ftruncate(fd, len(content))
             os.pwrite(fd, content, 0)
             file_state.lost = False
