@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from chunkvol.format import mirror_state
 from chunkvol.pool import Pool
 from tests.server import CHUNKVOL, ENVIRONMENT
 from tests.test_mirrors import assert_identical, cv, new_source, status
@@ -37,6 +38,12 @@ def _receive(link, node, log_path):
         except OSError:
             time.sleep(0.1)
     raise AssertionError(open(log_path).read())
+
+
+def _shipped_bytes(state_path):
+    """What the sync process has had acknowledged so far (its durable state, read while it runs)."""
+    with open(state_path, "rb") as handle:
+        return mirror_state.decode(handle.read())["shipped_bytes"]
 
 
 def _write(source, seed, megabytes):
@@ -71,18 +78,27 @@ def test_mirror_over_a_shaped_lossy_link_catches_up_and_survives_cuts(tmp_path):
         assert cut.returncode == 1 and link.inner in cut.stderr, cut.stderr
         link.heal()
 
-        # kill -9 of the receiver in the middle of a sync, then a restart.
+        # kill -9 of the receiver in the middle of a sync (its first batch of 8 MiB acknowledged,
+        # the rest in flight), then a restart.
+        _write(source, 4, 8)
+        state_path = os.path.join(source, "mirrors", "far.state")
+        shipped_before = _shipped_bytes(state_path)
         sync = subprocess.Popen([CHUNKVOL, "--pool", source, "mirror", "sync", "far"], env=ENVIRONMENT,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        time.sleep(1.0)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while _shipped_bytes(state_path) == shipped_before:
+            assert sync.poll() is None and time.monotonic() < deadline, "the sync never moved its cursor"
+            time.sleep(0.05)
         receiver.kill()
         receiver.wait()
-        sync.communicate(timeout=120)
+        _, err = sync.communicate(timeout=120)
+        assert sync.returncode == 1 and link.inner in err and "Traceback" not in err, err
+        assert status(source, "far")["bytes_behind"] > 0
         receiver = _receive(link, node, str(tmp_path / "receive.log"))
         cv(source, "mirror", "sync", "far")
         row = status(source, "far")
         assert row["bytes_behind"] == 0 and row["last_error"] is None
-        written = 12 * MiB
+        written = 20 * MiB
         print(json.dumps({"test": "mirror_slow_link", "link_bytes_per_second": link_bytes_per_second,
                           "loss": 0.02, "first_catch_up_bytes": behind,
                           "catch_up_bytes_per_second": round(shipped / elapsed),

@@ -14,7 +14,7 @@ import time
 import nbd
 import pytest
 
-from chunkvol.format import wire
+from chunkvol.format import mirror_state, wire
 from chunkvol.mirror import identity, node_link
 from chunkvol.mirror.node_link import ReceiverServer
 from chunkvol.pool import Pool
@@ -87,19 +87,30 @@ def test_node_mirror_over_tls_resumes_after_kill9_of_the_receiver(tmp_path, rece
     port = free_port()
     receiving = Receiving(node, port, str(tmp_path / "receive.log")).start()
     receivers.append(receiving)
-    cv(source, "mirror", "add", "n2", "--to", f"node:127.0.0.1:{port}")
-    # Kill the receiver while a sync runs; the sync fails clearly; a restart resumes.
+    # At 4 MB/s the sync takes seconds, a batch (one second of bandwidth) at a time.
+    cv(source, "mirror", "add", "n2", "--to", f"node:127.0.0.1:{port}", "--bandwidth", "4M")
+    total = status(source, "n2")["bytes_behind"]
+    assert total > 4 * (4 << 20), f"too little history ({total} bytes) to catch the sync half way"
+    # Kill the receiver once the sync has shipped part of the log (the cursor moved, some is
+    # still behind); the sync fails clearly; a restart resumes from the cursor.
     sync = subprocess.Popen([CHUNKVOL, "--pool", source, "mirror", "sync", "n2"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=ENVIRONMENT)
-    time.sleep(0.3)
+    state_path = os.path.join(source, "mirrors", "n2.state")
+    deadline = time.monotonic() + 60
+    while not (os.path.exists(state_path)
+               and mirror_state.decode(open(state_path, "rb").read())["shipped_bytes"] > 0):
+        assert sync.poll() is None and time.monotonic() < deadline, "the sync never moved its cursor"
+        time.sleep(0.05)
     receiving.kill()
     out, err = sync.communicate(timeout=60)
-    if sync.returncode != 0:
-        assert "127.0.0.1" in err and "Traceback" not in err, err
-        assert status(source, "n2")["last_error"]
+    assert sync.returncode != 0, "a sync whose receiver was killed half way reported success"
+    assert "127.0.0.1" in err and "Traceback" not in err, err
+    half_way = status(source, "n2")
+    assert half_way["last_error"] and 0 < half_way["bytes_behind"] < total, half_way
     receiving.start()
     cv(source, "mirror", "sync", "n2")
     row = status(source, "n2")
+    assert row["shipped_bytes"] < total + half_way["shipped_bytes"], "the sync started over"
     assert row["bytes_behind"] == 0 and row["last_error"] is None
     write_history(source, 12, rounds=1, first=False)
     cv(source, "mirror", "sync", "n2")
