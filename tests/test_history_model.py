@@ -20,6 +20,7 @@ model's (creating and removing a snapshot are synced).
 """
 
 import os
+import random
 import shutil
 import tempfile
 import time
@@ -121,7 +122,7 @@ class HistoryMachine(RuleBasedStateMachine):
     def _write(self, name, offset, length, kind, fua, seed):
         length = min(length, VOLUME_BYTES - offset)
         if kind == "random":
-            payload = os.urandom(length)
+            payload = random.Random(seed).randbytes(length)  # replays from hypothesis' seed
         elif kind == "text":
             payload = (f"block {seed} " * (length // 8 + 1)).encode()[:length]
         else:

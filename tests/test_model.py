@@ -7,6 +7,7 @@ operations since the last flush (prefix consistency), and everything flushed is 
 """
 
 import os
+import random
 import shutil
 
 import hypothesis.strategies as st
@@ -60,7 +61,7 @@ class VolumeMachine(RuleBasedStateMachine):
     def write(self, offset, length, kind, fua, seed):
         length = min(length, VOLUME_BYTES - offset)
         if kind == "random":
-            data = os.urandom(length)
+            data = random.Random(seed).randbytes(length)  # replays from hypothesis' seed
         elif kind == "text":
             data = (f"block {seed} " * (length // 8 + 1)).encode()[:length]
         else:

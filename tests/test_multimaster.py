@@ -294,7 +294,7 @@ def test_a_pool_rebuilt_from_its_compaction_base_still_converges(tmp_path):
         _exchange_everything(nodes)
         # B writes blocks 8..15 and keeps them; A zeroes them a second later (concurrent: A
         # has not seen B's write, so only the stamps order them): the newer hole must win.
-        b.pool.volume("mm").write(os.urandom(32768), 32768)
+        b.pool.volume("mm").write(random.Random(6).randbytes(32768), 32768)
         b.pool.flush()
         clock.jump(0, 1_000_000_000)
         a.pool.volume("mm").zero(32768, 32768)
@@ -303,7 +303,7 @@ def test_a_pool_rebuilt_from_its_compaction_base_still_converges(tmp_path):
         # shipped, so that no peer holds it.
         for _ in range(2):
             for offset in range(MiB, 17 * MiB, MiB):
-                a.pool.volume("mm").write(os.urandom(MiB), offset)
+                a.pool.volume("mm").write(random.Random(offset).randbytes(MiB), offset)
             a.pool.flush()
         history.prune(a.pool, "mm", 0, now=clock.now_ns / 1e9 + 60)
         ship(a, b)
