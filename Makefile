@@ -19,7 +19,7 @@ DEBIAN_PACKAGES := nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd python3
 	linux-source-6.12 flex bison bc xz-utils nbd-client socat
 export PATH := /usr/bin:/bin:/usr/sbin:/sbin:$(PATH)
 
-.PHONY: all install system-packages run test test-soak test-fast bench bench-history bench-mirror bench-objstore bench-multimaster clean
+.PHONY: all install system-packages uml-kernel run test test-soak test-fast bench bench-history bench-mirror bench-objstore bench-multimaster clean
 
 all: install
 
@@ -49,7 +49,12 @@ run: install
 	  $(VENV)/bin/chunkvol --pool $(POOL) volume create $(VOLUME) --size $(SIZE)
 	exec $(VENV)/bin/chunkvol --pool $(POOL) serve --socket $(SOCKET) --port $(PORT) --print-attach
 
-test: install
+# The user-mode Linux the UML tests boot, built once (a few minutes, cached in /var/cache/chunkvol/uml or
+# $CHUNKVOL_UML_CACHE) from Debian's linux-source-6.12 with tools/guest/uml/*.patch and a minimal config.
+uml-kernel: install
+	$(PY) -m tools.guest.uml_kernel
+
+test: install uml-kernel
 	$(PY) -m pytest -q -x --timeout=600 tests
 
 # Longer runs: the multi-master simulation over many seeds, and more partition runs of two served nodes.

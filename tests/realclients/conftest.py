@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tools.guest import build_initramfs  # noqa: E402
+from tools.guest import build_initramfs, uml  # noqa: E402
 from tools.guest.nbdkit import Server, served  # noqa: E402
 
 
@@ -43,6 +43,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "realclients: drives real NBD clients (nbdfuse+loop, qemu, UML); "
                                        "needs root, /dev/fuse and loop devices")
     config.addinivalue_line("markers", "vm: boots a kernel (qemu TCG or user-mode-linux)")
+    config.addinivalue_line("markers", "uml: boots the built user-mode Linux; skipped, with UML's own "
+                                       "words, only where the host cannot run it (see pytest_runtest_setup)")
 
 
 def _missing_capability() -> str | None:
@@ -63,6 +65,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if here in Path(item.fspath).parents:
             item.add_marker(pytest.mark.skip(reason=reason))
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Skip a test marked `uml` where user-mode Linux cannot run on this host, with the reason.
+
+    The probe (tools.guest.uml.unusable_reason) boots the built kernel once per
+    process.  It is the only way these tests skip: a kernel that does not build
+    (the first call builds it, minutes, if `make uml-kernel` has not) or a boot
+    failing for any other reason raises, so the test errors loudly.
+    """
+    if item.get_closest_marker("uml") is None:
+        return
+    reason = uml.unusable_reason()
+    if reason is not None:
+        pytest.skip(f"user-mode Linux cannot run on this host: {reason}")
 
 
 @dataclasses.dataclass

@@ -375,7 +375,7 @@ def test_two_volumes_at_once_kill9(tmp_path, server_factory):
 # --- 3./4. guests booting from a volume ----------------------------------------------------------
 
 @pytest.mark.vm
-@pytest.mark.parametrize("client", ["qemu", "uml"])
+@pytest.mark.parametrize("client", ["qemu", pytest.param("uml", marks=pytest.mark.uml)])
 def test_guest_boots_from_volume(client, tmp_path, server_factory, guest_images):
     """qemu (root disk = NBD export) or UML (root disk = nbdfuse file) boots from a volume and
     writes a blob; the host reads it back, also after a clean server restart; the pool checks clean."""

@@ -147,6 +147,7 @@ def test_qemu_boots_with_export_as_root_disk(export, guest_images):
 
 
 @pytest.mark.vm
+@pytest.mark.uml
 def test_uml_boots_from_nbdfuse_file(export, guest_images):
     """user-mode-linux boots from the nbdfuse file of the export; the guest's write reads back."""
     rt = guest.roundtrip(export.socket, export.name, export.workdir, client="uml", images=guest_images)
@@ -155,6 +156,7 @@ def test_uml_boots_from_nbdfuse_file(export, guest_images):
 
 
 @pytest.mark.vm
+@pytest.mark.uml
 def test_reboot_same_volume_twice(file_pool_export, guest_images):
     """The root filesystem left by one boot must boot again (no reinstall): state persists across boots."""
     exp = file_pool_export
@@ -164,6 +166,7 @@ def test_reboot_same_volume_twice(file_pool_export, guest_images):
 
 
 @pytest.mark.vm
+@pytest.mark.uml
 def test_guest_failure_is_reported(file_pool_export, guest_images):
     """A root disk without a marker makes the guest report FAIL; check() raises with the console tail."""
     exp = file_pool_export
@@ -175,6 +178,7 @@ def test_guest_failure_is_reported(file_pool_export, guest_images):
 
 
 @pytest.mark.vm
+@pytest.mark.uml
 def test_hung_guest_is_killed_at_timeout(file_pool_export, guest_images):
     """A guest that never reports (busybox init as PID 1 waits forever) is killed at the timeout."""
     exp = file_pool_export
