@@ -208,6 +208,9 @@ def prune(pool, volume_name, keep_seconds=None, now=None):
                 raise UsageError("--keep must not be negative")
             before = _stamp_at(now - keep_seconds)
             keep, retained_from = [], before
+        # Points open connections read stay, as snapshots do; in the record, so that replay,
+        # mirrors and peers keep the same versions.
+        keep = sorted(set(keep) | {stamp for stamp in pool.points_being_read(info.volume_id) if stamp < before})
         held = set(keep) | set(held_stamps(pool, info.volume_id))
         released = [stamp for stamp, _, _ in pool.blockmap.history(info.volume_id, 0, before - 1)
                     if stamp not in held]

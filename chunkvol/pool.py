@@ -154,6 +154,7 @@ class Pool:
         self.volumes_by_id = {}
         self.snapshots = {}  # volume_id -> {name: {"name", "stamp", "size", "created"}}
         self.users = {}  # volume name -> (open NBD connections to it or its points, to it live)
+        self.points_read = {}  # volume_id -> {stamp: open connections reading the volume as of it}
         self.next_sequence = 1
         self.origins = {}  # other node -> greatest origin sequence of its records in our log
         self.origin_stamps = {}  # other node -> stamp of its last COMMIT in our log
@@ -848,16 +849,30 @@ class Pool:
                 self._volume_change(RecordType.VOLUME_RESIZE, info.volume_id, {"name": name, "size": size_bytes})
             return info
 
-    def attach(self, name, live=True):
-        """An NBD connection opened the volume (live=False: one of its past points)."""
+    def attach(self, name, live=True, point=None):
+        """An NBD connection opened the volume (live=False: one of its past points). A `point`
+        it reads (history.Point) is held while it is open, as a snapshot is: prune keeps it."""
         with self.lock:
             count, live_count = self.users.get(name, (0, 0))
             self.users[name] = (count + 1, live_count + (1 if live else 0))
+            if point is not None:
+                held = self.points_read.setdefault(point.info.volume_id, {})
+                held[point.stamp] = held.get(point.stamp, 0) + 1
 
-    def detach(self, name, live=True):
+    def detach(self, name, live=True, point=None):
         with self.lock:
             count, live_count = self.users.get(name, (0, 0))
             self.users[name] = (max(0, count - 1), max(0, live_count - (1 if live else 0)))
+            held = self.points_read.get(point.info.volume_id, {}) if point is not None else {}
+            if point is not None and point.stamp in held:
+                held[point.stamp] -= 1
+                if not held[point.stamp]:
+                    del held[point.stamp]
+
+    def points_being_read(self, volume_id):
+        """Stamps of the volume's past points that open connections read now."""
+        with self.lock:
+            return sorted(self.points_read.get(volume_id, ()))
 
     def connections(self, name, live_only=False):
         return self.users.get(name, (0, 0))[1 if live_only else 0]

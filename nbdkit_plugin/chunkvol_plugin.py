@@ -198,14 +198,14 @@ def open(readonly):  # noqa: A001 (nbdkit's callback name)
     except errors.ChunkvolError as error:
         _fail(error)
         raise
-    state["pool"].attach(volume.info.name, live=volume.point is None)
+    state["pool"].attach(volume.info.name, live=volume.point is None, point=volume.point)
     return volume
 
 
 def close(volume):
     _unpin()
     if state["pool"] is not None:
-        state["pool"].detach(volume.info.name, live=volume.point is None)
+        state["pool"].detach(volume.info.name, live=volume.point is None, point=volume.point)
 
 
 def export_description(volume):

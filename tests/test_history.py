@@ -241,3 +241,37 @@ def test_a_failed_retention_pass_does_not_fail_the_flush(pool, monkeypatch):
     pool = reopen(pool)
     assert read(pool, "v", 4096) == b"r" * 4096
     pool.close()
+
+
+def test_a_past_point_read_over_nbd_is_held_while_prune_runs(pool_path, server_factory):
+    """A backup reads disk0@<a time> over NBD while `chunkvol prune --keep 0s` releases that time
+    (issue 14, item 4): the connection's point is held as a snapshot is, so every group reads as
+    of the point (before: some groups read as of the next flush point, an image that never
+    existed, passing every checksum); once the connection is gone, the point goes."""
+    import nbd
+    from tests.server import chunkvol
+    server = server_factory(pool_path)
+    size = 8 << 20
+    old, new = bytes([1]) * size, bytes([2]) * size
+    live = server.connect()
+    live.pwrite(old, 0)
+    live.flush()
+    time.sleep(0.01)  # the point below names old's flush point, not new's
+    point = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z"
+    time.sleep(0.01)
+    live.pwrite(new, 0)
+    live.flush()
+    backup = server.connect(f"disk0@{point}")
+    first = backup.pread(size // 2, 0)
+    chunkvol("--pool", pool_path, "prune", "disk0", "--keep", "0s")
+    second = backup.pread(size // 2, size // 2)
+    assert first + second == old, "the backup read an image that never existed"
+    backup.shutdown()
+    live.pwrite(new, 0)  # a flush point after the connection closed; then the point may go
+    live.flush()
+    chunkvol("--pool", pool_path, "prune", "disk0", "--keep", "0s")
+    refused = nbd.NBD()
+    refused.set_export_name(f"disk0@{point}")
+    with pytest.raises(nbd.Error):
+        refused.connect_unix(server.socket_path)
+    live.shutdown()

@@ -19,12 +19,13 @@ import nbd
 import pytest
 
 from chunkvol import history
+from chunkvol.clock import COUNTER_BITS
 from chunkvol.errors import PeerError
 from chunkvol.format import record
 from chunkvol.format.record import HEADER_SIZE, RecordType
 from chunkvol.mirror import node_link, receiver
 from chunkvol.mirror.source import LogSource
-from chunkvol.pool import Pool
+from chunkvol.pool import VOLUME_ID_NODE_SHIFT, Pool
 from chunkvol.storage.files import LocalFiles
 from tests.faults import FaultyFiles, PowerLoss
 from tests.server import CHUNKVOL, ENVIRONMENT, chunkvol
@@ -249,6 +250,10 @@ def _batch(source):
     return fields, batches[0].records
 
 
+def _header(raw):
+    return record.decode_header(memoryview(raw)[:HEADER_SIZE])
+
+
 def _forged(raw, **changes):
     """The record with header fields changed and both checksums made right again."""
     header = list(record.decode_header(memoryview(raw)[:HEADER_SIZE]))
@@ -302,6 +307,13 @@ def test_receiver_refuses_hostile_batches_and_changes_nothing(tmp_path):
         "not at a flush point": (uuid, origin, records[:-1]),
         "volume record not JSON": (uuid, origin, replaced(create, _forged(bytes(bad_json)))),
         "empty": (uuid, origin, []),
+        # A stamp's low bits and a new volume id's top bits name the node that made them.
+        "stamp of another node's index": (uuid, origin, replaced(extent, _forged(
+            records[extent], hlc=_header(records[extent])[6] ^ 1))),
+        "volume id of another node's range": (uuid, origin, [_forged(
+            records[create], volume_id=_header(records[create])[2] ^ (1 << VOLUME_ID_NODE_SHIFT)), records[-1]]),
+        "stamp far ahead of this clock": (uuid, origin, replaced(extent, _forged(
+            records[extent], hlc=_header(records[extent])[6] + (3600 * 1000 << COUNTER_BITS)))),
     }
     with Pool.open(mirror) as pool:
         end, held = pool.writer.position, dict(pool.origins)
@@ -414,6 +426,13 @@ def serves():
             pass
 
 
+def _served(source, tmp_path, serves):
+    """`serve` on SOURCE, stopped by the `serves` fixture."""
+    serve = Serve(source, str(tmp_path / "nbd.sock"), str(tmp_path / "serve.log")).start()
+    serves.append(serve)
+    return serve
+
+
 def _wait_caught_up(pool, name, timeout=60):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -432,8 +451,7 @@ def _pids_of(pattern):
 def test_serve_ships_while_clients_write_and_resumes_after_kill9(tmp_path, serves):
     source = new_source(tmp_path)
     mirror = str(tmp_path / "mirror")
-    serve = Serve(source, str(tmp_path / "nbd.sock"), str(tmp_path / "serve.log")).start()
-    serves.append(serve)
+    serve = _served(source, tmp_path, serves)
     cv(source, "mirror", "add", "m", "--to", f"dir:{mirror}")  # beside the running server
     rng = random.Random(7)
     for cycle in range(3):
@@ -465,6 +483,36 @@ def test_serve_ships_while_clients_write_and_resumes_after_kill9(tmp_path, serve
         assert pool.origins[Pool.read_metadata(source)["node_id"]] > 0
     assert_identical(source, mirror)
     assert shipped_once > 100
+
+
+def test_mirror_sync_beside_serve_waits_for_the_servers_shipper(tmp_path, serves):
+    """`mirror sync NAME` while `serve` runs (issue 14, item 9): the server's shipper holds the
+    mirror, so sync asks the server how far the log is durable and waits until that mirror
+    has all of it, with the same output and exit codes as when nothing is served (it exited 5,
+    "in use by another process", for a dir: mirror). A mirror that fails meanwhile fails it."""
+    source = new_source(tmp_path)
+    mirror = str(tmp_path / "mirror")
+    cv(source, "mirror", "add", "m", "--to", f"dir:{mirror}")
+    serve = _served(source, tmp_path, serves)
+    rng = random.Random(9)
+    handle = serve.connect()
+    for round_number in range(3):
+        for _ in range(20):
+            handle.pwrite(rng.randbytes(MiB), rng.randrange(0, 47) * MiB)
+        handle.flush()
+        synced = cv(source, "mirror", "sync", "m", check=False)
+        assert synced.returncode == 0, synced.stderr
+        assert "has everything written up to now" in synced.stdout
+        row = status(source, "m")
+        assert row["bytes_behind"] == 0 and row["last_error"] is None, row
+    handle.shutdown()
+    # A mirror that cannot be reached: the sync fails with the shipper's error, exit 1 as unserved.
+    cv(source, "mirror", "add", "gone", "--to", "node:127.0.0.1:9")
+    failed = cv(source, "mirror", "sync", "gone", check=False)
+    assert failed.returncode == 1 and "127.0.0.1" in failed.stderr, (failed.returncode, failed.stderr)
+    cv(source, "mirror", "remove", "gone")
+    serve.stop()
+    assert_identical(source, mirror)
 
 
 def test_a_lost_source_rejoins_the_promoted_mirror_without_a_full_copy(tmp_path):
@@ -510,8 +558,7 @@ def test_a_stuck_mirror_does_not_hold_up_the_others(tmp_path, serves):
         mirror = str(tmp_path / "mirror")
         cv(source, "mirror", "add", "stuck", "--to", f"node:127.0.0.1:{listener.getsockname()[1]}")
         cv(source, "mirror", "add", "m", "--to", f"dir:{mirror}")
-        serve = Serve(source, str(tmp_path / "nbd.sock"), str(tmp_path / "serve.log")).start()
-        serves.append(serve)
+        serve = _served(source, tmp_path, serves)
         rng = random.Random(5)
         handle = serve.connect()
         for _ in range(4):

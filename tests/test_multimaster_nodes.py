@@ -743,6 +743,45 @@ def test_single_primary_failover_and_split_brain(cluster):
     check_against_oracle(a, b, served)
 
 
+def test_a_peer_added_before_it_is_up_connects_when_it_comes_up(tmp_path):
+    """`peer add` of a node that is not up yet (issue 14, item 10): recorded, `peer status` shows
+    it connecting; both sides configured first, in any order; when it comes up, the shipper
+    connects, learns which node it is, and the writes made meanwhile reach it."""
+    a = Node(tmp_path, "A", f"127.0.0.1:{free_port()}")
+    b = Node(tmp_path, "B", f"127.0.0.1:{free_port()}")
+    try:
+        a.cv("init", "--chunk-size", "16M")
+        join = str(tmp_path / "b.join")
+        a.cv("join-file", join)
+        b.cv("init", "--join", join)
+        a.start()
+        added = a.cv("peer", "add", "b", "--address", b.listen)
+        assert "not up yet" in added.stdout, added.stdout
+        (row,) = a.json("peer", "status")["peers"]
+        assert (row["connected"], row["connecting"], row["node"]) == (False, True, None), row
+        assert "connecting: not up yet" in a.cv("peer", "status").stdout
+        assert "now a writing node" in b.cv("peer", "add", "a", "--address", a.listen).stdout
+        a.cv("volume", "create", "mm", "--size", "16M", "--mode", "multi-master")
+        data = random.Random(11).randbytes(MiB)
+        handle = a.connect()
+        handle.pwrite(data, 2 * MiB)
+        handle.flush()
+        handle.shutdown()
+        b.start()
+        b_node = Pool.read_metadata(b.pool)["node_id"]
+        wait_for_volume(b, "mm", timeout=60)
+        deadline = time.monotonic() + 60
+        while b.read("mm", 4 * MiB)[2 * MiB:3 * MiB] != data:
+            assert time.monotonic() < deadline, f"A's write never reached B: {a.log()}"
+            time.sleep(0.2)
+        (row,) = a.json("peer", "status")["peers"]
+        assert (row["connected"], row["connecting"], row["node"]) == (True, False, b_node), row
+        assert a.json("peer", "list")[0]["node"] == b_node
+    finally:
+        for node in (a, b):
+            node.kill()
+
+
 # ---- a bug found by test 2, pinned down -------------------------------------------------------
 
 STRADDLE_AND_CRASH = """

@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 
-from chunkvol import control, tiering
+from chunkvol import control, errors, tiering
 from chunkvol.cli.common import pool_is_busy, run_operation
 from chunkvol.cli.progress import progress_bar
 from chunkvol.cli.sizes import format_size, parse_size
@@ -26,6 +26,7 @@ from chunkvol.pool import Pool
 from chunkvol.storage.files import LocalFiles
 
 POLL_SECONDS = 0.5
+FOLLOW_SECONDS = 0.1  # how often a sync beside `serve` reads the mirror's state
 TIERING_SECONDS = 1.0  # how often `mirror run` applies the tiering policy
 STOP_SECONDS = 10.0    # a worker blocked on a dead link is not waited for longer at exit
 
@@ -208,7 +209,10 @@ def mirror_sync(arguments):
         total = shipper.source.distance(shipper.state["cursor"], durable)
         started = time.monotonic()
         with progress_bar(total, f"mirror {arguments.name}") as advance:
-            sent = shipper.ship(durable, progress=advance)
+            if horizon.pool is None:  # served: the server's shipper has this mirror
+                sent = _follow_served_shipper(path, arguments.name, shipper, durable, advance)
+            else:
+                sent = shipper.ship(durable, progress=advance)
         elapsed = time.monotonic() - started
     finally:
         shipper.close()
@@ -216,6 +220,29 @@ def mirror_sync(arguments):
     rate = f" at {format_size(int(sent / elapsed))}/s" if sent and elapsed > 0 else ""
     print(f"mirror {arguments.name} has everything written up to now: {format_size(sent)} shipped"
           f"{rate} in {elapsed:.1f}s")
+
+
+def _follow_served_shipper(path, name, shipper, durable, advance):
+    """While `serve` runs, its shipper (`mirror run`) ships every mirror; a second shipper
+    beside it would fight it for the target (a dir: mirror's pool is locked by it). So wait
+    until the mirror's durable cursor reaches `durable`, advancing the progress bar from the
+    mirror's state file; a failure the shipper records meanwhile is this sync's failure, raised
+    as the error it was. Returns the bytes shipped meanwhile."""
+    began, first = time.time(), shipper.state
+    cursor = first["cursor"]
+    while True:
+        state = mirror_config.load_state(path, name, first["cursor"])
+        if state["cursor"] != cursor:
+            advance(max(0, shipper.source.distance(cursor, min(state["cursor"], durable))))
+            cursor = state["cursor"]
+        if cursor >= durable:
+            return state["shipped_bytes"] - first["shipped_bytes"]
+        if state["state"] == "error" and state["updated"] >= began:
+            kind = getattr(errors, state.get("last_error_kind") or "", None)
+            kind = kind if isinstance(kind, type) and issubclass(kind, ChunkvolError) else ChunkvolError
+            raise kind(f"mirror {name} ({shipper.definition['to']}), shipped by the server: "
+                       f"{state['last_error']}")
+        time.sleep(FOLLOW_SECONDS)
 
 
 def mirror_run(arguments):

@@ -11,7 +11,7 @@ from chunkvol.cli.common import open_pool_for_reading, run_operation
 from chunkvol.cli.mirror_commands import _pool_path
 from chunkvol.cli.sizes import format_size, parse_size
 from chunkvol.clock import node_index, node_index_of
-from chunkvol.errors import AlreadyExistsError, ChunkvolError, NotFoundError, UsageError
+from chunkvol.errors import AlreadyExistsError, ChunkvolError, NotFoundError, UnreachableError, UsageError
 from chunkvol.format import chunk_header
 from chunkvol.format import mirrors as mirrors_format
 from chunkvol.format.record import BLOCK_SIZE
@@ -68,20 +68,31 @@ def peer_add(arguments):
         fields = Pool.read_metadata(path)
         print(f"{path} was a mirror; it is now a writing node of the pool (node {fields['node_id']})")
     identity.ensure_authority(path, fields)
-    link = targets.open_target(target, fields, path)  # learn who answers there (its certificate says)
+    # Learn who answers there (its certificate says). A peer that is not up yet is recorded
+    # all the same, as DRBD and rbd-mirror let both sides be configured first, in any order:
+    # the shipper connects when it comes up and learns its node then.
+    node, away = None, None
     try:
-        node = link.peer
-    finally:
-        link.close()
-    if node_index(node) == node_index(fields["node_id"]):
-        raise UsageError(f"node {node} has this node's index ({node_index(node)}): it cannot write beside it")
+        link = targets.open_target(target, fields, path)
+    except (UnreachableError, OSError) as error:
+        away = error
+    else:
+        try:
+            node = link.peer
+        finally:
+            link.close()
+        mirror_config.check_peer_node(fields["node_id"], node)
     mirrors[arguments.name] = {"to": target, "bandwidth": bandwidth, "peer": True, "node": node,
                                "added": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     mirror_config.save_mirrors(path, mirrors)
     mirror_config.save_state(path, arguments.name,
                              mirror_config.mirror_state.initial(chunk_header.address(1, chunk_header.DATA_OFFSET)))
-    print(f"peer {arguments.name} (node {node}) at {arguments.address}: this node ships its writes there; "
-          f"add this node on it too (`chunkvol --pool ... peer add NAME --address THIS_HOST:PORT`)")
+    if away is not None:
+        print(f"peer {arguments.name} at {arguments.address} is not up yet ({away}): recorded; this node "
+              "connects when it comes up (`chunkvol peer status` shows it connecting)")
+    else:
+        print(f"peer {arguments.name} (node {node}) at {arguments.address}: this node ships its writes there")
+    print("add this node on it too (`chunkvol --pool ... peer add NAME --address THIS_HOST:PORT`)")
 
 
 def peer_list(arguments):
@@ -93,7 +104,8 @@ def peer_list(arguments):
     if not rows:
         print("no peers")
     for row in rows:
-        print(f"{row['name']}  node {row['node']} at {row['to'][5:]}  (added {row['added']})")
+        node = row["node"] if row["node"] is not None else "? (not up yet)"
+        print(f"{row['name']}  node {node} at {row['to'][5:]}  (added {row['added']})")
 
 
 def peer_remove(arguments):
@@ -127,12 +139,16 @@ def peer_status(arguments):
                                                            "last_error")},
                "incoming": {"records_held": origins.get(node, 0), "last_commit": origin_stamps.get(node, 0),
                             "records_behind": None, "bytes_behind": None, "seconds_behind": None}}
+        row["connecting"] = node is None  # recorded before it was up; not reached since
         try:
             link = targets.open_target(definition["to"], fields, path)
         except (ChunkvolError, OSError) as error:
             row["error"] = str(error)
         else:
             try:
+                if node is None:
+                    node = row["node"] = mirror_config.learn_peer_node(path, name, fields["node_id"], link.peer)
+                    row["connecting"] = False
                 theirs = link.status
                 row["connected"] = True
                 behind = max(0, theirs.get("next_sequence", 1) - 1 - origins.get(node, 0))
@@ -152,8 +168,13 @@ def peer_status(arguments):
         print("no peers (`chunkvol peer add NAME --address HOST:PORT`)")
     for row in rows:
         out, inc = row["outgoing"], row["incoming"]
-        link = "connected" if row["connected"] else f"not reachable ({row['error']})"
-        print(f"{row['name']}  node {row['node']} at {row['address']}: {link}")
+        if row["connected"]:
+            link = "connected"
+        elif row["connecting"]:
+            link = f"connecting: not up yet ({row['error']})"
+        else:
+            link = f"not reachable ({row['error']})"
+        print(f"{row['name']}  node {row['node'] if row['node'] is not None else '?'} at {row['address']}: {link}")
         print(f"  to it:   {out['state']}, behind {out['records_behind']} records, {format_size(out['bytes_behind'])},"
               f" {out['seconds_behind']}s" + (f"; last error: {out['last_error']}" if out["last_error"] else ""))
         if inc["records_behind"] is None:

@@ -11,6 +11,7 @@ written by its shipper after every batch the mirror acknowledged (after it synce
 | updated          | float       | Unix time of this write                                  |
 | state            | str         | "shipping", "idle" (caught up) or "error"                |
 | last_error       | str or null | the last failure, with its time                          |
+| last_error_kind  | str or null | its class in chunkvol/errors.py (optional: absent in older files), so a `mirror sync` following a server's shipper fails as the shipper did |
 
 The cursor only moves forward over records the mirror has synced; if a write of this file is
 lost, the shipper starts from the older cursor and the mirror skips what it already holds.

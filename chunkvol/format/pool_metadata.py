@@ -15,6 +15,7 @@ UTF-8 JSON object, published atomically (temp, fsync, rename, fsync dir):
 | role         | str, optional   | "mirror": takes changes only from its source (`mirror promote` removes it) |
 | mirror_of    | int, optional   | the source's node id, for a mirror                       |
 | retention    | object, optional| seconds: {"all", "hourly", "daily"} (history.py; default 1h, 1d, 30d) |
+| max_clock_skew_seconds | number, optional | how far ahead of this node's clock a received record's stamp may be (default 60) |
 | checksum     | str (16 hex)    | xxh3-64 of the canonical JSON of every other key         |
 
 The checksum catches a half-edited or damaged file; unknown format or version is refused.

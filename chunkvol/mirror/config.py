@@ -5,7 +5,8 @@ asks `held_chunk` which chunks a mirror still needs.
 
 import os
 
-from chunkvol.errors import NotFoundError
+from chunkvol.clock import node_index
+from chunkvol.errors import NotFoundError, UsageError
 from chunkvol.format import chunk_header
 from chunkvol.format import mirror_state, mirrors as mirrors_format
 from chunkvol.storage.files import LocalFiles
@@ -72,6 +73,24 @@ def peer_nodes(pool_path, files=None):
         return frozenset()
     return frozenset(definition["node"] for definition in mirrors.values()
                      if definition.get("peer") and isinstance(definition.get("node"), int))
+
+
+def check_peer_node(own_node, node):
+    """A peer must be another node of the pool, with an index of its own (clock.py)."""
+    if node_index(node) == node_index(own_node):
+        raise UsageError(f"node {node} has this node's index ({node_index(node)}): it cannot write beside it")
+
+
+def learn_peer_node(pool_path, name, own_node, node, files=None):
+    """A peer recorded before it was up answered at last: note which node it is (its
+    certificate said), once; returns it."""
+    check_peer_node(own_node, node)
+    mirrors = load_mirrors(pool_path, files)
+    definition = mirrors.get(name)
+    if definition is not None and definition.get("peer") and definition.get("node") is None:
+        definition["node"] = node
+        save_mirrors(pool_path, mirrors, files)
+    return node
 
 
 def definition_of(pool_path, name, files=None):

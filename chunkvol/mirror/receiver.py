@@ -8,7 +8,9 @@ Records whose sequence this pool already has are skipped (a resent batch after a
 so nothing is applied twice. Anything a node of this pool would never send (another pool's
 records, records in this node's own name, a broken or forged record, a batch that does not
 end at a flush point, a volume record that would not replay) refuses the whole batch with
-PeerError before anything is written.
+PeerError before anything is written. So do a stamp whose low bits are not the origin's node
+index, a new volume id outside the origin's range, and a stamp more than the pool's allowed
+clock skew (pool.json `max_clock_skew_seconds`, default 60) ahead of this node's clock.
 
 A COMMIT keeps its stamp but its payload (the durable address, a fact about the log that
 holds it) is rewritten for this log: the address up to which this log was synced when it
@@ -20,11 +22,13 @@ import json
 import zstandard
 
 from chunkvol import pool as pool_module
+from chunkvol.clock import COUNTER_BITS, hlc_to_seconds, node_index, node_index_of
 from chunkvol.errors import CorruptionError, PeerError, ReadOnlyError, UsageError
 from chunkvol.format import record
 from chunkvol.format.record import (BLOCK_SIZE, CHECKSUM_BYTES, COMMIT_PAYLOAD, commit_payload_valid, FLAG_MORE, FLAG_TRIM, FLAG_ZSTD,
                                     GROUP_SIZE, HEADER_SIZE, RecordType)
 
+DEFAULT_MAX_CLOCK_SKEW_SECONDS = 60
 SHIPPED_TYPES = frozenset((RecordType.EXTENT, RecordType.ZERO, RecordType.COMMIT, RecordType.VOLUME_CREATE,
                            RecordType.VOLUME_RESIZE, RecordType.VOLUME_REMOVE, RecordType.SNAPSHOT,
                            RecordType.ROLLBACK, RecordType.PRUNE, RecordType.VOLUME_PRIMARY))
@@ -98,10 +102,20 @@ def _apply(pool, address, header, payload):
     pool._apply_record(address, header, payload, checkpoint=False)  # the caller checkpoints after
 
 
+def _latest_stamp(pool):
+    """The greatest stamp a record may carry here: this node's wall clock plus the skew the
+    pool allows (pool.json `max_clock_skew_seconds`). A peer whose clock runs far ahead would
+    otherwise drag every node's clock, and its wall-time points, along with it; a stamp near
+    2^64 would leave no stamp for any later write."""
+    skew_seconds = pool.fields.get("max_clock_skew_seconds", DEFAULT_MAX_CLOCK_SKEW_SECONDS)
+    return ((pool.clock.wall() // 1_000_000 + int(skew_seconds * 1000)) << COUNTER_BITS) | ((1 << COUNTER_BITS) - 1)
+
+
 def _checked(pool, origin, held, raw_records):
     """[(header, payload)] of the records after `held`, or PeerError."""
     sizes = {volume_id: info.size_bytes for volume_id, info in pool.volumes_by_id.items()}
     names = {info.name for info in pool.volumes_by_id.values()}
+    latest = _latest_stamp(pool)
     records = []
     last_sequence = last_type = last_flags = 0
     for index, raw in enumerate(raw_records):
@@ -116,6 +130,14 @@ def _checked(pool, origin, held, raw_records):
         record_type, flags, volume_id, stored, node, sequence, hlc, offset, length, _ = header
         if node != origin:
             raise PeerError(f"{where} names origin {node}, the batch {origin}")
+        if node_index_of(hlc) != node_index(origin):
+            raise PeerError(f"{where}: its stamp carries node index {node_index_of(hlc)}, not its origin's "
+                            f"({node_index(origin)}): two nodes with one index, or a forgery")
+        if hlc > latest:
+            ahead = hlc_to_seconds(hlc) - pool.clock.wall() / 1e9
+            raise PeerError(f"{where}: its stamp is {ahead:.0f}s ahead of this node's clock, more than the "
+                            f"{pool.fields.get('max_clock_skew_seconds', DEFAULT_MAX_CLOCK_SKEW_SECONDS)}s "
+                            "allowed: one of the two clocks is wrong (NTP?)")
         if record_type not in SHIPPED_TYPES or flags & ~ALLOWED_FLAGS:
             raise PeerError(f"{where}: type {record_type} with flags {flags} is never shipped")
         if sequence <= last_sequence:
@@ -126,6 +148,10 @@ def _checked(pool, origin, held, raw_records):
         last_sequence, last_type = sequence, record_type
         if sequence <= held:
             continue  # this pool has it (a resend after a lost acknowledgement)
+        creator = volume_id >> pool_module.VOLUME_ID_NODE_SHIFT
+        if record_type == RecordType.VOLUME_CREATE and creator != node_index(origin):
+            raise PeerError(f"{where}: volume id {volume_id} is in node index {creator}'s range, not its "
+                            f"origin's ({node_index(origin)})")
         try:
             _check_fields(header, payload, sizes, names)
         except (ValueError, TypeError, KeyError, UsageError, zstandard.ZstdError) as error:

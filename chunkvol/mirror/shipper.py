@@ -17,7 +17,7 @@ import time
 
 from chunkvol.errors import ChunkvolError, UnreachableError
 from chunkvol.mirror import targets
-from chunkvol.mirror.config import load_state, save_state
+from chunkvol.mirror.config import learn_peer_node, load_state, save_state
 from chunkvol.mirror.read_ahead import ReadAhead
 from chunkvol.mirror.source import LogSource, age_seconds
 from chunkvol.storage.files import LocalFiles
@@ -52,6 +52,9 @@ class Shipper:
                 self.target = targets.open_target(self.definition["to"], self.fields, self.pool_path)
             except OSError as error:
                 raise UnreachableError(f"mirror {self.name} ({self.definition['to']}): {error}") from None
+            if self.definition.get("peer") and self.definition.get("node") is None:
+                node = learn_peer_node(self.pool_path, self.name, self.node_id, self.target.peer, self.files)
+                self.definition = dict(self.definition, node=node)
         return self.target
 
     def batch_bytes(self):
@@ -110,7 +113,7 @@ class Shipper:
                         # first, glibc gives its pages back and faults them in again every batch.
                         batch = encoded = None
             if state["state"] != "idle" or state.get("last_error"):
-                state["state"], state["last_error"] = "idle", None
+                state["state"], state["last_error"], state["last_error_kind"] = "idle", None, None
                 state["updated"] = time.time()
                 save_state(self.pool_path, self.name, state, self.files)
             return sent
@@ -143,6 +146,7 @@ class Shipper:
             self.target = None
         self.state["state"] = "error"
         self.state["last_error"] = f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {error}"
+        self.state["last_error_kind"] = type(error).__name__ if isinstance(error, ChunkvolError) else "UnreachableError"
         self.state["updated"] = time.time()
         try:
             save_state(self.pool_path, self.name, self.state, self.files)
