@@ -115,7 +115,10 @@ def restore(url, path, until=None, pool_uuid=None, progress=None):
         if until is not None:
             order = [header for header in order if header.first_stamp <= until]
         total = sum(header.payload_bytes for header in order)
-        node_id = new_node_id(chains) or new_node_id()
+        node_id = new_node_id(chains)
+        if node_id is None:
+            raise UsageError(f"the store holds the logs of {len(chains)} nodes: every node index of the pool is "
+                             "taken, and a restored pool would write with one of theirs")
         Pool.create(staging, chunk_size=description["chunk_size"], node_id=node_id, pool_uuid=uuid)
         try:
             with Pool.open(staging) as pool:

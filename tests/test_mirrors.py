@@ -154,6 +154,47 @@ def _list_exports(server):
     return found
 
 
+def test_dir_mirrors_take_node_indexes_no_node_of_the_pool_has_had(tmp_path):
+    """Issue 14, item 6: a dir: mirror (a writer once promoted) takes an index that neither the
+    source, nor a node it issued a join file for, nor an earlier mirror has; when all 16 are
+    taken, `mirror add` is refused with a clear error; join files count the same."""
+    from chunkvol.clock import MAX_NODES, node_index
+    source = new_source(tmp_path)
+    for number in range(MAX_NODES - 3):  # 13 joined nodes: with the source, 14 indexes taken
+        cv(source, "join-file", str(tmp_path / f"n{number}.join"))
+    indexes = {node_index(Pool.read_metadata(source)["node_id"])}
+    indexes |= {node_index(json.load(open(tmp_path / f"n{number}.join"))["node_id"])
+                for number in range(MAX_NODES - 3)}
+    assert len(indexes) == MAX_NODES - 2
+    for name in ("m1", "m2"):
+        cv(source, "mirror", "add", name, "--to", f"dir:{tmp_path / name}")
+        cv(source, "mirror", "sync", name)
+        index = node_index(Pool.read_metadata(str(tmp_path / name))["node_id"])
+        assert index not in indexes, (name, index, indexes)
+        indexes.add(index)
+    refused = cv(source, "mirror", "add", "m3", "--to", f"dir:{tmp_path / 'm3'}", check=False)
+    assert refused.returncode == 2 and "node indexes are all taken" in refused.stderr, refused.stderr
+    assert not os.path.exists(tmp_path / "m3" / "pool.json") and "m3" not in cv(source, "mirror", "list").stdout
+    refused = cv(source, "join-file", str(tmp_path / "one-more.join"), check=False)
+    assert refused.returncode == 2 and "the most it can have" in refused.stderr, refused.stderr
+
+
+def test_a_mirror_with_its_sources_index_is_not_promoted(tmp_path):
+    """A mirror made before indexes were enforced, with its source's index: promoted, its
+    stamps and the source's could be equal, so `mirror promote` refuses it (item 6)."""
+    source = new_source(tmp_path)
+    write_history(source, 4, rounds=1)
+    fields = Pool.read_metadata(source)
+    mirror = str(tmp_path / "mirror")
+    Pool.create(mirror, chunk_size=fields["chunk_size"], node_id=fields["node_id"] ^ (1 << 8),
+                pool_uuid=bytes.fromhex(fields["pool_uuid"]), mirror_of=fields["node_id"])
+    cv(source, "mirror", "add", "m", "--to", f"dir:{mirror}")
+    cv(source, "mirror", "sync", "m")
+    refused = cv(mirror, "mirror", "promote", check=False)
+    assert refused.returncode == 2 and "would carry the same stamps" in refused.stderr, refused.stderr
+    assert Pool.read_metadata(mirror)["role"] == "mirror"
+
+
 def test_promote_makes_a_mirror_writable(tmp_path):
     source = new_source(tmp_path)
     write_history(source, 3, rounds=1)

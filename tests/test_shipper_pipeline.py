@@ -114,8 +114,8 @@ class HookedTarget:
 
     READ_AHEAD = True
 
-    def __init__(self, path, fields, before=None, after=None):
-        self.inner = DirTarget(path, fields)
+    def __init__(self, path, fields, source_path, before=None, after=None):
+        self.inner = DirTarget(path, fields, source_path)
         self.before, self.after = before, after
         self.sends = 0
 
@@ -151,7 +151,8 @@ def test_a_failure_at_the_nth_batch_leaves_the_cursor_at_the_last_acknowledged_o
     assert sum(has_records for _, has_records in batches) >= 8, "too few batches to fail in the middle"
 
     shipper = shipper_for(source, "m")
-    failing = shipper.target = HookedTarget(mirror, shipper.fields, **{"after" if applied else "before": fail_at(5, error)})
+    failing = shipper.target = HookedTarget(mirror, shipper.fields, shipper.pool_path,
+                                            **{"after" if applied else "before": fail_at(5, error)})
     with pytest.raises(type(error)):
         shipper.ship(horizon)
     shipper.close()
@@ -200,7 +201,7 @@ def test_read_ahead_overlaps_sending_and_never_holds_more_than_two_batches(tmp_p
             assert next_read.wait_for(lambda: yielded[0] > number or exhausted[0], SAFETY_SECONDS)
             read_during_send.append(yielded[0] - number)
 
-    target = shipper.target = HookedTarget(mirror, shipper.fields, before=wait_for_the_next_read)
+    target = shipper.target = HookedTarget(mirror, shipper.fields, shipper.pool_path, before=wait_for_the_next_read)
     try:
         shipper.ship(horizon)
     finally:
@@ -239,7 +240,7 @@ def test_stop_during_a_read_ahead_returns_with_no_thread_left(tmp_path):
             gate.set()
 
     assert batches[0][1] and batches[1][1], "the first two batches carry records"
-    target = shipper.target = HookedTarget(mirror, shipper.fields, before=stop_at_the_second)
+    target = shipper.target = HookedTarget(mirror, shipper.fields, shipper.pool_path, before=stop_at_the_second)
     try:
         assert shipper.ship(horizon, stop=stop) > 0
     finally:
@@ -259,7 +260,7 @@ def test_a_dir_mirror_is_shipped_without_a_read_ahead(tmp_path):
     source, mirror, horizon, _, _ = unsynced_dir_mirror(tmp_path)
     threads_during_send = []
     shipper = shipper_for(source, "m")
-    target = shipper.target = HookedTarget(mirror, shipper.fields,
+    target = shipper.target = HookedTarget(mirror, shipper.fields, shipper.pool_path,
                                            before=lambda *_: threads_during_send.append(len(read_ahead_threads())))
     target.READ_AHEAD = False  # as DirTarget and NodeTarget: their receiver, not the reading, is the limit
     try:
@@ -289,7 +290,7 @@ def test_stop_during_the_bandwidth_wait_sends_nothing_more(tmp_path):
             self.set()
             return True
 
-    target = shipper.target = HookedTarget(mirror, shipper.fields)
+    target = shipper.target = HookedTarget(mirror, shipper.fields, shipper.pool_path)
     try:
         shipper.ship(horizon, stop=StopsWhenWaitedOn())
     finally:

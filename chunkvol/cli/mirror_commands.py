@@ -13,6 +13,7 @@ from chunkvol import control, errors, tiering
 from chunkvol.cli.common import pool_is_busy, run_operation
 from chunkvol.cli.progress import progress_bar
 from chunkvol.cli.sizes import format_size, parse_size
+from chunkvol.clock import node_index
 from chunkvol.errors import AlreadyExistsError, ChunkvolError, NotFoundError, PoolBusyError, UsageError
 from chunkvol.format import chunk_header, mirrors as mirrors_format
 from chunkvol.format import pool_metadata
@@ -338,6 +339,13 @@ def mirror_promote(arguments):
         raise UsageError("this pool is not a mirror")
     if pool_is_busy(path):
         raise PoolBusyError("the mirror is open for writing (a shipper or a server holds it); stop it first")
+    with Pool.open(path, readonly=True) as pool:
+        holders = {pool.fields["mirror_of"], *pool.origins}
+    clash = sorted(node for node in holders if node_index(node) == node_index(fields["node_id"]))
+    if clash:
+        raise UsageError(f"this mirror's node index ({node_index(fields['node_id'])}) is node {clash[0]}'s, whose "
+                         "records it holds: promoted, its writes and that node's would carry the same stamps. "
+                         "Make a new mirror (`mirror add` on the source picks a free index) and promote that")
     promoted = {key: value for key, value in fields.items() if key not in ("role", "mirror_of", "checksum")}
     LocalFiles().publish(os.path.join(path, "pool.json"), pool_metadata.encode(promoted))
     print(f"{path} is now a writable pool (node {fields['node_id']}, was a mirror of node {fields['mirror_of']})")

@@ -124,9 +124,16 @@ def issue_join(pool_path, fields, node_id):
                 "chunk_size": fields["chunk_size"], "node_id": node_id, "issued_by": fields["node_id"],
                 "ca_cert": authority_cert.decode(), "node_cert": node_cert.decode(),
                 "node_key": _pem_key(node_key).decode()}
+    note_issued(pool_path, node_id)
+    return (json.dumps(document, indent=2) + "\n").encode()
+
+
+def note_issued(pool_path, node_id):
+    """Remember that `node_id` was handed out (a join file, a dir: mirror), so that no later
+    node of this pool takes its index."""
+    os.makedirs(os.path.dirname(keys_path(pool_path, "issued")), exist_ok=True)
     issued = issued_nodes(pool_path) + [node_id]
     _write_private(keys_path(pool_path, "issued"), "".join(f"{each}\n" for each in issued).encode())
-    return (json.dumps(document, indent=2) + "\n").encode()
 
 
 def read_join(path):

@@ -12,10 +12,11 @@ hold the log as segments (mirror/object_target.py), for `restore` and for evicte
 import os
 
 from chunkvol import objstore
-from chunkvol.clock import new_node_id
+from chunkvol.clock import MAX_NODES, new_node_id
 from chunkvol.errors import PeerError, UsageError
 from chunkvol.format import mirrors as mirrors_format
-from chunkvol.mirror import receiver
+from chunkvol.mirror import config as mirror_config
+from chunkvol.mirror import identity, receiver
 from chunkvol.pool import Pool
 
 
@@ -50,7 +51,7 @@ def normalize(text):
 def open_target(text, source_fields, pool_path):
     parsed = parse_target(text)
     if parsed[0] == "dir":
-        return DirTarget(parsed[1], source_fields)
+        return DirTarget(parsed[1], source_fields, pool_path)
     if parsed[0] in ("rados", "s3"):
         from chunkvol.mirror.object_target import ObjectTarget
         return ObjectTarget(text, source_fields)
@@ -61,12 +62,19 @@ def open_target(text, source_fields, pool_path):
 class DirTarget:
     """A mirror pool in a directory, opened in this process."""
 
-    def __init__(self, path, source_fields):
+    def __init__(self, path, source_fields, source_path):
         self.path = path
         self.pool_uuid = bytes.fromhex(source_fields["pool_uuid"])
         self.source_node = source_fields["node_id"]
         if not os.path.exists(os.path.join(path, "pool.json")):
-            node_id = new_node_id([self.source_node])
+            # Promoted one day, the mirror writes: its index must be one no node of the pool
+            # has had (this node, those it issued join files or mirrors to, its peers).
+            taken = [self.source_node, *identity.issued_nodes(source_path), *mirror_config.peer_nodes(source_path)]
+            node_id = new_node_id(taken)
+            if node_id is None:
+                raise UsageError(f"the pool's {MAX_NODES} node indexes are all taken (nodes {sorted(taken)}): "
+                                 "a mirror could never be promoted; mirror to an object store instead")
+            identity.note_issued(source_path, node_id)
             Pool.create(path, chunk_size=source_fields["chunk_size"], node_id=node_id,
                         pool_uuid=self.pool_uuid, mirror_of=self.source_node)
         self.pool = Pool.open(path)
