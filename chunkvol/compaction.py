@@ -196,18 +196,15 @@ def write_base(pool):
     try:
         raw_checkpoint = bytes(txn.get(CHECKPOINT_KEY, db=blockmap.meta_db))
         base_address = checkpoint_format.decode(raw_checkpoint).log_address
-        addresses = []
-        pending = []
-        for payload in base_format.fragments(base_address, _map_entries(blockmap, txn)):
-            pending.append(payload)
-            if len(pending) >= 64:
-                addresses += _append_summary(pool, RecordType.BASE, pending, base_address, len(addresses))
-                pending = []
-        if pending:
-            addresses += _append_summary(pool, RecordType.BASE, pending, base_address, len(addresses))
+        addresses = _append_fragments(pool, base_format.fragments(base_address, _map_entries(blockmap, txn)),
+                                      base_address)
     finally:
         txn.abort()
-    end_payload = base_format.encode_end(raw_checkpoint, addresses)
+    levels = 0
+    if len(addresses) > base_format.MAX_FRAGMENTS:  # a map too large to list in one BASE_END
+        addresses = _append_fragments(pool, base_format.index_fragments(base_address, addresses), base_address)
+        levels = 1
+    end_payload = base_format.encode_end(raw_checkpoint, addresses, levels)
     end_address = _append_summary(pool, RecordType.BASE_END, [end_payload], base_address, len(addresses))[0]
     with pool.lock:
         pool.writer.sync()
@@ -236,6 +233,20 @@ def _map_entries(blockmap, txn):
                tombstones_format.encode(entries[index:index + TOMBSTONES_PER_ENTRY]))
 
 
+def _append_fragments(pool, payloads, base_address):
+    """Append BASE records, 64 per hold of the pool lock; their addresses in order."""
+    addresses = []
+    pending = []
+    for payload in payloads:
+        pending.append(payload)
+        if len(pending) >= 64:
+            addresses += _append_summary(pool, RecordType.BASE, pending, base_address, len(addresses))
+            pending = []
+    if pending:
+        addresses += _append_summary(pool, RecordType.BASE, pending, base_address, len(addresses))
+    return addresses
+
+
 def _append_summary(pool, record_type, payloads, base_address, first_index):
     addresses = []
     with pool.lock:
@@ -246,8 +257,9 @@ def _append_summary(pool, record_type, payloads, base_address, first_index):
 
 
 def find_base(pool):
-    """The newest complete base: (checkpoint, [(db, key, value)]) or None. Tries the hint, then
-    scans the whole log for BASE_END records (newest first)."""
+    """The newest complete base: (checkpoint, [data fragment addresses]) or None, every
+    fragment read and checked. Tries the hint, then scans the whole log for BASE_END records
+    (newest first)."""
     candidates = []
     hint = os.path.join(pool.path, HINT_NAME)
     try:
@@ -299,22 +311,37 @@ def _read_base(pool, end_address):
         return None
     header, payload = found
     try:
-        raw_checkpoint, addresses = base_format.decode_end(payload)
+        raw_checkpoint, addresses, levels = base_format.decode_end(payload)
         checkpoint = checkpoint_format.decode(raw_checkpoint)
     except (FormatError, CorruptionError):
         return None
     if checkpoint.pool_uuid != pool.pool_uuid or checkpoint.log_address != header[7]:
         return None
-    entries = []
+    try:
+        if levels:
+            listed = []
+            for index, address in enumerate(addresses):
+                listed += base_format.decode_index_fragment(_fragment(pool, address, checkpoint), checkpoint.log_address,
+                                                            index)
+            addresses = listed
+        for _ in _base_entries(pool, checkpoint, addresses):
+            pass  # every fragment checked before the base is used
+    except (FormatError, CorruptionError):
+        return None
+    return checkpoint, addresses
+
+
+def _fragment(pool, address, checkpoint):
+    fragment = _read_record(pool, address, RecordType.BASE)
+    if fragment is None or fragment[0][7] != checkpoint.log_address:
+        raise FormatError(f"base fragment at {address:#x} is missing, damaged or of another base")
+    return fragment[1]
+
+
+def _base_entries(pool, checkpoint, addresses):
+    """The (db, key, value) entries of a base, one fragment in memory at a time."""
     for index, address in enumerate(addresses):
-        fragment = _read_record(pool, address, RecordType.BASE)
-        if fragment is None or fragment[0][7] != checkpoint.log_address:
-            return None
-        try:
-            entries += base_format.decode_fragment(fragment[1], checkpoint.log_address, index)
-        except FormatError:
-            return None
-    return checkpoint, entries
+        yield from base_format.decode_fragment(_fragment(pool, address, checkpoint), checkpoint.log_address, index)
 
 
 def load_base(pool):
@@ -322,7 +349,7 @@ def load_base(pool):
     found = find_base(pool)
     if found is None:
         return None
-    checkpoint, entries = found
+    checkpoint, addresses = found
     blockmap = pool.blockmap
     databases = {base_format.DB_GROUPS: blockmap.groups_db, base_format.DB_HISTORY: blockmap.history_db,
                  base_format.DB_VOLUMES: blockmap.volumes_db, base_format.DB_SNAPSHOTS: blockmap.snapshots_db,
@@ -330,7 +357,7 @@ def load_base(pool):
     tombstones = []
     blockmap._drop_reader()
     with blockmap.env.begin(write=True) as txn:
-        for db_id, key, value in entries:
+        for db_id, key, value in _base_entries(pool, checkpoint, addresses):
             if db_id != base_format.DB_META:
                 txn.put(key, value, db=databases[db_id])
             elif key in BASE_META_KEYS:

@@ -18,6 +18,8 @@ import textwrap
 import pytest
 
 from chunkvol import compaction, history
+from chunkvol.errors import FormatError
+from chunkvol.format import base as base_format
 from chunkvol.pool import Pool
 from tests.server import chunkvol
 
@@ -265,3 +267,40 @@ def test_kill_9_during_prune_loses_nothing(tmp_path, moment):
         history.prune(pool, "v", 0)
         assert _digests(pool) == expected
     _check(path, expected)
+
+
+def test_a_map_too_large_for_one_base_end_is_listed_through_index_fragments(tmp_path, monkeypatch):
+    """Issue 14, item 7: a base had at most 8192 fragments (some 6.6 million group versions);
+    above that, compaction failed after writing them. Now one level of index fragments lists
+    them (about 3.7 TB of map). Shown here with small fragments and limits: the base is written,
+    found, and a rebuild from it (chunk 1 freed) reads every point as before."""
+    monkeypatch.setattr(base_format, "FRAGMENT_BYTES", 1024)
+    monkeypatch.setattr(base_format, "MAX_FRAGMENTS", 6)
+    monkeypatch.setattr(base_format, "INDEX_ADDRESSES", 50)
+    path = str(tmp_path / "pool")
+    expected = _fill(path)
+    with Pool.open(path) as pool:
+        assert compaction.compact(pool, min_dead=0.3)["victims"]
+        checkpoint, data_fragments = compaction.find_base(pool)
+        assert len(data_fragments) > base_format.MAX_FRAGMENTS * 2, len(data_fragments)
+    _check(path, expected)
+    os.remove(os.path.join(path, compaction.HINT_NAME))
+    _check(path, expected)
+
+
+def test_base_index_fragments_round_trip_and_unknown_levels_are_refused():
+    addresses = [random.Random(1).randrange(1 << 63) for _ in range(3 * base_format.INDEX_ADDRESSES + 7)]
+    payloads = list(base_format.index_fragments(0x1234, addresses))
+    assert len(payloads) == 4 and all(len(p) <= base_format.FRAGMENT_BYTES for p in payloads)
+    listed = []
+    for index, payload in enumerate(payloads):
+        listed += base_format.decode_index_fragment(payload, 0x1234, index)
+    assert listed == addresses
+    with pytest.raises(FormatError):
+        base_format.decode_index_fragment(payloads[1], 0x1234, 0)  # out of place
+    end = bytearray(base_format.encode_end(bytes(80), [1, 2], levels=1))
+    assert base_format.decode_end(bytes(end))[1:] == ([1, 2], 1)
+    end[84] = 2
+    with pytest.raises(FormatError, match="levels"):
+        base_format.decode_end(bytes(end))
+    assert base_format.MAX_FRAGMENTS * base_format.INDEX_ADDRESSES * base_format.FRAGMENT_BYTES > 3 << 40

@@ -28,8 +28,15 @@ BASE_END payload:
 |-------:|-----:|---------|-----------------|--------------------------------------------------|
 |      0 |   80 | bytes   | checkpoint      | format/checkpoint.py, log_address = P            |
 |     80 |    4 | u32     | fragment_count  | n                                                |
-|     84 |    4 | u32     | reserved        | 0                                                |
+|     84 |    4 | u32     | levels          | 0: `fragments` are the BASE records; 1: they are index fragments |
 |     88 |  8*n | u64[n]  | fragments       | log address of each BASE record, in index order  |
+
+A map larger than MAX_FRAGMENTS fragments (about 480 MB of entries, some 6.6 million group
+versions) is listed through one level of index fragments: BASE records whose payload is the
+fragment head (P, index in the index level, address count) followed by up to
+INDEX_ADDRESSES u64 addresses of data fragments, in order. One BASE_END then reaches
+MAX_FRAGMENTS * INDEX_ADDRESSES fragments (about 3.7 TB of map): no pool of a supported size
+comes near. Levels above 1 are refused as a format this build does not know.
 
 The record headers carry P in offset_bytes as well. Every record is checksummed (record.py);
 a base is used only if its BASE_END and every fragment it lists are valid and name the same P.
@@ -45,6 +52,7 @@ END_HEAD = struct.Struct("<II")
 CHECKPOINT_BYTES = 80
 FRAGMENT_BYTES = 60 << 10  # stays below a record's payload limit
 MAX_FRAGMENTS = (64 << 10) // 8  # the BASE_END payload stays below the limit too
+INDEX_ADDRESSES = (FRAGMENT_BYTES - FRAGMENT_HEAD.size) // 8  # data fragments one index fragment lists
 DB_GROUPS, DB_HISTORY, DB_VOLUMES, DB_SNAPSHOTS = 1, 2, 3, 4
 DB_META = 5  # origins and origin stamps (format/origins.py), tombstones; the checkpoint is in BASE_END
 DB_CONFLICTS = 6
@@ -69,14 +77,20 @@ def fragments(base_address, entries):
         yield FRAGMENT_HEAD.pack(base_address, index, count) + bytes(body)
 
 
-def decode_fragment(payload, base_address, index):
-    """The (db, key, value) entries of one fragment, checked against where it should be."""
+def _fragment_count(payload, base_address, index, kind):
+    """The entry (or address) count of a fragment whose head says it is where it should be."""
     if len(payload) < FRAGMENT_HEAD.size:
-        raise FormatError("base fragment too short")
+        raise FormatError(f"base {kind} too short")
     address, found_index, count = FRAGMENT_HEAD.unpack_from(payload)
     if address != base_address or found_index != index:
-        raise FormatError(f"base fragment {found_index} of base {address:#x} found where fragment {index} "
+        raise FormatError(f"base {kind} {found_index} of base {address:#x} found where {kind} {index} "
                           f"of base {base_address:#x} was expected")
+    return count
+
+
+def decode_fragment(payload, base_address, index):
+    """The (db, key, value) entries of one fragment, checked against where it should be."""
+    count = _fragment_count(payload, base_address, index, "fragment")
     entries = []
     position = FRAGMENT_HEAD.size
     for _ in range(count):
@@ -95,21 +109,43 @@ def decode_fragment(payload, base_address, index):
     return entries
 
 
-def encode_end(checkpoint_bytes, fragment_addresses):
+def index_fragments(base_address, fragment_addresses):
+    """Payloads of the index fragments listing `fragment_addresses`, INDEX_ADDRESSES each."""
+    for index, start in enumerate(range(0, len(fragment_addresses), INDEX_ADDRESSES)):
+        part = fragment_addresses[start:start + INDEX_ADDRESSES]
+        yield FRAGMENT_HEAD.pack(base_address, index, len(part)) + struct.pack(f"<{len(part)}Q", *part)
+
+
+def decode_index_fragment(payload, base_address, index):
+    """The data fragment addresses one index fragment lists, checked against where it should be."""
+    count = _fragment_count(payload, base_address, index, "index fragment")
+    if count > INDEX_ADDRESSES or len(payload) != FRAGMENT_HEAD.size + 8 * count:
+        raise FormatError("base index fragment has a bad length")
+    return list(struct.unpack_from(f"<{count}Q", payload, FRAGMENT_HEAD.size))
+
+
+def encode_end(checkpoint_bytes, fragment_addresses, levels=0):
+    """`levels` 1: `fragment_addresses` are those of index fragments (index_fragments)."""
     if len(checkpoint_bytes) != CHECKPOINT_BYTES:
         raise ValueError("checkpoint must be 80 bytes")
+    if levels not in (0, 1):
+        raise ValueError("a base has 0 or 1 levels of index")
     if len(fragment_addresses) > MAX_FRAGMENTS:
-        raise FormatError(f"the block map is too large for one base ({len(fragment_addresses)} fragments)")
-    return (checkpoint_bytes + END_HEAD.pack(len(fragment_addresses), 0)
+        raise FormatError(f"the block map is too large for one base ({len(fragment_addresses)} fragments "
+                          f"at index level {levels})")
+    return (checkpoint_bytes + END_HEAD.pack(len(fragment_addresses), levels)
             + struct.pack(f"<{len(fragment_addresses)}Q", *fragment_addresses))
 
 
 def decode_end(payload):
-    """(checkpoint bytes, [fragment addresses])."""
+    """(checkpoint bytes, [addresses], levels): with levels 1, the addresses are those of
+    index fragments."""
     if len(payload) < CHECKPOINT_BYTES + END_HEAD.size:
         raise FormatError("base end record too short")
-    count, _ = END_HEAD.unpack_from(payload, CHECKPOINT_BYTES)
-    if len(payload) != CHECKPOINT_BYTES + END_HEAD.size + 8 * count:
+    count, levels = END_HEAD.unpack_from(payload, CHECKPOINT_BYTES)
+    if levels not in (0, 1):
+        raise FormatError(f"base end record with {levels} levels of index (a newer format?)")
+    if count > MAX_FRAGMENTS or len(payload) != CHECKPOINT_BYTES + END_HEAD.size + 8 * count:
         raise FormatError("base end record has a bad length")
     addresses = struct.unpack_from(f"<{count}Q", payload, CHECKPOINT_BYTES + END_HEAD.size)
-    return bytes(payload[:CHECKPOINT_BYTES]), list(addresses)
+    return bytes(payload[:CHECKPOINT_BYTES]), list(addresses), levels
