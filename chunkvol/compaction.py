@@ -31,14 +31,14 @@ from chunkvol.format import checkpoint as checkpoint_format
 from chunkvol.format import record
 from chunkvol.format.record import CHECKSUM_BYTES, FLAG_RELOCATED, FLAG_ZSTD, HEADER_SIZE, RAW_BLOCK_BYTES, RecordType
 from chunkvol.format import tombstones as tombstones_format
-from chunkvol.index.blockmap import CHECKPOINT_KEY, ORIGIN_STAMPS_KEY, ORIGINS_KEY, TOMBSTONES_KEY
+from chunkvol.index.blockmap import CHECKPOINT_KEY, ORIGIN_STAMPS_KEY, ORIGINS_KEY, REMOVED_VOLUMES_KEY, TOMBSTONES_KEY
 from chunkvol.mirror import config as mirror_config
 from chunkvol.log.reader import ChunkScan
 
 DEFAULT_MIN_DEAD = 0.5
 COPY_BATCH_BYTES = 4 << 20  # copied per hold of the pool lock
 HINT_NAME = "base"
-BASE_META_KEYS = (ORIGINS_KEY, ORIGIN_STAMPS_KEY)  # the rest of meta is the checkpoint, in BASE_END
+BASE_META_KEYS = (ORIGINS_KEY, ORIGIN_STAMPS_KEY, REMOVED_VOLUMES_KEY)  # the rest of meta: checkpoint, in BASE_END
 TOMBSTONES_PER_ENTRY = 1000  # 40 KB: one base entry stays within a fragment
 
 

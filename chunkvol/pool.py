@@ -159,6 +159,9 @@ class Pool:
         self.origins = {}  # other node -> greatest origin sequence of its records in our log
         self.origin_stamps = {}  # other node -> stamp of its last COMMIT in our log
         self.tombstones = Tombstones()  # stamped holes, while a peer's older record may still come
+        # volume id -> stamp of its VOLUME_REMOVE: another node's records of it that arrive
+        # later (written while apart) are taken and dropped, not refused as forged
+        self.removed_volumes = {}
         self.peer_nodes = frozenset()  # node ids of this pool's peers (multi-master), from mirrors.json
         self.peer_seen = {}  # peer -> {node: stamp} it had seen at its last COMMIT that reached us
         self.next_volume_id = (node_index(self.node_id) << VOLUME_ID_NODE_SHIFT) | 1
@@ -280,6 +283,7 @@ class Pool:
             self.origins = self.blockmap.read_origins()
             self.origin_stamps = self.blockmap.read_origin_stamps()
             self.tombstones = Tombstones(self.blockmap.read_tombstones())
+            self.removed_volumes = self.blockmap.read_removed_volumes()
         self.peer_nodes = peer_nodes(self.path, self.files)
         for info in self.blockmap.stored_volumes():
             self._add_volume(VolumeInfo.from_dict(info), persist=False)
@@ -443,7 +447,7 @@ class Pool:
         self._prune_tombstones()
         self.blockmap.checkpoint(Checkpoint(self.pool_uuid, self.writer.position, self.next_sequence,
                                             self.clock.last, self.next_volume_id, self.records_replayed),
-                                 self.origins, self.origin_stamps, self.tombstones)
+                                 self.origins, self.origin_stamps, self.tombstones, self.removed_volumes)
         self.tombstones.changed = False
         self.last_checkpoint_time = time.monotonic()
 
@@ -540,7 +544,7 @@ class Pool:
         self.blockmap.checkpoint(Checkpoint(self.pool_uuid, next_address, self.next_sequence,
                                             self.clock.last, self.next_volume_id,
                                             self.records_replayed + self._replayed_now), self.origins,
-                                 self.origin_stamps, self.tombstones)
+                                 self.origin_stamps, self.tombstones, self.removed_volumes)
         self.tombstones.changed = False
 
     def _merge_foreign(self, volume_id, offset_bytes, length_bytes, ref, hlc, node):
@@ -661,8 +665,9 @@ class Pool:
             self.damage.append(CorruptionError(f"volume record for id {volume_id} is not JSON"))
             return
         if record_type == RecordType.VOLUME_CREATE:
-            if volume_id in self.volumes_by_id:
-                return  # the same record again (a mirror's resend is skipped before; replay after a rebuild)
+            if volume_id in self.volumes_by_id or volume_id in self.removed_volumes:
+                return  # the same record again (a mirror's resend is skipped before; replay after a rebuild),
+                # or removed by another node before its creation reached this one
             primary = description.get("primary")
             info = VolumeInfo(volume_id, description["name"], description["size"], description["compression"], hlc,
                               description.get("parent"), mode=description.get("mode"),
@@ -671,14 +676,20 @@ class Pool:
             self._add_volume(info)
         else:
             info = self.volumes_by_id.get(volume_id)
+            if record_type == RecordType.VOLUME_REMOVE:
+                # A remove wins, wherever it arrives in the order: writes made elsewhere while
+                # apart go with the volume (docs/MULTIMASTER.md).
+                self.removed_volumes[volume_id] = max(hlc, self.removed_volumes.get(volume_id, 0))
             if info is None:
                 return
             if record_type == RecordType.VOLUME_PRIMARY:
                 seen = {int(node): stamp for node, stamp in description.get("seen", {}).items()}
                 self._apply_primary(info, description["primary"], hlc, seen)
             elif record_type == RecordType.VOLUME_RESIZE:
-                info.size_bytes = description["size"]
-                self.blockmap.put_volume(info.name, info.as_dict())
+                # The greatest size wins, whatever the order (sizes made apart: a volume never shrinks).
+                if description["size"] > info.size_bytes:
+                    info.size_bytes = description["size"]
+                    self.blockmap.put_volume(info.name, info.as_dict())
             else:
                 del self.volumes[info.name]
                 del self.volumes_by_id[volume_id]

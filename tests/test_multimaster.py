@@ -200,6 +200,85 @@ def test_same_volume_name_created_on_two_nodes_apart(tmp_path):
             node.close()
 
 
+def _volume_table(node):
+    return sorted((info.name, info.volume_id, info.size_bytes, info.mode) for info in node.pool.volumes.values())
+
+
+@pytest.mark.parametrize("first", ["a", "b"])
+def test_volume_changes_made_apart_converge_whatever_arrives_first(tmp_path, first):
+    """Issue 14, item 5. While apart: B removes volume "gone" while A writes to it; A and B
+    resize "grown" to different sizes and write past the old end; A resizes "small" smaller
+    than B had (never shrinks). Exchanged in either order: no batch is refused (before: "no
+    such volume" and "never shrinks" stalled replication from that node for good), both end
+    with one volume table (a remove wins; the greatest size wins) and the same contents."""
+    rng = random.Random(7)
+    time = SimulatedTime(rng)
+    nodes = pool_pair(tmp_path, walls=[time.wall_for(0), time.wall_for(1)])
+    try:
+        a, b = nodes
+        for name in ("gone", "grown", "small"):
+            a.pool.create_volume(name, 4 * MiB, mode="multi-master")
+        _exchange_everything(nodes)
+        b.pool.remove_volume("gone")
+        a.pool.volume("gone").write(b"a" * 8192, 0)
+        a.pool.resize_volume("grown", 8 * MiB)
+        b.pool.resize_volume("grown", 6 * MiB)
+        a.pool.volume("grown").write(b"A" * 4096, 7 * MiB)
+        b.pool.volume("grown").write(b"B" * 4096, 5 * MiB)
+        b.pool.resize_volume("small", 12 * MiB)
+        a.pool.resize_volume("small", 5 * MiB)
+        for node in nodes:
+            node.pool.flush()
+        order = nodes if first == "a" else nodes[::-1]
+        ship(order[0], order[1])
+        ship(order[1], order[0])
+        _exchange_everything(nodes)
+        assert _volume_table(a) == _volume_table(b)
+        assert sorted(a.pool.volumes) == ["grown", "small"]
+        assert a.pool.volumes["grown"].size_bytes == 8 * MiB
+        assert a.pool.volumes["small"].size_bytes == 12 * MiB
+        assert contents(a) == contents(b)
+        grown = contents(a)["grown"]
+        assert grown[7 * MiB:7 * MiB + 4096] == b"A" * 4096 and grown[5 * MiB:5 * MiB + 4096] == b"B" * 4096
+        # Replication goes on after them.
+        a.pool.volume("grown").write(b"later" * 800 + bytes(96), 0)
+        _exchange_everything(nodes)
+        assert contents(a) == contents(b)
+    finally:
+        for node in nodes:
+            node.close()
+
+
+@pytest.mark.parametrize("rebuild", [False, True])
+def test_a_removed_volume_is_remembered_across_restarts(tmp_path, rebuild):
+    """B removed a volume; A's writes to it, made before A heard of that, reach B only after B
+    restarted (from its checkpoint, or rebuilding its map from the log): they are taken and
+    dropped, not refused (the removed ids live in the checkpoint and replay from the log)."""
+    time = SimulatedTime(random.Random(8))
+    nodes = pool_pair(tmp_path, walls=[time.wall_for(0), time.wall_for(1)])
+    try:
+        a, b = nodes
+        a.pool.create_volume("gone", 4 * MiB, mode="multi-master")
+        a.pool.create_volume("kept", 4 * MiB, mode="multi-master")
+        _exchange_everything(nodes)
+        b.pool.remove_volume("gone")
+        a.pool.volume("gone").write(b"a" * 4096, 0)
+        a.pool.volume("kept").write(b"k" * 4096, 0)
+        a.pool.flush()
+        b.close()
+        if rebuild:
+            shutil.rmtree(os.path.join(b.path, "index"))
+        b.open()
+        ship(a, b)
+        ship(b, a)
+        _exchange_everything(nodes)
+        assert sorted(a.pool.volumes) == sorted(b.pool.volumes) == ["kept"]
+        assert contents(a) == contents(b)
+    finally:
+        for node in nodes:
+            node.close()
+
+
 @pytest.mark.parametrize("seed", range(SEEDS // 2))
 def test_power_loss_on_either_node_loses_no_flushed_write(tmp_path, seed):
     """Storage faults: a node loses power (tests/faults.py: unsynced writes dropped, kept, torn

@@ -3,7 +3,9 @@
 For every other node whose records this pool's log holds (a mirror receives them), the
 greatest origin sequence among them. A shipper resumes after it, so nothing is applied twice.
 Written in the same LMDB transaction as the checkpoint, so it matches the checkpoint's log
-address; records replayed after the checkpoint raise it again.
+address; records replayed after the checkpoint raise it again. The `origin_stamps` value (node
+-> stamp of its last COMMIT here) and `removed_volumes` (volume id -> stamp of its
+VOLUME_REMOVE) have the same layout.
 
 Little-endian:
 

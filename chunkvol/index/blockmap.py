@@ -45,6 +45,7 @@ CHECKPOINT_KEY = b"checkpoint"
 ORIGINS_KEY = b"origins"
 ORIGIN_STAMPS_KEY = b"origin_stamps"  # same layout as origins: node -> greatest COMMIT stamp received
 TOMBSTONES_KEY = b"tombstones"
+REMOVED_VOLUMES_KEY = b"removed_volumes"
 OVERLAY_CACHE_GROUPS = 16384  # checkpointed group states kept in memory (a few tens of MiB)
 
 
@@ -114,6 +115,11 @@ class BlockMap:
     def read_origin_stamps(self):
         """{node: greatest COMMIT stamp received from it} as of the checkpoint."""
         raw = self.reader().get(ORIGIN_STAMPS_KEY, db=self.meta_db)
+        return {} if raw is None else origins_format.decode(raw, self.path)
+
+    def read_removed_volumes(self):
+        """{volume id: stamp of its VOLUME_REMOVE} as of the checkpoint (format/origins.py layout)."""
+        raw = self.reader().get(REMOVED_VOLUMES_KEY, db=self.meta_db)
         return {} if raw is None else origins_format.decode(raw, self.path)
 
     def read_tombstones(self):
@@ -459,7 +465,7 @@ class BlockMap:
         """Changes not yet in LMDB: unsealed groups plus sealed versions."""
         return len(self.dirty) + self.sealed_count
 
-    def checkpoint(self, checkpoint, origins=None, origin_stamps=None, tombstones=None):
+    def checkpoint(self, checkpoint, origins=None, origin_stamps=None, tombstones=None, removed_volumes=None):
         """Write sealed versions, volume changes and the checkpoint (with the received
         `origins`) in one synced transaction. The caller has made the log durable up to
         checkpoint.log_address and sealed."""
@@ -467,7 +473,7 @@ class BlockMap:
             raise CorruptionError("checkpoint with unsealed block-map changes (a bug)")
         self._drop_reader()
         try:
-            self._write_checkpoint(checkpoint, origins, origin_stamps, tombstones)
+            self._write_checkpoint(checkpoint, origins, origin_stamps, tombstones, removed_volumes)
         except lmdb.Error as error:
             if "No space" in str(error) or isinstance(error, lmdb.MapFullError):
                 raise OutOfSpaceError(f"no space left for the block map checkpoint ({error})") from None
@@ -492,7 +498,7 @@ class BlockMap:
         items.sort()
         return items
 
-    def _write_checkpoint(self, checkpoint, origins, origin_stamps, tombstones):
+    def _write_checkpoint(self, checkpoint, origins, origin_stamps, tombstones, removed_volumes):
         with self.env.begin(write=True) as txn:
             if self.sealed:
                 txn.cursor(db=self.groups_db).putmulti(self._sealed_items(), overwrite=True)
@@ -518,6 +524,8 @@ class BlockMap:
                 txn.put(ORIGINS_KEY, origins_format.encode(origins), db=self.meta_db)
             if origin_stamps:
                 txn.put(ORIGIN_STAMPS_KEY, origins_format.encode(origin_stamps), db=self.meta_db)
+            if removed_volumes:
+                txn.put(REMOVED_VOLUMES_KEY, origins_format.encode(removed_volumes), db=self.meta_db)
             if tombstones is not None and tombstones.changed:
                 txn.put(TOMBSTONES_KEY, tombstones_format.encode(tombstones.entries()), db=self.meta_db)
             if self.conflict_puts:

@@ -116,6 +116,7 @@ def _checked(pool, origin, held, raw_records):
     sizes = {volume_id: info.size_bytes for volume_id, info in pool.volumes_by_id.items()}
     names = {info.name for info in pool.volumes_by_id.values()}
     latest = _latest_stamp(pool)
+    removed = set(pool.removed_volumes)
     records = []
     last_sequence = last_type = last_flags = 0
     for index, raw in enumerate(raw_records):
@@ -153,7 +154,7 @@ def _checked(pool, origin, held, raw_records):
             raise PeerError(f"{where}: volume id {volume_id} is in node index {creator}'s range, not its "
                             f"origin's ({node_index(origin)})")
         try:
-            _check_fields(header, payload, sizes, names)
+            _check_fields(header, payload, sizes, names, removed)
         except (ValueError, TypeError, KeyError, UsageError, zstandard.ZstdError) as error:
             raise PeerError(f"{where} ({RecordType(record_type).name} of volume {volume_id}): {error}") from None
         records.append((header, payload))
@@ -162,10 +163,14 @@ def _checked(pool, origin, held, raw_records):
     return records
 
 
-def _check_fields(header, payload, sizes, names):
-    """Raise ValueError unless the record would replay here exactly as at its origin."""
+def _check_fields(header, payload, sizes, names, removed):
+    """Raise ValueError unless the record would replay here exactly as at its origin. Records
+    of a volume removed here (`removed`: written elsewhere while apart) are taken: applying
+    them drops them, as on every node (docs/MULTIMASTER.md)."""
     record_type, flags, volume_id, stored, node, sequence, hlc, offset, length, _ = header
     if record_type in (RecordType.EXTENT, RecordType.ZERO):
+        if volume_id in removed:
+            return
         if volume_id not in sizes:
             raise ValueError("no such volume here")
         if offset % BLOCK_SIZE or length % BLOCK_SIZE or not length or offset + length > sizes[volume_id]:
@@ -190,6 +195,8 @@ def _check_fields(header, payload, sizes, names):
         pool_module._check_volume_size(description["size"])
         if description["compression"] not in pool_module.COMPRESSIONS or volume_id in sizes:
             raise ValueError("volume exists already or has an unknown compression")
+        if volume_id in removed:
+            return  # removed by another node before its creation reached this one
         if description.get("mode") not in (None,) + pool_module.VOLUME_MODES or not (
                 description.get("primary") is None or isinstance(description["primary"], int)):
             raise ValueError("unknown volume mode or primary")
@@ -200,14 +207,16 @@ def _check_fields(header, payload, sizes, names):
         sizes[volume_id] = description["size"]
         names.add(description["name"])
         return
+    if volume_id in removed:
+        return
     if volume_id not in sizes:
         raise ValueError("no such volume here")
     if record_type == RecordType.VOLUME_RESIZE:
-        if pool_module._check_volume_size(description["size"]) < sizes[volume_id]:
-            raise ValueError("a volume never shrinks")
-        sizes[volume_id] = description["size"]
+        # Sizes set on two nodes apart: the greatest wins, so a smaller one is taken (no-op).
+        sizes[volume_id] = max(sizes[volume_id], pool_module._check_volume_size(description["size"]))
     elif record_type == RecordType.VOLUME_REMOVE:
         del sizes[volume_id]
+        removed.add(volume_id)
     elif record_type == RecordType.VOLUME_PRIMARY:
         if not isinstance(description["primary"], int) or description["primary"] != node:
             raise ValueError("a node promotes only itself")
