@@ -14,16 +14,24 @@ slow to unpack under TCG.  So we build:
     same image boots under qemu (after the initramfs) and user-mode-linux
     (whose kernel has ubd and ext4 built in, so it needs no initramfs).
 
-Both go to a cache directory ($CHUNKVOL_GUEST_CACHE, else <repo>/var/guest),
-under a key that hashes this file, the busybox binary and the kernel version,
-so edits here rebuild and repeated test runs reuse them.  Builds happen in a
+A third image, for the kernel's own NBD client (tools/guest/kernel_nbd.py), has no root
+disk at all: nbd-initramfs.cpio holds busybox, nbd-client, mke2fs and e2fsck (each with its
+shared libraries, copied from this host), the modules virtio_pci, virtio_net, nbd and ext4
+(with their deps), and an /init that brings up the network and then runs the lines the host
+sends on the second serial port (see NBD_GUEST_INIT).  `nbd_guest_images()` builds it on
+demand, in a cache directory of its own; `guest_images()` does not build it.
+
+All go to a cache directory ($CHUNKVOL_GUEST_CACHE, else <repo>/var/guest),
+under a key that hashes this file, the busybox binary and the kernel version
+(the NBD guest's key also hashes the programs and libraries it copies), so
+edits here rebuild and repeated test runs reuse them.  Builds happen in a
 temporary directory renamed into place, so concurrent runs cannot see a
 half-written image.
 
 busybox: Debian's busybox-static is used as is; the dynamically linked
 `busybox` package also works (its shared libraries are copied in).
 
-CLI:  python3 -m tools.guest.build_initramfs [--cache DIR]
+CLI:  python3 -m tools.guest.build_initramfs [--cache DIR] [--nbd-guest]
 """
 
 from __future__ import annotations
@@ -257,12 +265,18 @@ class CpioWriter:
         self._f.close()
 
 
-def _busybox_payload(busybox: Path) -> dict[str, bytes]:
-    """Files (path -> bytes) that make busybox run: itself plus its shared libraries."""
-    files = {"/bin/busybox": busybox.read_bytes()}
-    for lib in shared_libs(busybox):
+def _program_payload(program: Path, dest: str) -> dict[str, bytes]:
+    """Files (path -> bytes) that make PROGRAM run at DEST: itself plus its shared libraries
+    (at the paths ldd names, which the guest's dynamic loader searches too)."""
+    files = {dest: program.read_bytes()}
+    for lib in shared_libs(program):
         files[str(lib)] = lib.resolve().read_bytes()  # /lib64/ld-linux... is a symlink on Debian
     return files
+
+
+def _busybox_payload(busybox: Path) -> dict[str, bytes]:
+    """Files (path -> bytes) that make busybox run: itself plus its shared libraries."""
+    return _program_payload(busybox, "/bin/busybox")
 
 
 def build_initramfs(out: Path, kernel: Kernel, busybox: Path | None = None) -> Path:
@@ -307,6 +321,143 @@ def build_rootfs(out: Path, busybox: Path | None = None, size: str = ROOTFS_SIZE
         (root / "etc" / "hostname").write_text("chunkvol-guest\n")
         out.unlink(missing_ok=True)
         _proc.run(["mkfs.ext4", "-q", "-F", "-b", "4096", "-L", "chunkvol-root", "-d", root, out, size])
+    return out
+
+
+# --- the kernel NBD client's guest (initramfs only) -------------------------------------------
+
+# virtio_net for the user-mode network that reaches the host's socket, nbd for /dev/nbd0, ext4
+# (crc32c_generic: its metadata checksums); virtio_pci carries the network card.
+NBD_GUEST_MODULES = ("virtio_pci", "virtio_net", "nbd", "crc32c_generic", "ext4")
+# Host programs copied into the NBD guest as /sbin/NAME, with their shared libraries.
+NBD_GUEST_PROGRAMS = ("nbd-client", "mke2fs", "e2fsck")
+NBD_GUEST_LINKS = {"sbin/mkfs.ext4": "mke2fs", "sbin/fsck.ext4": "e2fsck"}
+NBD_GUEST_ADDRESS = "10.0.2.15/24"      # qemu user network: the guest's address
+NBD_STEP_PREFIX = "CHUNKVOL-NBD:"
+
+NBD_GUEST_INIT = r"""#!/bin/sh
+# initramfs /init of the kernel-NBD-client guest (no root disk).  Loads the modules, brings up
+# eth0 (qemu's user network; the host's NBD socket is forwarded to a fixed address there), then
+# serves the control channel on /dev/ttyS1: each line from the host is "SEQ COMMAND", COMMAND
+# runs in a subshell (stdin /dev/null), its output and exit code go to the console (ttyS0) and
+# back on ttyS1 as "| OUTPUT LINE"... then "END SEQ RC".
+export PATH=/sbin:/bin
+say() { echo "@STEP@ $*"; }
+fail() { echo "@RESULT@ FAIL $*"; poweroff -f; reboot -f; }
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mount -t tmpfs tmpfs /tmp
+ln -sf /proc/mounts /etc/mtab
+for m in @MODULES@; do insmod /lib/modules/$m.ko || fail "insmod $m"; done
+i=0
+while [ ! -e /sys/class/net/eth0 ]; do
+  i=$((i+1)); [ $i -gt 600 ] && fail "no eth0"; sleep 0.1
+done
+ip link set lo up && ip link set eth0 up && ip addr add @ADDRESS@ dev eth0 || fail "network setup"
+[ -c /dev/ttyS1 ] || fail "no /dev/ttyS1 (the control channel)"
+stty -F /dev/ttyS1 raw -echo || fail "stty /dev/ttyS1"
+exec 3<>/dev/ttyS1
+
+# write_tree DIR FILES: FILES files of random bytes (0 to 700 KiB, most sizes no multiple of
+# 512) in nested directories under DIR, then DIR/MANIFEST.sha256 (sha256sum of every file,
+# sorted).  Prints files=, bytes= and the manifest's own sha256.
+write_tree() {
+  dir=$1; n=$2; i=0; bytes=0
+  mkdir -p "$dir" && : > "$dir/empty" || return 1
+  while [ $i -lt $n ]; do
+    sub="$dir/d$((i % 3))/e$((i % 2))"
+    size=$(( (i * 7919 + 13) % 700 * 1021 + i ))
+    mkdir -p "$sub" && head -c $size /dev/urandom > "$sub/f$i.bin" || return 1
+    bytes=$((bytes + size)); i=$((i + 1))
+  done
+  (cd "$dir" && find . -type f ! -name MANIFEST.sha256 | sort | xargs sha256sum > MANIFEST.sha256) || return 1
+  echo "files=$((n + 1)) bytes=$bytes manifest_sha256=$(sha256sum < "$dir/MANIFEST.sha256" | cut -d' ' -f1)"
+}
+
+# check_tree DIR: every file DIR/MANIFEST.sha256 lists has its sha256 (read from the device:
+# caches dropped first) and DIR holds no other file.  Prints verified= and the manifest's sha256.
+check_tree() {
+  sync; echo 3 > /proc/sys/vm/drop_caches
+  cd "$1" || return 1
+  sha256sum -c MANIFEST.sha256 > /tmp/check.out 2>&1 || { grep -v ': OK$' /tmp/check.out; return 1; }
+  want=$(wc -l < MANIFEST.sha256); have=$(find . -type f ! -name MANIFEST.sha256 | wc -l)
+  [ "$want" -eq "$have" ] || { echo "$1: $have files, the manifest lists $want"; return 1; }
+  echo "verified=$want manifest_sha256=$(sha256sum < MANIFEST.sha256 | cut -d' ' -f1)"
+}
+
+# fsck_report DEV: e2fsck -fn DEV (unmounted, nothing changed); the guest's result line on the
+# console says whether it was clean.
+fsck_report() {
+  e2fsck -fn "$1"; rc=$?
+  if [ $rc -eq 0 ]; then echo "@RESULT@ OK fsck=clean device=$1"
+  else echo "@RESULT@ FAIL fsck=exit-$rc device=$1"; fi
+  return $rc
+}
+
+say "READY kernel=$(uname -r)"
+while IFS= read -r line <&3; do
+  seq=${line%% *}; cmd=${line#* }
+  say "RUN $seq: $cmd"
+  ( eval "$cmd" ) </dev/null >/tmp/out 2>&1 3>&-
+  rc=$?
+  [ -z "$(tail -c 1 /tmp/out)" ] || echo >> /tmp/out  # the END line starts a line of its own
+  cat /tmp/out
+  say "END $seq rc=$rc"
+  sed 's/^/| /' /tmp/out >&3
+  echo "END $seq $rc" >&3
+done
+fail "control channel closed"
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class NbdGuestImages:
+    """The kernel-NBD-client guest: a kernel and an initramfs that is the whole system."""
+    kernel: Kernel
+    initramfs: Path
+    vmlinux: Path | None
+
+
+def nbd_guest_programs() -> dict[str, Path]:
+    """The host's nbd-client, mke2fs and e2fsck (name -> resolved path), for the NBD guest."""
+    found = {}
+    for name in NBD_GUEST_PROGRAMS:
+        path = shutil.which(name, path=_proc.SYSTEM_PATH)
+        if path is None:
+            package = "nbd-client" if name == "nbd-client" else "e2fsprogs"
+            raise FileNotFoundError(f"{name} not found (install Debian's {package})")
+        found[name] = Path(path).resolve()
+    return found
+
+
+def build_nbd_initramfs(out: Path, kernel: Kernel, busybox: Path | None = None) -> Path:
+    """Write the NBD guest's initramfs (uncompressed newc cpio; NBD_GUEST_INIT as /init) to OUT."""
+    busybox = busybox or find_busybox()
+    mods = module_closure(kernel, NBD_GUEST_MODULES)
+    w = CpioWriter(out)
+    for d in ("bin", "sbin", "dev", "proc", "sys", "tmp", "mnt", "etc", "lib/modules"):
+        w.dir(d)
+    w.chardev("dev/console", 5, 1)
+    w.chardev("dev/null", 1, 3, 0o666)
+    for path, data in _busybox_payload(busybox).items():
+        w.file(path, data)
+    for name, program in nbd_guest_programs().items():
+        for path, data in _program_payload(program, f"/sbin/{name}").items():
+            w.file(path, data)
+    for link, target in NBD_GUEST_LINKS.items():
+        w.symlink(link, target)
+    for applet in busybox_applets(busybox):
+        w.symlink(f"bin/{applet}", "busybox")
+    if Path("/etc/mke2fs.conf").exists():
+        w.file("etc/mke2fs.conf", Path("/etc/mke2fs.conf").read_bytes(), 0o644)
+    for mod in mods:
+        w.file(f"lib/modules/{_modname(mod.name)}.ko", _module_bytes(mod), 0o644)
+    script = (NBD_GUEST_INIT.replace("@STEP@", NBD_STEP_PREFIX).replace("@RESULT@", RESULT_PREFIX)
+              .replace("@ADDRESS@", NBD_GUEST_ADDRESS)
+              .replace("@MODULES@", " ".join(_modname(m.name) for m in mods)))
+    w.file("init", script.encode())
+    w.close()
     return out
 
 
@@ -365,20 +516,15 @@ def _cache_key(kernel: Kernel, busybox: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def guest_images(cache: Path | None = None, kernel_version: str | None = None) -> GuestImages:
-    """Return cached guest images, building them first if the cache has none for this input."""
-    kernel = find_kernel(kernel_version)
-    busybox = find_busybox()
-    cache = Path(cache or cache_dir())
-    final = cache / f"{kernel.version}-{_cache_key(kernel, busybox)}"
+def _cached(final: Path, build) -> Path:
+    """FINAL, built first by BUILD(tmpdir) unless FINAL/complete exists.  The build happens in
+    a temporary directory beside FINAL, renamed into place, so concurrent runs never see a
+    half-written image."""
     if not (final / "complete").exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=cache))
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=final.parent))
         try:
-            build_initramfs(tmp / "initramfs.cpio", kernel, busybox)
-            build_rootfs(tmp / "rootfs.ext4", busybox)
-            extract_vmlinux(kernel.vmlinuz, tmp / "vmlinux")
-            (tmp / "complete").write_text(f"kernel={kernel.version} busybox={busybox}\n")
+            build(tmp)
             try:
                 tmp.rename(final)
             except OSError:  # another process won the race; its build is equivalent
@@ -386,18 +532,66 @@ def guest_images(cache: Path | None = None, kernel_version: str | None = None) -
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def guest_images(cache: Path | None = None, kernel_version: str | None = None) -> GuestImages:
+    """Return cached guest images, building them first if the cache has none for this input."""
+    kernel = find_kernel(kernel_version)
+    busybox = find_busybox()
+    cache = Path(cache or cache_dir())
+
+    def build(tmp: Path) -> None:
+        build_initramfs(tmp / "initramfs.cpio", kernel, busybox)
+        build_rootfs(tmp / "rootfs.ext4", busybox)
+        extract_vmlinux(kernel.vmlinuz, tmp / "vmlinux")
+        (tmp / "complete").write_text(f"kernel={kernel.version} busybox={busybox}\n")
+    final = _cached(cache / f"{kernel.version}-{_cache_key(kernel, busybox)}", build)
     vmlinux = final / "vmlinux"
     return GuestImages(kernel=kernel, initramfs=final / "initramfs.cpio", rootfs=final / "rootfs.ext4",
                        vmlinux=vmlinux if vmlinux.exists() else None)
+
+
+def _nbd_cache_key(kernel: Kernel, busybox: Path, programs: dict[str, Path]) -> str:
+    h = hashlib.sha256(_cache_key(kernel, busybox).encode())
+    for program in programs.values():
+        for path in [program, *shared_libs(program)]:
+            h.update(hashlib.sha256(path.resolve().read_bytes()).digest())
+    return h.hexdigest()[:16]
+
+
+def nbd_guest_images(cache: Path | None = None, kernel_version: str | None = None) -> NbdGuestImages:
+    """Return the cached kernel-NBD-client guest (cache/nbd-<kernel>-<key>), built if missing."""
+    kernel = find_kernel(kernel_version)
+    busybox = find_busybox()
+    programs = nbd_guest_programs()
+    cache = Path(cache or cache_dir())
+
+    def build(tmp: Path) -> None:
+        build_nbd_initramfs(tmp / "nbd-initramfs.cpio", kernel, busybox)
+        extract_vmlinux(kernel.vmlinuz, tmp / "vmlinux")
+        (tmp / "complete").write_text(f"kernel={kernel.version} busybox={busybox} "
+                                      f"programs={' '.join(map(str, programs.values()))}\n")
+    final = _cached(cache / f"nbd-{kernel.version}-{_nbd_cache_key(kernel, busybox, programs)}", build)
+    vmlinux = final / "vmlinux"
+    return NbdGuestImages(kernel=kernel, initramfs=final / "nbd-initramfs.cpio",
+                          vmlinux=vmlinux if vmlinux.exists() else None)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cache", type=Path, default=None, help="cache directory (default: %(default)s)")
     parser.add_argument("--kernel-version", default=None)
+    parser.add_argument("--nbd-guest", action="store_true",
+                        help="build the kernel-NBD-client guest (nbd_guest_images) instead")
     args = parser.parse_args(argv)
-    images = guest_images(args.cache, args.kernel_version)
-    for field in ("initramfs", "rootfs", "vmlinux"):
+    if args.nbd_guest:
+        images = nbd_guest_images(args.cache, args.kernel_version)
+        fields: tuple[str, ...] = ("initramfs", "vmlinux")
+    else:
+        images = guest_images(args.cache, args.kernel_version)
+        fields = ("initramfs", "rootfs", "vmlinux")
+    for field in fields:
         print(f"{field}: {getattr(images, field)}")
     print(f"kernel: {images.kernel.vmlinuz}")
     return 0

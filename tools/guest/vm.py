@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Sequence
 
 from . import _proc
-from .build_initramfs import RESULT_PREFIX, GuestImages, guest_images
+from .build_initramfs import RESULT_PREFIX, GuestImages, NbdGuestImages, guest_images
 
 QBOOT = Path("/usr/share/qemu/qboot.rom")
 
@@ -102,13 +102,15 @@ def run_guest(argv: Sequence[str], console_log: Path, *, timeout: float,
         timed_out = True
     finally:
         if proc.poll() is None:
-            _kill_group(proc)
+            kill_group(proc)
     return BootResult(returncode=proc.returncode, timed_out=timed_out,
                       seconds=time.monotonic() - started, log=console_log,
                       result_line=parse_result_line(console_log))
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
+def kill_group(proc: subprocess.Popen) -> None:
+    """Stop a guest started with start_new_session=True: SIGTERM to its process group (which
+    it leads, by its PID), SIGKILL if it lingers; reaped."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(proc.pid, sig)
@@ -130,15 +132,24 @@ def qemu_argv(socket: str | os.PathLike, export: str, images: GuestImages, conso
         "file": {"driver": "nbd", "server": {"type": "unix", "path": os.path.abspath(socket)},
                  "export": export},
     }
+    argv = qemu_base_argv(images, console_log, memory_mib=memory_mib,
+                          append=f"root=/dev/vda rootfstype=ext4 {append}", fast_boot=fast_boot)
+    return argv + ["-blockdev", json.dumps(blockdev),
+                   "-device", "virtio-blk-pci,drive=root,serial=chunkvol-root"]
+
+
+def qemu_base_argv(images: GuestImages | NbdGuestImages, console_log: Path, *, memory_mib: int = 512,
+                   append: str = "", fast_boot: bool = True) -> list[str]:
+    """qemu-system-x86_64 (TCG, one CPU, no default devices, no reboot) booting the images'
+    kernel and initramfs, with the console (ttyS0) written to CONSOLE_LOG.  Callers add their
+    devices; a further -serial option becomes ttyS1."""
     kernel = images.vmlinux if (fast_boot and images.vmlinux) else images.kernel.vmlinuz
     argv = [_proc.which("qemu-system-x86_64"),
             "-machine", "q35,accel=tcg", "-cpu", "max", "-smp", "1", "-m", str(memory_mib),
             "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
             "-monitor", "none", "-serial", f"file:{console_log}",
             "-kernel", str(kernel), "-initrd", str(images.initramfs),
-            "-append", f"console=ttyS0 root=/dev/vda rootfstype=ext4 quiet panic=-1 {append}".strip(),
-            "-blockdev", json.dumps(blockdev),
-            "-device", "virtio-blk-pci,drive=root,serial=chunkvol-root"]
+            "-append", " ".join(f"console=ttyS0 quiet panic=-1 {append}".split())]
     if fast_boot and QBOOT.exists():
         argv += ["-bios", str(QBOOT)]
     return argv
