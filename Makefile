@@ -13,7 +13,7 @@ PORT ?= 10809
 # once (tools/guest/uml_kernel.py; bookworm's linux.uml panics on hosts with AMX state).
 # nbd-client, socat: the kernel's NBD client inside the qemu guest, reaching the host's socket.
 DEBIAN_PACKAGES := nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd python3-venv python3-dev \
-	fuse3 qemu-utils qemu-system-x86 fio e2fsprogs xfsprogs user-mode-linux linux-image-amd64 \
+	fuse3 qemu-utils qemu-system-x86 fio e2fsprogs xfsprogs linux-image-amd64 \
 	psmisc util-linux busybox-static python3-cryptography iproute2 iptables \
 	ceph-mon ceph-osd ceph-common python3-rados radosgw python3-boto3 \
 	linux-source-6.12 flex bison bc xz-utils nbd-client socat
