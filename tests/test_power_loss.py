@@ -295,14 +295,23 @@ def test_multi_record_write_is_atomic_across_a_crash(tmp_path):
         f"{size // 4096} blocks new, the rest old")
 
 
+def _pool_dropping_unsynced_writes(tmp_path):
+    """A fresh pool and a fault layer whose power loss drops every unsynced write and puts back
+    the block map of the last checkpoint."""
+    path = make_pool(str(tmp_path / "pool"), volume_size=VOLUME)
+    return path, FaultyFiles(path, seed=1, modes=("drop",), index_modes=("snapshot",))
+
+
+def _blob(seed):
+    return random.Random(seed).randbytes(64 << 10)
+
+
 def test_flush_after_failed_fsync_does_not_lose_data(tmp_path):
     """fsyncgate: the kernel reports a writeback error once and marks the pages clean. A write
     acknowledged before a later *successful* flush must survive power loss (guarantee 1); or
     the later flush must fail too."""
-    path = make_pool(str(tmp_path / "pool"), volume_size=VOLUME)
-    faulty = FaultyFiles(path, seed=1, modes=("drop",), index_modes=("snapshot",))
-    first = random.Random(1).randbytes(64 << 10)
-    second = random.Random(2).randbytes(64 << 10)
+    path, faulty = _pool_dropping_unsynced_writes(tmp_path)
+    first, second = _blob(1), _blob(2)
     with track_index(faulty):
         pool = Pool.open(path, files=faulty)
         volume = pool.volume("disk0")
@@ -570,10 +579,8 @@ def test_restart_after_a_failed_fsync_reads_the_disk_not_the_page_cache(tmp_path
     server restarted on the same machine (no reboot) must not replay them as if they were on
     disk: the reopened pool shows the disk's content (the write whose flush failed is gone),
     and a power loss after that reveals no damage (issue 14, item 3)."""
-    path = make_pool(str(tmp_path / "pool"), volume_size=VOLUME)
-    faulty = FaultyFiles(path, seed=1, modes=("drop",), index_modes=("snapshot",))
-    old = random.Random(1).randbytes(64 << 10)
-    new = random.Random(2).randbytes(64 << 10)
+    path, faulty = _pool_dropping_unsynced_writes(tmp_path)
+    old, new = _blob(1), _blob(2)
     with track_index(faulty):
         pool = Pool.open(path, files=faulty)
         volume = pool.volume("disk0")
