@@ -556,6 +556,26 @@ def test_mirror_sync_beside_serve_waits_for_the_servers_shipper(tmp_path, serves
     assert_identical(source, mirror)
 
 
+def test_mirror_sync_beside_a_bare_nbdkit_ships_itself(tmp_path, server_factory):
+    """nbdkit run by hand (no `serve`, so no shipper beside it): `mirror sync` ships itself, as
+    it always did, learning the horizon from the server; it does not wait for a shipper that
+    is not there."""
+    source = new_source(tmp_path)
+    mirror = str(tmp_path / "mirror")
+    cv(source, "mirror", "add", "m", "--to", f"dir:{mirror}")
+    server = server_factory(source)
+    handle = server.connect("v")
+    handle.pwrite(random.Random(4).randbytes(4 * MiB), 0)
+    handle.flush()
+    synced = subprocess.run([CHUNKVOL, "--pool", source, "mirror", "sync", "m"], capture_output=True, text=True,
+                            env=ENVIRONMENT, timeout=120)
+    assert synced.returncode == 0 and "has everything written up to now" in synced.stdout, synced.stderr
+    assert status(source, "m")["bytes_behind"] == 0
+    handle.shutdown()
+    server.stop()
+    assert_identical(source, mirror)
+
+
 def test_a_lost_source_rejoins_the_promoted_mirror_without_a_full_copy(tmp_path):
     """A mirrors to B; A writes more that never reaches B and goes away; B is promoted and
     written; A comes back, rejoins as B's mirror (what it wrote alone is saved aside and cut),

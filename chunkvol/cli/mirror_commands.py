@@ -210,7 +210,7 @@ def mirror_sync(arguments):
         total = shipper.source.distance(shipper.state["cursor"], durable)
         started = time.monotonic()
         with progress_bar(total, f"mirror {arguments.name}") as advance:
-            if horizon.pool is None:  # served: the server's shipper has this mirror
+            if horizon.pool is None and mirror_config.shipper_running(path):  # `serve`'s shipper has it
                 sent = _follow_served_shipper(path, arguments.name, shipper, durable, advance)
             else:
                 sent = shipper.ship(durable, progress=advance)
@@ -256,6 +256,7 @@ def mirror_run(arguments):
         signal.signal(signum, lambda *_: stop.set())
     if arguments.via_server:
         _die_with_parent()
+    shipper_lock = mirror_config.hold_shipper(path)  # `mirror sync` follows this process meanwhile
     workers = {}
     horizon = None
     last_complaint = None
@@ -300,6 +301,7 @@ def mirror_run(arguments):
             worker.join(max(0.0, deadline - time.monotonic()))
         if horizon is not None:
             horizon.close()
+        os.close(shipper_lock)
 
 
 def _tiering_loop(path, fields, stop):
