@@ -132,8 +132,9 @@ class ChunkTable:
         return NotFoundError(
             f"the log is missing chunk{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing[:8]))}"
             f"{' ...' if len(missing) > 8 else ''} ({names}), expected in one of {', '.join(self.directories)}; "
-            "later chunks exist, so the log cannot end there. The pool was not opened and nothing was changed: "
-            "bring the files (or the disk holding them) back and open again")
+            "the log goes on after it (later chunks, or the block map, name it), so it cannot end there. The "
+            "pool was not opened and nothing was changed: bring the files (or the disk holding them) back and "
+            "open again")
 
     def _open_evicted(self, chunk_id, path):
         manifest = evicted.decode(self.files.read_file(path), path)
