@@ -70,6 +70,15 @@ def find(mirror, volume_ids, group, ref, record_offset):
     return None
 
 
+def live_copy(pool, volume_ids, group, ref, record_offset):
+    """The raw bytes of a live pool's copy of record `ref` (a node answering a peer's FETCH,
+    a `dir:` target's fetch), or None: its map checkpointed first, as find looks in LMDB."""
+    with pool.lock:
+        pool.checkpoint()  # the lock is reentrant: nothing is applied between the two
+        found = find(pool, volume_ids, group, ref, record_offset)
+    return None if found is None else bytes(found[0])
+
+
 def good_copy(pool, volume_ids, group, ref, record_offset, stores):
     """(mirror name, raw bytes, header) of a good copy of `ref`, or None. `stores` (a
     PassStores) holds the object stores of this heal pass."""

@@ -439,6 +439,11 @@ class Pool:
             if time.time() - self.own_commit_time >= HEARTBEAT_SECONDS:  # the peer's COMMITs do not count
                 self._flush_locked(durable=self.writer.durable_address, heartbeat=True)
 
+    def checkpoint(self):
+        """Every version in LMDB, where a lookup by ref (heal.find) looks."""
+        with self.lock:
+            self._checkpoint_locked()
+
     def _checkpoint_locked(self):
         """Log durable up to here, then the block map and this address in one synced txn."""
         if self.blockmap.dirty:

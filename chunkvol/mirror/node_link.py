@@ -76,7 +76,9 @@ def read_frame(connection):
 
 
 class NodeTarget:
-    """The shipper's connection to another node of the pool."""
+    """The shipper's connection to another node of the pool (a Target, mirror/target.py)."""
+
+    READ_AHEAD = False  # the receiver's sync, not the reading here, is the limit
 
     def __init__(self, host, port, source_fields, pool_path):
         self.address = (host, port)
@@ -150,7 +152,7 @@ class NodeTarget:
         return self.held
 
     def fetch(self, volume_ids, group, ref, record_offset):
-        """The peer's copy of a record (bytes; empty when it has none), for self-healing."""
+        """The peer's copy of a record (bytes; None when it has none), for self-healing."""
         self._send(wire.encode_json(wire.FETCH, {"volumes": list(volume_ids), "group": group, "ref": list(ref),
                                                  "offset": record_offset}))
         where = f"node {self.address[0]}:{self.address[1]}"
@@ -162,7 +164,7 @@ class NodeTarget:
             raise PeerError(f"{where} refused: {wire.decode_json(payload).get('message')}")
         if kind != wire.RECORD:
             raise PeerError(f"{where} sent frame kind {kind}, not a record")
-        return bytes(payload)
+        return bytes(payload) or None  # an empty RECORD frame: the peer has no copy
 
     def describe(self):
         return {"node": self.peer, "address": f"{self.address[0]}:{self.address[1]}"}
@@ -287,10 +289,7 @@ class ReceiverServer:
                 or not isinstance(group, int) or not isinstance(offset, int) or not isinstance(ref, list)
                 or len(ref) != 4 or not all(isinstance(field, int) for field in ref)):
             raise PeerError("a malformed fetch request")
-        with self.pool.lock:
-            self.pool._checkpoint_locked()  # every version in LMDB, where find looks
-            found = heal.find(self.pool, volumes, group, tuple(ref), offset)
-        return b"" if found is None else bytes(found[0])
+        return heal.live_copy(self.pool, volumes, group, tuple(ref), offset) or b""
 
     def stop(self):
         self.stopping = True

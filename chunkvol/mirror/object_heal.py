@@ -39,11 +39,14 @@ CACHE_BYTES = 64 << 20  # fetched segments kept per store for one heal pass (at 
 class SegmentCopies:
     """One object-store mirror during one heal pass: opened at the first lookup."""
 
-    def __init__(self, url, pool_uuid, retry_seconds=None):
+    def __init__(self, url, pool_uuid, retry_seconds=None, store=None):
+        """`store`: one already open (an ObjectTarget's), used and left open; else one is
+        opened at the first lookup and closed by `close`."""
         self.url = url
         self.pool_uuid = pool_uuid
         self.retry_seconds = retry_seconds
-        self.store = None
+        self.store = store
+        self.owns_store = store is None
         self.failed = None  # the error that made this pass give the store up
         self.origins = None  # origin -> [segment names in sequence order]
         self.headers = {}  # name -> SegmentHeader, or None when it fails its checks
@@ -156,9 +159,9 @@ class SegmentCopies:
 
     def close(self):
         self.segments.clear()
-        if self.store is not None:
+        if self.store is not None and self.owns_store:
             self.store.close()
-            self.store = None
+        self.store = None
 
 
 def _checked(view, origin, volume_ids, ref, record_offset):

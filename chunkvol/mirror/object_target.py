@@ -12,6 +12,8 @@ import collections
 
 from chunkvol.errors import ChunkvolError, CorruptionError, NotFoundError, PeerError
 from chunkvol.format import segment, store_pool
+from chunkvol.mirror import receiver
+from chunkvol.mirror.object_heal import SegmentCopies
 from chunkvol.objstore import open_store
 
 # One encoded batch: its object name and bytes (data None: the store has it already), and the
@@ -20,6 +22,8 @@ Segment = collections.namedtuple("Segment", "origin name data previous after")
 
 
 class ObjectTarget:
+    """A Target and a PipelinedTarget (mirror/target.py)."""
+
     # The shipper reads and encodes the next batch while a put is under way: measured
     # (docs/BENCH.md) 1.9x on RADOS, 1.15x on S3. Not for dir: and node: targets, where the
     # receiver is the limit and a read-ahead only made the shipper fault in fresh pages for
@@ -66,6 +70,10 @@ class ObjectTarget:
         encodes the next batch in its read-ahead thread, chained to the one being put."""
         if origin == 0:
             raise PeerError("records without an origin")
+        # The store applies nothing, so it checks what a batch carries in itself (checksums,
+        # origin, order, the closing COMMIT) as a node's receiver does: a broken or forged
+        # batch never becomes a segment that a restore would then refuse.
+        receiver.checked(origin, previous[0], records)
         data, header = segment.encode(self.pool_uuid, origin, records, previous[0], previous[1])
         if header.first_sequence <= previous[0]:
             return Segment(origin, None, None, previous, previous)  # the store has these already
@@ -81,6 +89,15 @@ class ObjectTarget:
             self.store.put(encoded.name, encoded.data)
             self.tails[encoded.origin] = encoded.after
         return self.tails[encoded.origin][0]
+
+    def fetch(self, volume_ids, group, ref, record_offset):
+        # A fresh lookup each time (listing, headers): segments put since the last are found.
+        copies = SegmentCopies(self.url, self.pool_uuid, store=self.store)
+        try:
+            found = copies.find(volume_ids, ref, record_offset)
+        finally:
+            copies.close()
+        return None if found is None else found[0]
 
     def describe(self):
         return {"store": self.url}

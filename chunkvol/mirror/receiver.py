@@ -42,20 +42,24 @@ def have(pool, origin):
         return pool.origins.get(origin, 0)
 
 
-def receive(pool, pool_uuid, origin, raw_records):
-    """Check, append, sync and apply one batch of `origin`'s records (each the bytes of one
-    whole record, header and payload); returns the greatest sequence now held from it."""
+def check_origin(pool, pool_uuid, origin):
+    """PeerError unless a batch of pool `pool_uuid` from `origin` may come to `pool` (anything
+    with `pool_uuid` and `node_id`: a Pool, or a target that holds records in memory)."""
     if pool_uuid != pool.pool_uuid:
         raise PeerError(f"records of another pool ({pool_uuid.hex()}; this is {pool.pool_uuid.hex()})")
     if origin == pool.node_id:
         raise PeerError(f"records in this node's own name ({origin})")
+
+
+def receive(pool, pool_uuid, origin, raw_records):
+    """Check, append, sync and apply one batch of `origin`'s records (each the bytes of one
+    whole record, header and payload); returns the greatest sequence now held from it."""
+    check_origin(pool, pool_uuid, origin)
     if pool.readonly:
         raise ReadOnlyError("the pool is open read-only; it cannot take records")
-    if not raw_records or len(raw_records) > MAX_BATCH_RECORDS:
-        raise PeerError(f"a batch of {len(raw_records)} records")
     with pool.lock:
         held = pool.origins.get(origin, 0)
-        records = _checked(pool, origin, held, raw_records)
+        records, _ = checked(origin, held, raw_records, Catalogue.of(pool))
         if not records:
             return held
         if pool.blockmap.dirty or pool.blockmap.written:
@@ -102,21 +106,48 @@ def _apply(pool, address, header, payload):
     pool._apply_record(address, header, payload, checkpoint=False)  # the caller checkpoints after
 
 
-def _latest_stamp(pool):
-    """The greatest stamp a record may carry here: this node's wall clock plus the skew the
-    pool allows (pool.json `max_clock_skew_seconds`). A peer whose clock runs far ahead would
-    otherwise drag every node's clock, and its wall-time points, along with it; a stamp near
-    2^64 would leave no stamp for any later write."""
-    skew_seconds = pool.fields.get("max_clock_skew_seconds", DEFAULT_MAX_CLOCK_SKEW_SECONDS)
-    return ((pool.clock.wall() // 1_000_000 + int(skew_seconds * 1000)) << COUNTER_BITS) | ((1 << COUNTER_BITS) - 1)
+class Catalogue:
+    """What checking a batch needs to know of the pool it goes to: its volumes (id -> size,
+    the names, the ids removed) and its clock (this node's wall time, the skew allowed).
+    `checked` works on a copy and returns the catalogue as the batch leaves it, so a refused
+    batch changes nothing, and a target that keeps records in memory keeps it as its state."""
+
+    def __init__(self, sizes, names, removed, wall_ns, skew_seconds=DEFAULT_MAX_CLOCK_SKEW_SECONDS):
+        self.sizes = dict(sizes)
+        self.names = set(names)
+        self.removed = set(removed)
+        self.wall_ns = wall_ns
+        self.skew_seconds = skew_seconds
+
+    @classmethod
+    def of(cls, pool):
+        return cls({volume_id: info.size_bytes for volume_id, info in pool.volumes_by_id.items()},
+                   {info.name for info in pool.volumes_by_id.values()}, pool.removed_volumes, pool.clock.wall(),
+                   pool.fields.get("max_clock_skew_seconds", DEFAULT_MAX_CLOCK_SKEW_SECONDS))
+
+    def copy(self):
+        return Catalogue(self.sizes, self.names, self.removed, self.wall_ns, self.skew_seconds)
+
+    def latest_stamp(self):
+        """The greatest stamp a record may carry here: this node's wall clock plus the skew
+        the pool allows (pool.json `max_clock_skew_seconds`). A peer whose clock runs far
+        ahead would otherwise drag every node's clock, and its wall-time points, along with
+        it; a stamp near 2^64 would leave no stamp for any later write."""
+        return (((self.wall_ns // 1_000_000 + int(self.skew_seconds * 1000)) << COUNTER_BITS)
+                | ((1 << COUNTER_BITS) - 1))
 
 
-def _checked(pool, origin, held, raw_records):
-    """[(header, payload)] of the records after `held`, or PeerError."""
-    sizes = {volume_id: info.size_bytes for volume_id, info in pool.volumes_by_id.items()}
-    names = {info.name for info in pool.volumes_by_id.values()}
-    latest = _latest_stamp(pool)
-    removed = set(pool.removed_volumes)
+def checked(origin, held, raw_records, catalogue=None):
+    """([(header, payload)] of the records after `held`, the catalogue as they leave it), or
+    PeerError. Without a `catalogue`, only the rules a batch carries in itself are checked
+    (checksums, origin, stamps' node index, types and flags, order, the closing COMMIT): what
+    an object store, which applies nothing, can know."""
+    if not raw_records or len(raw_records) > MAX_BATCH_RECORDS:
+        raise PeerError(f"a batch of {len(raw_records)} records")
+    if catalogue is not None:
+        catalogue = catalogue.copy()
+        sizes, names, removed = catalogue.sizes, catalogue.names, catalogue.removed
+        latest = catalogue.latest_stamp()
     records = []
     last_sequence = last_type = last_flags = 0
     for index, raw in enumerate(raw_records):
@@ -134,11 +165,10 @@ def _checked(pool, origin, held, raw_records):
         if node_index_of(hlc) != node_index(origin):
             raise PeerError(f"{where}: its stamp carries node index {node_index_of(hlc)}, not its origin's "
                             f"({node_index(origin)}): two nodes with one index, or a forgery")
-        if hlc > latest:
-            ahead = hlc_to_seconds(hlc) - pool.clock.wall() / 1e9
+        if catalogue is not None and hlc > latest:
+            ahead = hlc_to_seconds(hlc) - catalogue.wall_ns / 1e9
             raise PeerError(f"{where}: its stamp is {ahead:.0f}s ahead of this node's clock, more than the "
-                            f"{pool.fields.get('max_clock_skew_seconds', DEFAULT_MAX_CLOCK_SKEW_SECONDS)}s "
-                            "allowed: one of the two clocks is wrong (NTP?)")
+                            f"{catalogue.skew_seconds}s allowed: one of the two clocks is wrong (NTP?)")
         if record_type not in SHIPPED_TYPES or flags & ~ALLOWED_FLAGS:
             raise PeerError(f"{where}: type {record_type} with flags {flags} is never shipped")
         if sequence <= last_sequence:
@@ -153,6 +183,9 @@ def _checked(pool, origin, held, raw_records):
         if record_type == RecordType.VOLUME_CREATE and creator != node_index(origin):
             raise PeerError(f"{where}: volume id {volume_id} is in node index {creator}'s range, not its "
                             f"origin's ({node_index(origin)})")
+        if catalogue is None:
+            records.append((header, payload))
+            continue
         try:
             _check_fields(header, payload, sizes, names, removed)
         except (ValueError, TypeError, KeyError, UsageError, zstandard.ZstdError) as error:
@@ -160,7 +193,7 @@ def _checked(pool, origin, held, raw_records):
         records.append((header, payload))
     if last_type != RecordType.COMMIT:
         raise PeerError("the batch does not end at a flush point (COMMIT)")
-    return records
+    return records, catalogue
 
 
 def _check_fields(header, payload, sizes, names, removed):

@@ -20,6 +20,7 @@ from chunkvol.mirror import targets
 from chunkvol.mirror.config import learn_peer_node, load_state, save_state
 from chunkvol.mirror.read_ahead import ReadAhead
 from chunkvol.mirror.source import LogSource, age_seconds
+from chunkvol.mirror.target import PipelinedTarget
 from chunkvol.storage.files import LocalFiles
 
 MAX_BATCH_BYTES = 8 << 20
@@ -68,18 +69,19 @@ class Shipper:
         Returns the bytes of records sent. Errors are recorded in the state and raised.
 
         For a target that asks for it (READ_AHEAD: object stores), the next batch is read
-        and encoded in a read-ahead thread while the current one is sent
-        (mirror/read_ahead.py). Either way the cursor moves here, only after the target has
-        acknowledged a batch, so an error or a stop discards at most the batch read ahead and
-        the next ship reads it again."""
+        (and, for a PipelinedTarget, encoded: mirror/target.py) in a read-ahead thread while
+        the current one is sent (mirror/read_ahead.py). Either way the cursor moves here,
+        only after the target has acknowledged a batch, so an error or a stop discards at
+        most the batch read ahead and the next ship reads it again."""
         try:
             target = self._connect()
             held = target.have(self.node_id)
             sent = 0
             state = self.state
-            encode = getattr(target, "encode", None)
-            chain = target.tail(self.node_id) if encode is not None else None
-            read_ahead = getattr(target, "READ_AHEAD", False)
+            pipelined = isinstance(target, PipelinedTarget)
+            encode = target.encode if pipelined else None
+            chain = target.tail(self.node_id) if pipelined else None
+            read_ahead = target.READ_AHEAD
             batches = self._read(state["cursor"], horizon, held, encode, chain)
             if read_ahead:
                 batches = ReadAhead(batches, name=f"chunkvol-read-{self.name}")

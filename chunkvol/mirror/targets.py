@@ -11,7 +11,7 @@ hold the log as segments (mirror/object_target.py), for `restore` and for evicte
 
 import os
 
-from chunkvol import objstore
+from chunkvol import heal, objstore
 from chunkvol.clock import MAX_NODES, new_node_id
 from chunkvol.errors import PeerError, UsageError
 from chunkvol.format import mirrors as mirrors_format
@@ -60,7 +60,11 @@ def open_target(text, source_fields, pool_path):
 
 
 class DirTarget:
-    """A mirror pool in a directory, opened in this process."""
+    """A mirror pool in a directory, opened in this process (a Target, mirror/target.py)."""
+
+    # Measured: a read-ahead only made the shipper fault in fresh pages for every batch, and
+    # the receiver's sync is the limit anyway (object_target.py, docs/BENCH.md).
+    READ_AHEAD = False
 
     def __init__(self, path, source_fields, source_path):
         self.path = path
@@ -90,6 +94,9 @@ class DirTarget:
 
     def send(self, origin, records):
         return receiver.receive(self.pool, self.pool_uuid, origin, records)
+
+    def fetch(self, volume_ids, group, ref, record_offset):
+        return heal.live_copy(self.pool, volume_ids, group, ref, record_offset)
 
     def describe(self):
         return {"node": self.pool.node_id, "path": self.path}
