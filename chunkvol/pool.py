@@ -15,7 +15,6 @@ threads take it per request.
 """
 
 import contextlib
-import fcntl
 import json
 import os
 import re
@@ -27,7 +26,7 @@ from datetime import datetime, timezone
 import lmdb
 import zstandard
 
-from chunkvol import compaction, history
+from chunkvol import compaction, history, locks
 from chunkvol.clock import MAX_NODES, NODE_MASK, HybridClock, node_index, node_index_of
 from chunkvol.errors import (AlreadyExistsError, ChunkvolError, CorruptionError, NotFoundError,
                              OutOfRangeError, OutOfSpaceError, PoolBusyError, ReadOnlyError, UsageError)
@@ -945,18 +944,9 @@ class Pool:
 
 
 def take_pool_lock(path):
-    """Hold POOL/lock (flock) for this process; it holds the pid for error messages."""
-    fd = os.open(os.path.join(path, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-        os.close(fd)
-        raise PoolBusyError(f"pool {path} is in use by another process (pid {holder}); "
-                            "stop it, or use a read-only command") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
+    """Hold POOL/lock for this process (locks.py)."""
+    return locks.hold(os.path.join(path, "lock"), f"pool {path} is in use by another process (pid {{pid}}); "
+                      "stop it, or use a read-only command")
 
 
 def _check_volume_size(size_bytes):

@@ -1,24 +1,14 @@
 """Helpers shared by commands."""
 
-import fcntl
 import os
 
+from chunkvol import locks
 from chunkvol.pool import Pool
 
 
 def pool_is_busy(path):
     """True when another process holds the pool open for writing (a running server)."""
-    lock_path = os.path.join(os.path.abspath(path), "lock")
-    if not os.path.exists(lock_path):
-        return False
-    fd = os.open(lock_path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
+    return locks.is_held(os.path.join(os.path.abspath(path), "lock"))
 
 
 def open_pool_for_reading(path):

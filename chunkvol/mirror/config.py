@@ -3,11 +3,11 @@ each one's durable cursor (`POOL/mirrors/NAME.state`, format/mirror_state.py). C
 asks `held_chunk` which chunks a mirror still needs.
 """
 
-import fcntl
 import os
 
+from chunkvol import locks
 from chunkvol.clock import node_index
-from chunkvol.errors import NotFoundError, PoolBusyError, UsageError
+from chunkvol.errors import NotFoundError, UsageError
 from chunkvol.format import chunk_header
 from chunkvol.format import mirror_state, mirrors as mirrors_format
 from chunkvol.storage.files import LocalFiles
@@ -22,30 +22,13 @@ def hold_shipper(pool_path):
     returned descriptor stays open; PoolBusyError if another one already is. `mirror sync`
     then follows that shipper instead of shipping beside it."""
     os.makedirs(os.path.dirname(shipper_lock_path(pool_path)), exist_ok=True)
-    fd = os.open(shipper_lock_path(pool_path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise PoolBusyError(f"a shipper (`mirror run`, or `serve`'s) already runs for {pool_path}") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
-    return fd
+    return locks.hold(shipper_lock_path(pool_path),
+                      f"a shipper (`mirror run`, or `serve`'s) already runs for {pool_path} (pid {{pid}})")
 
 
 def shipper_running(pool_path):
     """True while some process holds the pool's shipper lock (hold_shipper)."""
-    try:
-        fd = os.open(shipper_lock_path(pool_path), os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
+    return locks.is_held(shipper_lock_path(pool_path))
 
 
 def mirrors_path(pool_path):
