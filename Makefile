@@ -60,7 +60,7 @@ test: install uml-kernel
 # Longer runs: the multi-master simulation over many seeds, and more partition runs of two served nodes.
 test-soak: install
 	CHUNKVOL_SIM_SEEDS=$${SEEDS:-400} CHUNKVOL_PARTITION_SEEDS=1,2,3,4,5,6 $(PY) -m pytest -q -x --timeout=3600 \
-	  tests/test_multimaster.py tests/test_multimaster_nodes.py
+	  tests/mirror/test_multimaster.py tests/mirror/test_multimaster_nodes.py
 
 bench: install
 	$(PY) tools/bench/run.py

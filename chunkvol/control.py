@@ -19,6 +19,7 @@ import socket
 import threading
 
 from chunkvol import errors
+from chunkvol.network import Network
 from chunkvol.operations import OPERATIONS
 
 RUNTIME_DIRECTORIES = ("/run/chunkvol", f"/tmp/chunkvol-{os.getuid()}")
@@ -52,14 +53,11 @@ class ControlServer:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         old_mask = os.umask(0o177)
         try:
-            listener.bind(self.path)
+            self.listener = Network().listen_unix(self.path, backlog=8)
         finally:
             os.umask(old_mask)
-        listener.listen(8)
-        self.listener = listener
         self.thread = threading.Thread(target=self._serve, name="chunkvol-control", daemon=True)
         self.thread.start()
         return self
@@ -125,14 +123,12 @@ def _read_line(connection):
 def call(pool_path, op, **args):
     """Run an operation in the server that holds the pool; its errors are raised here."""
     path = socket_path(pool_path)
-    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    client.settimeout(CLIENT_TIMEOUT)
     try:
-        try:
-            client.connect(path)
-        except (FileNotFoundError, ConnectionRefusedError):
-            raise errors.PoolBusyError(f"pool {os.path.abspath(pool_path)} is held by a process without a "
-                                       "control socket (another command); try again when it ends") from None
+        client = Network().connect_unix(path, CLIENT_TIMEOUT)
+    except (FileNotFoundError, ConnectionRefusedError):
+        raise errors.PoolBusyError(f"pool {os.path.abspath(pool_path)} is held by a process without a "
+                                   "control socket (another command); try again when it ends") from None
+    try:
         client.sendall(json.dumps({"op": op, "args": args}).encode() + b"\n")
         line = _read_line(client)
     finally:

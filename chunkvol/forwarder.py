@@ -8,6 +8,8 @@ connections to it. Each connection gets two threads that copy bytes until either
 import socket
 import threading
 
+from chunkvol.network import Network
+
 BUFFER_BYTES = 1 << 20
 
 
@@ -31,9 +33,10 @@ def _pump(source, target):
 
 
 class TcpForwarder:
-    def __init__(self, address, port, unix_path):
+    def __init__(self, address, port, unix_path, network=None):
         self.unix_path = unix_path
-        self.listener = socket.create_server((address, port), reuse_port=False)
+        self.network = network or Network()
+        self.listener = self.network.listen(address, port)
         self.thread = threading.Thread(target=self._serve, daemon=True, name="tcp-forwarder")
 
     def start(self):
@@ -47,12 +50,10 @@ class TcpForwarder:
             except OSError:
                 return
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                server.connect(self.unix_path)
+                server = self.network.connect_unix(self.unix_path)
             except OSError:
                 client.close()
-                server.close()
                 continue
             for source, target in ((client, server), (server, client)):
                 threading.Thread(target=_pump, args=(source, target), daemon=True).start()

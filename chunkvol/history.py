@@ -396,10 +396,10 @@ def _count_users(versions, ordered_stamps, users):
         if index < len(versions):
             seen.append((stamp, versions[index][1]))
     for point, (_, refs) in seen:
-        for ref in refs:
-            entry = users.get(ref[0])
+        for address, stored_length, _, _ in refs:
+            entry = users.get(address)
             if entry is None:
-                users[ref[0]] = (HEADER_SIZE + ref[1], {point})
+                users[address] = (HEADER_SIZE + stored_length, {point})
             else:
                 entry[1].add(point)
 
@@ -412,15 +412,15 @@ def history_space(pool):
         per_volume = {}
         for name, info in sorted(pool.volumes.items()):
             live = set()
-            for _, state in live_groups(pool, info.volume_id):
-                live.update(ref[0] for ref in state[1])
+            for _, (_, refs) in live_groups(pool, info.volume_id):
+                live.update(address for address, _, _, _ in refs)
             history_only = 0
             for _, _, (_, refs) in pool.blockmap.versions_of(info.volume_id):
-                for ref in refs:
-                    if ref[0] not in referenced:
-                        referenced[ref[0]] = HEADER_SIZE + ref[1]
-                        if ref[0] not in live:
-                            history_only += HEADER_SIZE + ref[1]
+                for address, stored_length, _, _ in refs:
+                    if address not in referenced:
+                        referenced[address] = HEADER_SIZE + stored_length
+                        if address not in live:
+                            history_only += HEADER_SIZE + stored_length
             per_volume[name] = {"history_bytes": history_only,
                                 "snapshots": len(pool.snapshots.get(info.volume_id, {}))}
         return per_volume, sum(referenced.values())
@@ -462,16 +462,18 @@ def diff(pool, spec_from, spec_to=None):
 
 
 def _block_source(state, index):
-    slot = state[0][index]
+    slots, refs = state
+    slot = slots[index]
     if slot == group_map.HOLE:
         return None
-    ref = state[1][slot >> 4]
-    return ref[0], slot & 0x0F
+    address, _, _, _ = refs[slot >> 4]
+    return address, slot & 0x0F
 
 
 def _diff_group(group, old, new, result):
-    block_size = GROUP_SIZE // len(old[0])
-    for index in range(len(old[0])):
+    old_slots, _ = old
+    block_size = GROUP_SIZE // len(old_slots)
+    for index in range(len(old_slots)):
         new_source = _block_source(new, index)
         if _block_source(old, index) == new_source:
             continue

@@ -168,8 +168,8 @@ def _cut_at(records, until):
     keep = stamp = 0
     for index, raw in enumerate(records):
         header = decode_header(raw[:HEADER_SIZE])
-        if header[0] == RecordType.COMMIT:
-            if header[6] > until:
+        if header.record_type == RecordType.COMMIT:
+            if header.hlc > until:
                 break
-            keep, stamp = index + 1, header[6]
+            keep, stamp = index + 1, header.hlc
     return records[:keep], stamp

@@ -60,6 +60,6 @@ def pool_space(pool):
 def _compressed_logical(slots, refs, address):
     """Logical bytes of a compressed record, from the slots that name it: a record's blocks
     are consecutive, so the largest block index + 1 bounds its length."""
-    index = next(i for i, ref in enumerate(refs) if ref[0] == address)
+    index = next(i for i, (ref_address, _, _, _) in enumerate(refs) if ref_address == address)
     used = [slot & 0x0F for slot in slots if slot != group_map.HOLE and slot >> 4 == index]
     return (max(used) + 1) * BLOCK_SIZE if used else 0

@@ -329,36 +329,38 @@ class Volume:
 
     def _copy_blocks(self, ref, raw, first, count, out, at, record_offset):
         """Blocks [first, first+count) of a whole record in memory -> out[at:]."""
-        if len(raw) != HEADER_SIZE + ref[1]:
-            raise CorruptionError(f"record at {_where(ref[0])} is cut short")
+        address, stored_length, _, flags = ref
+        if len(raw) != HEADER_SIZE + stored_length:
+            raise CorruptionError(f"record at {_where(address)} is cut short")
         header = self._header(ref, raw, record_offset)
         size = count * BLOCK_SIZE
-        if ref[3] & FLAG_ZSTD:
-            payload = self._decompress(header, raw[HEADER_SIZE:], ref[0])
+        if flags & FLAG_ZSTD:
+            payload = self._decompress(header, raw[HEADER_SIZE:], address)
             out[at:at + size] = payload[first * BLOCK_SIZE:first * BLOCK_SIZE + size]
             return
         table_bytes = header[8] // BLOCK_SIZE * CHECKSUM_BYTES
         data_at = HEADER_SIZE + table_bytes + first * BLOCK_SIZE
         blocks = raw[data_at:data_at + size]
-        self._verify(header, raw[HEADER_SIZE:HEADER_SIZE + table_bytes], blocks, first, count, ref[0])
+        self._verify(header, raw[HEADER_SIZE:HEADER_SIZE + table_bytes], blocks, first, count, address)
         out[at:at + size] = blocks
 
     def _read_blocks(self, ref, first, count, out, at, record_offset):
         """Blocks of a raw record read alone: header and table, then the blocks straight into out."""
-        if ref[3] & FLAG_ZSTD:
-            raw = memoryview(self.pool.writer.read(ref[0], HEADER_SIZE + ref[1]))
+        address, stored_length, _, flags = ref
+        if flags & FLAG_ZSTD:
+            raw = memoryview(self.pool.writer.read(address, HEADER_SIZE + stored_length))
             self._copy_blocks(ref, raw, first, count, out, at, record_offset)
             return
         writer = self.pool.writer
-        table_bytes = ref[1] // RAW_BLOCK_BYTES * CHECKSUM_BYTES
-        raw = writer.read(ref[0], HEADER_SIZE + table_bytes)
+        table_bytes = stored_length // RAW_BLOCK_BYTES * CHECKSUM_BYTES
+        raw = writer.read(address, HEADER_SIZE + table_bytes)
         if len(raw) != HEADER_SIZE + table_bytes:
-            raise CorruptionError(f"record at {_where(ref[0])} is cut short")
+            raise CorruptionError(f"record at {_where(address)} is cut short")
         header = self._header(ref, raw, record_offset)
         size = count * BLOCK_SIZE
         target = out[at:at + size]
-        writer.read_into(ref[0] + HEADER_SIZE + table_bytes + first * BLOCK_SIZE, target)
-        self._verify(header, memoryview(raw)[HEADER_SIZE:], target, first, count, ref[0])
+        writer.read_into(address + HEADER_SIZE + table_bytes + first * BLOCK_SIZE, target)
+        self._verify(header, memoryview(raw)[HEADER_SIZE:], target, first, count, address)
 
     def _decompress(self, header, frame, address):
         if _xxh3(frame) != header[9]:

@@ -1,10 +1,15 @@
-"""Shared fixtures: a fresh pool, and a real nbdkit server on it that is always stopped."""
+"""Shared fixtures: a fresh pool, a real nbdkit server on it that is always stopped, and the
+object-store lab (`objstore_lab`, one for the whole session: tests/support/objstore_lab.py).
+
+Helpers shared by test modules are in tests/support/; fixtures of one area are in that area's
+conftest.py (tests/mirror/conftest.py: `serves`, `store_env`)."""
 
 import os
 
 import pytest
 
-from tests.server import NbdServer, chunkvol
+from tests.support.objstore_lab import objstore_lab  # noqa: F401 (a fixture)
+from tests.support.server import NbdServer, chunkvol
 
 os.environ["PATH"] = "/usr/bin:/bin:/usr/sbin:/sbin:" + os.environ.get("PATH", "")
 

@@ -25,7 +25,7 @@ few `ceph` commands (e.g. `ceph -s` PG stats, `rbd mirror pool status`) wait for
 `timeout` with them.
 
 Tests use the Python API: `Lab(dir).up(rgw=True)` returns the lab.json dict, `.info` reads it,
-`.down()` stops the daemons, `.running()` lists those alive (tests/objstore.py has the pytest
+`.down()` stops the daemons, `.running()` lists those alive (tests/support/objstore_lab.py has the pytest
 fixture). Run with
 /usr/bin/python3 or the project's venv: python3-rados and python3-boto3 come from Debian.
 """

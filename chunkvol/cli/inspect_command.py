@@ -49,10 +49,11 @@ def _when(hlc):
 
 
 def _header_dict(header):
-    return {"type": RecordType(header[0]).name, "flags": header[1], "volume_id": header[2],
-            "stored_length": header[3], "origin_node": header[4], "origin_sequence": header[5],
-            "hlc": header[6], "time": _when(header[6]), "offset_bytes": header[7], "length_bytes": header[8],
-            "payload_xxh3": f"{header[9]:016x}"}
+    return {"type": RecordType(header.record_type).name, "flags": header.flags, "volume_id": header.volume_id,
+            "stored_length": header.stored_length, "origin_node": header.origin_node,
+            "origin_sequence": header.origin_sequence, "hlc": header.hlc, "time": _when(header.hlc),
+            "offset_bytes": header.offset_bytes, "length_bytes": header.length_bytes,
+            "payload_xxh3": f"{header.payload_xxh3:016x}"}
 
 
 def inspect_pool(arguments):
@@ -87,11 +88,12 @@ def inspect_chunk(arguments):
         print(f"  {'OFFSET':>12} {'TYPE':<13} {'VOL':>4} {'LOGICAL OFFSET':>15} {'LENGTH':>8} {'STORED':>7} "
               f"{'ORIGIN':>16} TIME")
         for offset, header, _ in scan:
-            print(f"  {offset:>12} {RecordType(header[0]).name:<13} {header[2]:>4} {header[7]:>15} {header[8]:>8} "
-                  f"{header[3]:>7} {header[4]:>10}/{header[5]:<5} {_when(header[6])}")
+            print(f"  {offset:>12} {RecordType(header.record_type).name:<13} {header.volume_id:>4} "
+                  f"{header.offset_bytes:>15} {header.length_bytes:>8} {header.stored_length:>7} "
+                  f"{header.origin_node:>10}/{header.origin_sequence:<5} {_when(header.hlc)}")
             shown += 1
             if shown >= arguments.count:
-                print(f"  ... (--from {offset + HEADER_SIZE + header[3]} for more)")
+                print(f"  ... (--from {offset + HEADER_SIZE + header.stored_length} for more)")
                 return
         if scan.stop_error is not None:
             print(f"  STOP at {scan.stop_offset}: {scan.stop_error}")
@@ -109,16 +111,16 @@ def inspect_record(arguments):
     with open(path, "rb") as handle:
         raw = os.pread(handle.fileno(), HEADER_SIZE, offset)
         header = record.decode_header(raw, path, offset)
-        payload = os.pread(handle.fileno(), header[3], offset + HEADER_SIZE)
+        payload = os.pread(handle.fileno(), header.stored_length, offset + HEADER_SIZE)
     fields = _header_dict(header)
     try:
         record.verify_payload(header, payload, path, offset)
         fields["payload_check"] = "ok"
     except CorruptionError as error:
         fields["payload_check"] = str(error)
-    if header[0] in (RecordType.VOLUME_CREATE, RecordType.VOLUME_RESIZE, RecordType.VOLUME_REMOVE):
+    if header.record_type in (RecordType.VOLUME_CREATE, RecordType.VOLUME_RESIZE, RecordType.VOLUME_REMOVE):
         fields["payload"] = payload.decode(errors="replace")
-    elif header[0] == RecordType.COMMIT and len(payload) == 8:
+    elif header.record_type == RecordType.COMMIT and len(payload) == 8:
         durable = record.COMMIT_PAYLOAD.unpack_from(payload)[0]
         fields["durable_up_to"] = "%d:%d" % chunk_header.split_address(durable)
     print(json.dumps(fields, indent=2))
@@ -165,5 +167,5 @@ def _state_dict(state):
         return None
     slots, refs = state
     return {"slots": [None if s == group_map.HOLE else {"record": s >> 4, "block": s & 15} for s in slots],
-            "records": [{"at": "%d:%d" % chunk_header.split_address(a), "stored_length": n, "hlc": h,
-                         "flags": f} for a, n, h, f in refs]}
+            "records": [{"at": "%d:%d" % chunk_header.split_address(address), "stored_length": stored_length,
+                         "hlc": hlc, "flags": flags} for address, stored_length, hlc, flags in refs]}

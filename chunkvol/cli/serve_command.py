@@ -2,7 +2,6 @@
 
 import os
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -10,6 +9,7 @@ import sys
 from chunkvol.cli.node_commands import parse_listen
 from chunkvol.errors import UsageError
 from chunkvol.forwarder import TcpForwarder
+from chunkvol.network import Network
 from chunkvol.pool import Pool
 
 SUPERVISE_SECONDS = 2.0
@@ -70,16 +70,13 @@ def _clear_stale_socket(path):
         return
     if not stat.S_ISSOCK(os.stat(path).st_mode):
         raise UsageError(f"{path} exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        probe.connect(path)
+        Network().connect_unix(path).close()
     except ConnectionRefusedError:
         os.unlink(path)
         return
     except OSError:
         return
-    finally:
-        probe.close()
     raise UsageError(f"a server is already listening on {path}")
 
 

@@ -51,11 +51,11 @@ def encode(checkpoint):
 def decode(raw, path=None):
     if len(raw) != BODY.size + CHECK.size:
         raise CorruptionError("checkpoint has a bad length", path)
-    fields = BODY.unpack_from(raw)
-    if fields[0] != MAGIC:
+    magic, version, *values, _ = BODY.unpack_from(raw)  # the last field is reserved
+    if magic != MAGIC:
         raise FormatError("not a chunkvol checkpoint", path)
     if CHECK.unpack_from(raw, BODY.size)[0] != xxhash.xxh3_64_intdigest(raw[:BODY.size]):
         raise CorruptionError("checkpoint checksum mismatch", path)
-    if fields[1] != VERSION:
-        raise FormatError(f"unknown checkpoint version {fields[1]}", path)
-    return Checkpoint(*fields[2:8])
+    if version != VERSION:
+        raise FormatError(f"unknown checkpoint version {version}", path)
+    return Checkpoint(*values)

@@ -25,13 +25,15 @@ Value, little-endian (22 + 22 * record_count bytes):
 LMDB keeps no checksums of its own; the value's checksum covers its key too, so a flipped bit
 in a value, or a value found under another key, is detected instead of read as a mapping.
 
-A group state in memory is the tuple (slots: bytes of 16, refs: tuple of ref tuples).
+A group state in memory is the tuple (slots: bytes of 16, refs: tuple of ref tuples); a ref
+is (address, stored_length, hlc, flags) as in the value above (BlockRef names the fields).
 The reader checks a record's header (volume, offset, hlc) against the ref before use, so a
 stale or misdirected map entry is detected, never returned as data.
 """
 
 import struct
 from itertools import chain
+from operator import itemgetter
 
 import xxhash
 
@@ -52,6 +54,20 @@ EMPTY_STATE = (HOLE_SLOTS, ())
 FULL_SLOTS = bytes(range(GROUP_BLOCKS))  # record 0, blocks 0..15
 MAX_U64 = (1 << 64) - 1
 MAX_U32 = (1 << 32) - 1
+
+
+class BlockRef(tuple):
+    """A ref: where the record holding some of a group's blocks lives, in REF order. flags is
+    the record's FLAG_ZSTD bit only. The per-request code (decode_state, the write path, the
+    functions below) builds and reads refs as plain tuples, which cost less; so code that
+    may get any ref unpacks it (`address, stored_length, hlc, flags = ref`), and a ref built
+    off that path is a BlockRef, read by name. Equal to, and hashing as, the plain tuple."""
+
+    __slots__ = ()
+    address = property(itemgetter(0))        # log address of the record's header
+    stored_length = property(itemgetter(1))  # its payload bytes on disk (the header's stored_length)
+    hlc = property(itemgetter(2))            # its stamp (the header's hlc)
+    flags = property(itemgetter(3))          # FLAG_ZSTD or 0
 
 
 def key(volume_id, group, hlc, node):

@@ -65,6 +65,7 @@ reader checks 1-5 to walk and 6 before anything is used.
 
 import enum
 import struct
+from operator import itemgetter
 
 import xxhash
 
@@ -116,19 +117,20 @@ _KNOWN_TYPES = frozenset(int(t) for t in RecordType)
 
 
 class RecordHeader(tuple):
-    """Decoded header fields, in header order (a plain tuple: cheap on the read path)."""
+    """Decoded header fields, in header order (a plain tuple: cheap on the read path).
+    Off the per-request path read them by name (header.offset_bytes); on it, index or unpack."""
 
     __slots__ = ()
-    record_type = property(lambda self: self[0])
-    flags = property(lambda self: self[1])
-    volume_id = property(lambda self: self[2])
-    stored_length = property(lambda self: self[3])
-    origin_node = property(lambda self: self[4])
-    origin_sequence = property(lambda self: self[5])
-    hlc = property(lambda self: self[6])
-    offset_bytes = property(lambda self: self[7])
-    length_bytes = property(lambda self: self[8])
-    payload_xxh3 = property(lambda self: self[9])
+    record_type = property(itemgetter(0))
+    flags = property(itemgetter(1))
+    volume_id = property(itemgetter(2))
+    stored_length = property(itemgetter(3))
+    origin_node = property(itemgetter(4))
+    origin_sequence = property(itemgetter(5))
+    hlc = property(itemgetter(6))
+    offset_bytes = property(itemgetter(7))
+    length_bytes = property(itemgetter(8))
+    payload_xxh3 = property(itemgetter(9))
 
 
 def encode_header_into(buffer, position, record_type, flags, volume_id, payload,
@@ -182,7 +184,8 @@ def decode_header_unchecked(view):
     if len(view) < HEADER_SIZE:
         return None
     fields = HEADER_BODY.unpack_from(view, 0)
-    if fields[0] != MAGIC or fields[1] != VERSION or fields[2] not in _KNOWN_TYPES:
+    magic, version, record_type = fields[:3]
+    if magic != MAGIC or version != VERSION or record_type not in _KNOWN_TYPES:
         return None
     return RecordHeader(fields[2:12])
 

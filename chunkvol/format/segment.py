@@ -92,9 +92,10 @@ def encode(pool_uuid, origin, raw_records, previous_sequence, previous_digest):
     first = record.decode_header(raw_records[0][:record.HEADER_SIZE])
     last = record.decode_header(raw_records[-1][:record.HEADER_SIZE])
     payload = b"".join(raw_records)
-    fields = (pool_uuid, origin, first[5], last[5], previous_sequence, previous_digest, first[6], last[6],
-              len(raw_records), len(payload), _xxh3(payload))
-    head = HEADER.pack(MAGIC, VERSION, pool_uuid, *fields[1:9], 0, fields[9], fields[10], 0)
+    payload_bytes, payload_xxh3 = len(payload), _xxh3(payload)
+    fields = (pool_uuid, origin, first.origin_sequence, last.origin_sequence, previous_sequence, previous_digest,
+              first.hlc, last.hlc, len(raw_records), payload_bytes, payload_xxh3)
+    head = HEADER.pack(MAGIC, VERSION, pool_uuid, *fields[1:9], 0, payload_bytes, payload_xxh3, 0)
     digest = _xxh3(head)
     return head + HEADER_CHECK.pack(digest) + payload, SegmentHeader(fields, digest)
 
@@ -140,7 +141,7 @@ def split_records(data, header, object_name):
             fields = record.decode_header(payload[position:position + record.HEADER_SIZE])
         except CorruptionError as error:
             raise CorruptionError(f"record {len(records)} of the segment: {error}", object_name) from None
-        end = position + record.HEADER_SIZE + fields[3]
+        end = position + record.HEADER_SIZE + fields.stored_length
         if end > len(payload):
             raise CorruptionError(f"record {len(records)} runs past the end of the segment", object_name)
         records.append(payload[position:end])

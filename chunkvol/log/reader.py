@@ -53,7 +53,7 @@ class ChunkScan:
             except CorruptionError as error:
                 self._stop(position, error)
                 return
-            size = HEADER_SIZE + header[3]
+            size = HEADER_SIZE + header.stored_length
             if position + size > end:
                 self._stop(position, CorruptionError("record runs past the end of the chunk", path, position))
                 return
@@ -73,7 +73,7 @@ class ChunkScan:
                 self.raw = view[local:local + size]
             yield position, header, payload
             position += size
-            if header[0] == RecordType.SEAL:
+            if header.record_type == RecordType.SEAL:
                 self.sealed = True
                 break
         self.stop_offset = position

@@ -61,26 +61,27 @@ class _Requests:
         self.discarded = 0
 
     def take(self, log_address, header, payload):
-        if self.local_node is not None and header[4] != self.local_node and header[0] not in _LOCAL_TYPES:
-            if header[0] != RecordType.COMMIT:
-                if not header[1] & FLAG_RELOCATED:
-                    kept = None if payload is None or header[0] in _REQUEST_TYPES else bytes(payload)
+        record_type = header.record_type
+        if self.local_node is not None and header.origin_node != self.local_node and record_type not in _LOCAL_TYPES:
+            if record_type != RecordType.COMMIT:
+                if not header.flags & FLAG_RELOCATED:
+                    kept = None if payload is None or record_type in _REQUEST_TYPES else bytes(payload)
                     self.foreign.append((log_address, header, kept))
                 return
             batch, self.foreign = self.foreign, []
             for item in batch:
                 self._take(*item)
-        elif self.foreign and header[0] != RecordType.SEAL:
+        elif self.foreign and record_type != RecordType.SEAL:
             self.discarded += len(self.foreign)  # a batch that never finished
             self.foreign.clear()
         self._take(log_address, header, payload)
 
     def _take(self, log_address, header, payload):
-        record_type = header[0]
+        record_type = header.record_type
         if record_type in _REQUEST_TYPES:
-            if header[1] & FLAG_RELOCATED:
+            if header.flags & FLAG_RELOCATED:
                 return  # compaction's copy: the map (or a base) already points at it
-            if header[1] & FLAG_MORE:
+            if header.flags & FLAG_MORE:
                 self.pending.append((log_address, header))
                 return
             for pending_address, pending_header in self.pending:
@@ -200,15 +201,16 @@ def _damaged_extent(chunks, chunk_id, offset, next_offset, volume_sizes):
     except CorruptionError:
         header = record.decode_header_unchecked(raw)
         sound = False
-    if header is None or header[0] != RecordType.EXTENT:
+    if header is None or header.record_type != RecordType.EXTENT:
         return None
     if sound:
         return header
     end = next_offset if next_offset is not None else chunk.size_bytes
-    length = header[8]
-    plausible = (offset + HEADER_SIZE + header[3] == end and length % BLOCK_SIZE == 0 and 0 < length <= GROUP_SIZE
-                 and header[7] % BLOCK_SIZE == 0 and header[7] // GROUP_SIZE == (header[7] + length - 1) // GROUP_SIZE
-                 and header[7] + length <= volume_sizes.get(header[2], 0))
+    start, length = header.offset_bytes, header.length_bytes
+    plausible = (offset + HEADER_SIZE + header.stored_length == end and length % BLOCK_SIZE == 0
+                 and 0 < length <= GROUP_SIZE and start % BLOCK_SIZE == 0
+                 and start // GROUP_SIZE == (start + length - 1) // GROUP_SIZE
+                 and start + length <= volume_sizes.get(header.volume_id, 0))
     return header if plausible else None
 
 
@@ -219,7 +221,7 @@ def _durable_after(chunks, chunk_id, stop):
     while position is not None:
         scan = ChunkScan(chunks, chunk_id, position)
         for _, header, payload in scan:
-            if header[0] == RecordType.COMMIT and commit_payload_valid(len(payload)):
+            if header.record_type == RecordType.COMMIT and commit_payload_valid(len(payload)):
                 if COMMIT_PAYLOAD.unpack_from(payload)[0] > stop_address:
                     return True
         if scan.stop_error is None:

@@ -1,5 +1,5 @@
 """A target that keeps what it is sent in memory, in lists: for tests, and the reference the
-other targets are held to (tests/test_target_conformance.py).
+other targets are held to (tests/mirror/test_target_conformance.py).
 
 It checks a batch with the receiver's own rules (receiver.check_origin, receiver.checked),
 keeping as its state the receiver's Catalogue of volumes that a batch leaves behind, instead
@@ -56,18 +56,19 @@ class MemoryTarget:
                 # Sequences strictly grow in a checked batch, so what was held already is a
                 # prefix: the records taken are the batch's last len(taken).
                 store.records.setdefault(origin, []).extend(bytes(raw) for raw in records[len(records) - len(taken):])
-                store.held[origin] = taken[-1][0][5]
+                store.held[origin] = taken[-1][0].origin_sequence
                 store.catalogue = catalogue
             return store.held.get(origin, 0)
 
     def fetch(self, volume_ids, group, ref, record_offset):
+        _, stored_length, stamp, flags = ref
         with self.store.lock:
             for records in self.store.records.values():
                 for raw in records:
                     header = record.decode_header(memoryview(raw)[:HEADER_SIZE])
-                    if (header[0] == RecordType.EXTENT and header[6] == ref[2] and header[3] == ref[1]
-                            and (header[1] & FLAG_ZSTD) == ref[3] and header[7] == record_offset
-                            and header[2] in volume_ids):
+                    if (header.record_type == RecordType.EXTENT and header.hlc == stamp
+                            and header.stored_length == stored_length and (header.flags & FLAG_ZSTD) == flags
+                            and header.offset_bytes == record_offset and header.volume_id in volume_ids):
                         return raw
         return None
 

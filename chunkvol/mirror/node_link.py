@@ -16,33 +16,15 @@ import threading
 import time
 
 from chunkvol.errors import ChunkvolError, PeerError, UnreachableError
-from chunkvol.format import wire
+from chunkvol.format import group_map, wire
 from chunkvol.mirror import identity, receiver
+from chunkvol.network import Network
 
 CONNECT_SECONDS = 5.0  # SYNs at 0, 1 and 3 s: a link that comes back is found within seconds
 HANDSHAKE_SECONDS = 10.0
 FRAME_GRACE_SECONDS = 30.0
 MIN_BYTES_PER_SECOND = 4096
 MAX_CONNECTIONS = 16
-# A link that stops carrying bytes (a partition, a peer's power cut) is given up after this
-# long, on both sides, so a shipper reconnects soon after the link comes back instead of
-# waiting out the kernel's ever longer retransmission timeouts (about 0.8 x the partition).
-LINK_DEAD_SECONDS = 15
-KEEPALIVE_IDLE_SECONDS = 5
-KEEPALIVE_INTERVAL_SECONDS = 2
-
-
-def tune(raw):
-    """Replication socket options: frames go out at once (an ACK is small and awaited), and a
-    dead link is an error within LINK_DEAD_SECONDS, whether this side is sending (unacknowledged
-    bytes: TCP_USER_TIMEOUT) or waiting (keepalive probes, also bounded by the user timeout)."""
-    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    raw.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE_SECONDS)
-    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL_SECONDS)
-    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT,
-                   max(1, (LINK_DEAD_SECONDS - KEEPALIVE_IDLE_SECONDS) // KEEPALIVE_INTERVAL_SECONDS))
-    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, LINK_DEAD_SECONDS * 1000)
 
 
 def _read_exactly(connection, length, deadline):
@@ -80,19 +62,20 @@ class NodeTarget:
 
     READ_AHEAD = False  # the receiver's sync, not the reading here, is the limit
 
-    def __init__(self, host, port, source_fields, pool_path):
+    def __init__(self, host, port, source_fields, pool_path, network=None):
         self.address = (host, port)
         self.pool_uuid = source_fields["pool_uuid"]
         self.node_id = source_fields["node_id"]
         context = identity.client_context(pool_path)
+        network = network or Network()
         try:
-            raw = socket.create_connection(self.address, timeout=CONNECT_SECONDS)
+            raw = network.connect(self.address, CONNECT_SECONDS)
         except OSError as error:
             raise UnreachableError(f"node {host}:{port}: {error.strerror or error}") from None
         try:
-            tune(raw)
+            network.tune(raw)
             raw.settimeout(HANDSHAKE_SECONDS)
-            self.connection = context.wrap_socket(raw)
+            self.connection = network.tls_client(context, raw)
         except ssl.SSLError as error:
             raw.close()
             raise PeerError(f"node {host}:{port} refused, or is not a node of this pool: TLS: {error.reason}") from None
@@ -196,12 +179,13 @@ def peer_status_for(pool, node):
 class ReceiverServer:
     """Accept batches from the pool's other nodes into `pool` (held open by the caller)."""
 
-    def __init__(self, pool, host, port, log=print):
+    def __init__(self, pool, host, port, log=print, network=None):
         self.pool = pool
         self.pool_uuid_hex = pool.pool_uuid.hex()
         self.context = identity.server_context(pool.path)
         self.log = log
-        self.listener = socket.create_server((host, port), reuse_port=False)
+        self.network = network or Network()
+        self.listener = self.network.listen(host, port)
         self.port = self.listener.getsockname()[1]
         self.stopping = False
         self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
@@ -230,10 +214,10 @@ class ReceiverServer:
         where = f"{peer[0]}:{peer[1]}"
         connection = None
         try:
-            tune(raw)
+            self.network.tune(raw)
             raw.settimeout(HANDSHAKE_SECONDS)
             try:
-                connection = self.context.wrap_socket(raw, server_side=True)
+                connection = self.network.tls_server(self.context, raw)
             except (ssl.SSLError, OSError) as error:
                 raise PeerError(f"TLS handshake failed (not a node of this pool?): {error}") from None
             node = identity.peer_node(connection, self.pool_uuid_hex)
@@ -289,7 +273,7 @@ class ReceiverServer:
                 or not isinstance(group, int) or not isinstance(offset, int) or not isinstance(ref, list)
                 or len(ref) != 4 or not all(isinstance(field, int) for field in ref)):
             raise PeerError("a malformed fetch request")
-        return heal.live_copy(self.pool, volumes, group, tuple(ref), offset) or b""
+        return heal.live_copy(self.pool, volumes, group, group_map.BlockRef(ref), offset) or b""
 
     def stop(self):
         self.stopping = True

@@ -67,7 +67,7 @@ class SegmentCopies:
             return None
 
     def _find(self, volume_ids, ref, record_offset):
-        stamp = ref[2]
+        _, _, stamp, _ = ref
         for origin, names in sorted(self._origins().items()):
             if node_index(origin) != node_index_of(stamp):
                 continue
@@ -142,8 +142,8 @@ class SegmentCopies:
                 records = {}
                 for view in segment.split_records(data, fetched, name):
                     fields = record.decode_header(view[:HEADER_SIZE])
-                    if fields[0] == RecordType.EXTENT and not fields[1] & FLAG_RELOCATED:
-                        records[(fields[6], fields[7])] = view
+                    if fields.record_type == RecordType.EXTENT and not fields.flags & FLAG_RELOCATED:
+                        records[(fields.hlc, fields.offset_bytes)] = view
         except (CorruptionError, NotFoundError):
             records = None
         self._keep(name, records, header.payload_bytes if records is not None else 0)
@@ -172,8 +172,10 @@ def _checked(view, origin, volume_ids, ref, record_offset):
         record.verify_payload(header, memoryview(data)[HEADER_SIZE:])
     except CorruptionError:
         return None
-    if (header[0] != RecordType.EXTENT or header[4] != origin or header[6] != ref[2] or header[3] != ref[1]
-            or (header[1] & FLAG_ZSTD) != ref[3] or header[7] != record_offset or header[2] not in volume_ids):
+    _, stored_length, stamp, flags = ref
+    if (header.record_type != RecordType.EXTENT or header.origin_node != origin or header.hlc != stamp
+            or header.stored_length != stored_length or (header.flags & FLAG_ZSTD) != flags
+            or header.offset_bytes != record_offset or header.volume_id not in volume_ids):
         return None
     return data, header
 

@@ -14,7 +14,7 @@ from chunkvol.errors import ChunkvolError, CorruptionError, NotFoundError, PeerE
 from chunkvol.format import segment, store_pool
 from chunkvol.mirror import receiver
 from chunkvol.mirror.object_heal import SegmentCopies
-from chunkvol.objstore import open_store
+from chunkvol.network import Network
 
 # One encoded batch: its object name and bytes (data None: the store has it already), and the
 # end of the origin's chain, (last sequence, digest), before and after it.
@@ -30,10 +30,10 @@ class ObjectTarget:
     # every batch.
     READ_AHEAD = True
 
-    def __init__(self, url, source_fields):
+    def __init__(self, url, source_fields, network=None):
         self.url = url
         self.pool_uuid = bytes.fromhex(source_fields["pool_uuid"])
-        self.store = open_store(url)
+        self.store = (network or Network()).open_store(url)
         self.tails = {}  # origin -> (last sequence, digest) of its last segment here
         self._describe_pool(source_fields)
 

@@ -54,8 +54,9 @@ def find_cut(pool_path, fields, held):
         last = source.chunks.get(ids[-1])
         end = chunk_header.address(ids[-1], last.size_bytes)
         for address, header, _ in source._walk(source.first_address(), end):
-            if (header[4] == fields["node_id"] and header[5] > held and header[0] in SHIPPED_TYPES
-                    and not header[1] & FLAG_RELOCATED and header[0] != RecordType.COMMIT):
+            if (header.origin_node == fields["node_id"] and header.origin_sequence > held
+                    and header.record_type in SHIPPED_TYPES and not header.flags & FLAG_RELOCATED
+                    and header.record_type != RecordType.COMMIT):
                 return address
         return None
     finally:

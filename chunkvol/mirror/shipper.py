@@ -29,12 +29,13 @@ RATE_WEIGHT = 0.3  # of the newest batch in the moving average
 
 
 class Shipper:
-    def __init__(self, pool_path, fields, name, definition, files=None):
+    def __init__(self, pool_path, fields, name, definition, files=None, network=None):
         self.pool_path = pool_path
         self.fields = fields
         self.name = name
         self.definition = definition
         self.files = files or LocalFiles()
+        self.network = network  # chunkvol/network.py, the real one unless given
         self.node_id = fields["node_id"]
         self.source = LogSource(pool_path, fields, self.files)
         self.state = load_state(pool_path, name, self.source.first_address(), self.files)
@@ -50,7 +51,8 @@ class Shipper:
     def _connect(self):
         if self.target is None:
             try:
-                self.target = targets.open_target(self.definition["to"], self.fields, self.pool_path)
+                self.target = targets.open_target(self.definition["to"], self.fields, self.pool_path,
+                                                   self.network)
             except OSError as error:
                 raise UnreachableError(f"mirror {self.name} ({self.definition['to']}): {error}") from None
             if self.definition.get("peer") and self.definition.get("node") is None:

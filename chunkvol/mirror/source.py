@@ -55,8 +55,9 @@ class LogSource:
     def first_own_stamp(self, cursor, horizon):
         """Stamp of the first record of this node at or after `cursor` (0: none before horizon)."""
         for _, header, _ in self._walk(cursor, horizon):
-            if header[4] == self.node_id and header[0] in SHIPPED_TYPES and header[0] != RecordType.COMMIT:
-                return header[6]
+            if (header.origin_node == self.node_id and header.record_type in SHIPPED_TYPES
+                    and header.record_type != RecordType.COMMIT):
+                return header.hlc
         return 0
 
     def first_address(self):
@@ -72,11 +73,11 @@ class LogSource:
         cut = None  # (record count, end address, last sequence, size, first stamp) at the last COMMIT
         request = []  # records of a client request whose last record has not come yet (FLAG_MORE)
         for position, header, raw in self._walk(cursor, horizon):
-            if header[4] != self.node_id:
+            if header.origin_node != self.node_id:
                 continue
-            record_type, sequence = header[0], header[5]
-            if record_type in SHIPPED_TYPES and not header[1] & FLAG_RELOCATED and sequence > skip_through:
-                if header[1] & FLAG_MORE:
+            record_type, flags, sequence = header.record_type, header.flags, header.origin_sequence
+            if record_type in SHIPPED_TYPES and not flags & FLAG_RELOCATED and sequence > skip_through:
+                if flags & FLAG_MORE:
                     request.append((bytes(raw), header))
                     continue
                 if request:
@@ -85,7 +86,7 @@ class LogSource:
                             records.append(raw_more)
                             size += len(raw_more)
                             if first_stamp is None:
-                                first_stamp = header_more[6]
+                                first_stamp = header_more.hlc
                     # else: a request cut by a crash (its last record was lost with the tail):
                     # recovery dropped it here, so it is never shipped either.
                     request = []
@@ -93,9 +94,9 @@ class LogSource:
                 size += len(raw)
                 last_sequence = sequence
                 if first_stamp is None:
-                    first_stamp = header[6]
+                    first_stamp = header.hlc
             if record_type == RecordType.COMMIT:
-                cut = (len(records), position + HEADER_SIZE + header[3], last_sequence, size, first_stamp)
+                cut = (len(records), position + HEADER_SIZE + header.stored_length, last_sequence, size, first_stamp)
                 if size >= max_bytes:
                     yield Batch(records, cut[1], last_sequence, size, first_stamp)
                     records, size, first_stamp, last_sequence, cut = [], 0, None, 0, None

@@ -1,6 +1,6 @@
 """What a mirror target is: the one interface the shipper and self-healing use, whatever holds
 the copy (`dir:` a pool on another disk, `node:` another node over TLS, `rados:`/`s3:` an
-object store, or records kept in memory for tests). tests/test_target_conformance.py holds
+object store, or records kept in memory for tests). tests/mirror/test_target_conformance.py holds
 every target to it.
 
 A target MUST:

@@ -48,15 +48,17 @@ def normalize(text):
     return f"dir:{parsed[1]}" if parsed[0] == "dir" else text
 
 
-def open_target(text, source_fields, pool_path):
+def open_target(text, source_fields, pool_path, network=None):
+    """The target named by `text`; `network` (chunkvol/network.py) reaches node: and object
+    store targets (the real one unless given)."""
     parsed = parse_target(text)
     if parsed[0] == "dir":
         return DirTarget(parsed[1], source_fields, pool_path)
     if parsed[0] in ("rados", "s3"):
         from chunkvol.mirror.object_target import ObjectTarget
-        return ObjectTarget(text, source_fields)
+        return ObjectTarget(text, source_fields, network)
     from chunkvol.mirror.node_link import NodeTarget
-    return NodeTarget(parsed[1], parsed[2], source_fields, pool_path)
+    return NodeTarget(parsed[1], parsed[2], source_fields, pool_path, network)
 
 
 class DirTarget:

@@ -18,11 +18,11 @@ MAX_UNREACHABLE_BACKOFF_SECONDS = 2.0
 
 
 class MirrorWorker:
-    def __init__(self, pool_path, fields, name, definition, say):
+    def __init__(self, pool_path, fields, name, definition, say, network=None):
         self.name = name
         self.definition = definition
         self.say = say
-        self.shipper = Shipper(pool_path, fields, name, definition)
+        self.shipper = Shipper(pool_path, fields, name, definition, network=network)
         self.stopping = threading.Event()
         self.wake = threading.Condition()
         self.horizon = None

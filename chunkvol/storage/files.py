@@ -9,7 +9,7 @@ Durability rules (MUST), from which the write order follows:
    past them, and before the next chunk receives a record.
 
 Everything in chunkvol that touches a file goes through a `LocalFiles` instance; tests pass a
-subclass that drops, tears or fails writes (tests/faults.py).
+subclass that drops, tears or fails writes (tests/support/faults.py).
 """
 
 import ctypes

@@ -1,6 +1,6 @@
 """Acceptance tests: real clients on chunkvol volumes.
 
-Each test runs chunkvol's own nbdkit plugin (tests.server.NbdServer) on a fresh pool with
+Each test runs chunkvol's own nbdkit plugin (tests.support.server.NbdServer) on a fresh pool with
 16 MiB chunks, so every test's log spans several chunks (chunk switches and SEAL records
 happen under real clients), and volumes of 384 MiB.  The clients are the kernel's ext4 and
 xfs (through nbdfuse + a loop device), qemu's NBD client under a booting Linux, and
@@ -35,40 +35,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.server import NbdServer, chunkvol
-from tests.unsynced import check_maybe_lost as _check_maybe_lost
+from tests.support.realclients import CHUNK_BYTES, VOLUME, check_pool, make_pool, stop_cleanly
+from tests.support.server import NbdServer, chunkvol
+from tests.support.unsynced import check_maybe_lost as _check_maybe_lost
 from tools.guest import fs, guest
 from tools.guest.nbdfuse import attached
 
 pytestmark = pytest.mark.realclients
 
-CHUNK_SIZE = "16M"
-CHUNK_BYTES = 16 << 20
-VOLUME_SIZE = "384M"  # xfs refuses filesystems below 300 MiB
-VOLUME = "vol0"
 KILL_SEED = int(os.environ.get("CHUNKVOL_KILL_SEED", "20240611"))
 
 
 # --- pool and server helpers ---------------------------------------------------------------
-
-def make_pool(where: Path, *volumes: tuple[str, str]) -> str:
-    """WHERE/pool with 16 MiB chunks and the given volumes: (name, compression)."""
-    pool = str(where / "pool")
-    chunkvol("--pool", pool, "init", "--chunk-size", CHUNK_SIZE)
-    for name, compression in volumes or ((VOLUME, "none"),):
-        chunkvol("--pool", pool, "volume", "create", name, "--size", VOLUME_SIZE, "--compression", compression)
-    return pool
-
-
-def check_pool(pool: str) -> dict:
-    """`chunkvol check --json` must find no damage; returns its report."""
-    result = chunkvol("--pool", pool, "check", "--json", check=False)
-    assert result.returncode == 0, f"chunkvol check exited {result.returncode}: {result.stderr}{result.stdout}"
-    report = json.loads(result.stdout)
-    assert report["log_damage"] == [] and report["map_differences"] == [], report
-    assert report["records"] > 0
-    return report
-
 
 def _run(argv: list[str]) -> str:
     """Run a system command; fail the test with its output unless it exits 0; return stdout."""
@@ -85,13 +63,6 @@ def log_bytes(pool: str) -> int:
     """Bytes in the pool's chunk files: grows as the server drains its log buffer."""
     chunks = Path(pool) / "chunks"
     return sum(p.stat().st_size for p in chunks.glob("chunk-*.cvc"))
-
-
-def stop_cleanly(server: NbdServer) -> None:
-    """SIGTERM (the plugin checkpoints and closes the pool); nbdkit must exit 0."""
-    process = server.process
-    server.stop()
-    assert process.returncode == 0, f"nbdkit exited {process.returncode} on SIGTERM: {server.log()}"
 
 
 def fs_roundtrip(server: NbdServer, volume: str, fstype: str, tmp_path: Path, *, seed: int,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.realclients.test_chunkvol_clients import VOLUME, check_pool, make_pool, stop_cleanly
+from tests.support.realclients import VOLUME, check_pool, make_pool, stop_cleanly
 from tools.guest import fs, kernel_nbd
 from tools.guest.kernel_nbd import DEVICE, GUEST_HOST, GUEST_PORT
 from tools.guest.nbdfuse import attached

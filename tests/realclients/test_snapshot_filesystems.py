@@ -27,7 +27,7 @@ from typing import Iterator
 
 import pytest
 
-from tests.server import chunkvol
+from tests.support.server import chunkvol
 from tools.guest import fs
 from tools.guest.nbdfuse import attached
 
@@ -121,7 +121,7 @@ def test_ext4_snapshot_export_and_clone(tmp_path, server_factory):
                 with fs.mounted(snap_dev, snap_mnt, options="ro,noload"):
                     assert fs.compare_trees(first, snap_mnt / "first") == []
                     assert sorted(p.name for p in snap_mnt.iterdir()) == ["first", "lost+found"]
-                    # The device is read-only (the export refuses writes too: tests/test_snapshots_cli.py).
+                    # The device is read-only (the export refuses writes too: tests/cli/test_snapshots_cli.py).
                     written = subprocess.run(["dd", "if=/dev/zero", f"of={snap_dev}", "bs=4096", "count=1",
                                               "oflag=direct"], capture_output=True, text=True)
                     assert written.returncode != 0, "a write to the snapshot's device succeeded"
