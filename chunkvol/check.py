@@ -2,7 +2,7 @@
 
 1. Walk every chunk from its first record to its end, checking every record's header and
    payload checksum; at a bad record, say which chunk and offset, resynchronise on the next
-   valid header and go on (the walk never stops at the first problem).
+   valid header and go on (the walk never stops at the first problem: log/scan.py).
 2. Rebuild a block map from the log alone into a scratch directory, with the same recovery
    code that opening a pool uses.
 3. Compare the pool's block map with the rebuilt one: volume table, then the newest version
@@ -16,37 +16,11 @@ import shutil
 import tempfile
 import time
 
-from chunkvol.format.chunk_header import DATA_OFFSET
-from chunkvol.log.reader import ChunkScan, find_next_header
-from chunkvol.pool import Pool
+from chunkvol.format import group_map
+from chunkvol.format.record import GROUP_BLOCKS
+from chunkvol.log.scan import scan_log
+from chunkvol.pool import Pool, take_pool_lock
 from chunkvol.space import live_groups
-
-
-def scan_log(pool, progress=None):
-    """Step 1: [(chunk path, offset, message)] for every bad record; (records, bytes) read."""
-    problems = []
-    records = 0
-    scanned_bytes = 0
-    ids = pool.chunks.ids()
-    last = ids[-1] if ids else None
-    for chunk_id in ids:
-        chunk = pool.chunks.get(chunk_id)
-        offset = DATA_OFFSET
-        while offset is not None and offset < chunk.size_bytes:
-            scan = ChunkScan(pool.chunks, chunk_id, offset)
-            for _, header, payload in scan:
-                records += 1
-            if scan.stop_error is None:
-                break
-            if chunk_id == last and pool.readonly and find_next_header(
-                    pool.chunks, chunk_id, scan.stop_offset, chunk.size_bytes) is None:
-                break  # a running server's unfinished tail, not damage
-            problems.append((chunk.path, scan.stop_offset, str(scan.stop_error)))
-            offset = find_next_header(pool.chunks, chunk_id, scan.stop_offset, chunk.size_bytes)
-        scanned_bytes += chunk.size_bytes
-        if progress:
-            progress(chunk.size_bytes)
-    return problems, records, scanned_bytes
 
 
 def compare_maps(current, rebuilt):
@@ -77,9 +51,10 @@ def compare_maps(current, rebuilt):
 def _blocks(state):
     """A group's content identity: per block, (record address, block in record) or None."""
     if state is None:
-        return (None,) * 16
+        return (None,) * GROUP_BLOCKS
     slots, refs = state
-    return tuple(None if slot == 0xFF else (refs[slot >> 4][0], slot & 0x0F) for slot in slots)
+    addresses = [address for address, _, _, _ in refs]
+    return tuple(None if slot == group_map.HOLE else (addresses[slot >> 4], slot & 0x0F) for slot in slots)
 
 
 def check_pool(path, busy, progress=None):
@@ -90,7 +65,7 @@ def check_pool(path, busy, progress=None):
     scratch = tempfile.mkdtemp(prefix="chunkvol-check-")  # not on the pool's disk: it may be full
     try:
         with Pool.open(path, readonly=True) as current:
-            log_problems, records, scanned = scan_log(current, progress)
+            log_problems, records, scanned = scan_log(current.chunks, progress, tail_may_be_unfinished=current.readonly)
             with Pool.open(path, readonly=True, index_path=scratch) as rebuilt:
                 differences = compare_maps(current, rebuilt)
     finally:
@@ -102,7 +77,6 @@ def check_pool(path, busy, progress=None):
 
 def rebuild_index(path):
     """Replace POOL/index by a block map rebuilt from the log (the pool must not be in use)."""
-    from chunkvol.pool import take_pool_lock
     lock_fd = take_pool_lock(path)
     index = os.path.join(path, "index")
     aside = f"{index}.replaced-{int(time.time())}"

@@ -15,42 +15,34 @@ flush point) names it; pruning and overwrites make records dead. Steps, each saf
    its BASE_END is in POOL/base (a hint: without it a rebuild scans for the newest base).
 5. Delete the victims.
 
-A rebuild (index deleted) loads the newest complete base and replays from its P.
+A rebuild (index deleted) loads the newest complete base and replays from its P (log/base.py).
 """
 
 import os
 import time
 
-import lmdb
-
 from chunkvol import tiering
-from chunkvol.errors import ChunkvolError, CorruptionError, FormatError
+from chunkvol.errors import ChunkvolError, CorruptionError
 from chunkvol.format import base as base_format
-from chunkvol.format import chunk_header, group_map
+from chunkvol.format import chunk_header
 from chunkvol.format import checkpoint as checkpoint_format
 from chunkvol.format import record
 from chunkvol.format.record import CHECKSUM_BYTES, FLAG_RELOCATED, FLAG_ZSTD, HEADER_SIZE, RAW_BLOCK_BYTES, RecordType
-from chunkvol.format import tombstones as tombstones_format
-from chunkvol.index.blockmap import CHECKPOINT_KEY, ORIGIN_STAMPS_KEY, ORIGINS_KEY, REMOVED_VOLUMES_KEY, TOMBSTONES_KEY
+from chunkvol.index.blockmap import CHECKPOINT_KEY
+from chunkvol.log.base import HINT_NAME, entries_of
 from chunkvol.mirror import config as mirror_config
-from chunkvol.log.reader import ChunkScan
 
 DEFAULT_MIN_DEAD = 0.5
 COPY_BATCH_BYTES = 4 << 20  # copied per hold of the pool lock
-HINT_NAME = "base"
-BASE_META_KEYS = (ORIGINS_KEY, ORIGIN_STAMPS_KEY, REMOVED_VOLUMES_KEY)  # the rest of meta: checkpoint, in BASE_END
-TOMBSTONES_PER_ENTRY = 1000  # 40 KB: one base entry stays within a fragment
 
 
 def live_records(pool):
     """{address: stored_length} of every record some stored version names. Call right after a
     checkpoint (every version is in LMDB then); reads one LMDB snapshot without the pool lock."""
-    blockmap = pool.blockmap
     live = {}
-    with blockmap.env.begin(db=blockmap.groups_db) as txn:
-        for raw_key, raw in txn.cursor():
-            for ref in group_map.decode_state(raw, raw_key)[1]:
-                live[ref[0]] = ref[1]
+    for _, _, (_, refs) in pool.blockmap.stored_versions():
+        for address, stored_length, _, _ in refs:
+            live[address] = stored_length
     return live
 
 
@@ -72,7 +64,7 @@ def compact(pool, min_dead=None, progress=lambda count: None):
         raise ChunkvolError("min_dead must be in (0, 1]")
     started = time.monotonic()
     with pool.lock:
-        pool._checkpoint_locked()
+        pool.checkpoint()
         tail_chunk = chunk_header.split_address(pool.writer.position)[0]
     live = live_records(pool)
     usage = chunk_usage(pool, live)
@@ -98,8 +90,7 @@ def compact(pool, min_dead=None, progress=lambda count: None):
     if not victims:
         report["seconds"] = round(time.monotonic() - started, 3)
         return report
-    with pool.lock:
-        _point_map_at_copies(pool, remap)
+    point_map_at_copies(pool, remap)
     write_base(pool)
     with pool.lock:
         freed, gone_remote = 0, []
@@ -150,56 +141,45 @@ def _copy_one(pool, chunk_id, offset, stored):
         raise CorruptionError("live record cut short", pool.chunks.get(chunk_id).path, offset)
     view = memoryview(raw)
     header = record.decode_header(view[:HEADER_SIZE], pool.chunks.get(chunk_id).path, offset)
-    if header[0] != RecordType.EXTENT or header[3] != stored:
+    if header.record_type != RecordType.EXTENT or header.stored_length != stored:
         raise CorruptionError("the block map names a record that is not this extent",
                               pool.chunks.get(chunk_id).path, offset)
     payload = view[HEADER_SIZE:]
     record.verify_payload(header, payload, pool.chunks.get(chunk_id).path, offset)
-    flags = header[1] | FLAG_RELOCATED
-    if header[1] & FLAG_ZSTD:
+    if header.flags & FLAG_ZSTD:
         table, data = b"", payload
     else:
         table_bytes = stored // RAW_BLOCK_BYTES * CHECKSUM_BYTES
         table, data = payload[:table_bytes], payload[table_bytes:]
-    return pool.writer.append(RecordType.EXTENT, flags, header[2], data, header[4], header[5], header[6],
-                              header[7], header[8], table)
+    return pool.writer.append(RecordType.EXTENT, header.flags | FLAG_RELOCATED, header.volume_id, data,
+                              header.origin_node, header.origin_sequence, header.hlc, header.offset_bytes,
+                              header.length_bytes, table)
 
 
-def _point_map_at_copies(pool, remap):
-    """Step 3, under the lock: every version that names a moved record names its copy."""
-    pool._checkpoint_locked()  # the map is at the log's end: the remap changes only addresses
-    blockmap = pool.blockmap
-    blockmap._drop_reader()
-    try:
-        with blockmap.env.begin(write=True) as txn:
-            cursor = txn.cursor(db=blockmap.groups_db)
-            updates = []
-            for raw_key, raw in cursor:
-                slots, refs = group_map.decode_state(raw, raw_key)
-                if any(ref[0] in remap for ref in refs):
-                    moved = tuple((remap.get(ref[0], ref[0]),) + tuple(ref[1:]) for ref in refs)
-                    updates.append((bytes(raw_key), group_map.encode_state((slots, moved), raw_key)))
-            for raw_key, value in updates:
-                txn.put(raw_key, value, db=blockmap.groups_db)
-    except lmdb.Error as error:
-        raise ChunkvolError(f"compaction could not update the block map ({error}); nothing was freed") from None
-    blockmap.overlay.clear()  # a cache of states that may name the originals
+def point_map_at_copies(pool, remap):
+    """Step 3 (heal's too): every version that names a moved record ({old address: new})
+    names its copy, in one LMDB transaction under the pool lock."""
+    with pool.lock:
+        pool.checkpoint()  # the map is at the log's end: the remap changes only addresses
+        try:
+            pool.blockmap.replace_addresses(remap)
+        except ChunkvolError as error:
+            raise ChunkvolError(f"the block map could not be pointed at the copies ({error}); "
+                                "the originals stay in use, nothing was freed") from None
 
 
 # ---- the base -------------------------------------------------------------------------------
 def write_base(pool):
     """Step 4: the map as of the current checkpoint, into the log, synced; then the hint."""
-    blockmap = pool.blockmap
     with pool.lock:
-        pool._checkpoint_locked()
-        txn = blockmap.env.begin()
+        pool.checkpoint()
+        stored = pool.blockmap.stored()
     try:
-        raw_checkpoint = bytes(txn.get(CHECKPOINT_KEY, db=blockmap.meta_db))
+        raw_checkpoint = stored.meta(CHECKPOINT_KEY)
         base_address = checkpoint_format.decode(raw_checkpoint).log_address
-        addresses = _append_fragments(pool, base_format.fragments(base_address, _map_entries(blockmap, txn)),
-                                      base_address)
+        addresses = _append_fragments(pool, base_format.fragments(base_address, entries_of(stored)), base_address)
     finally:
-        txn.abort()
+        stored.close()
     levels = 0
     if len(addresses) > base_format.MAX_FRAGMENTS:  # a map too large to list in one BASE_END
         addresses = _append_fragments(pool, base_format.index_fragments(base_address, addresses), base_address)
@@ -210,27 +190,6 @@ def write_base(pool):
         pool.writer.sync()
         pool.files.publish(os.path.join(pool.path, HINT_NAME), f"{end_address}\n".encode())
     return end_address
-
-
-def _map_entries(blockmap, txn):
-    databases = [(base_format.DB_GROUPS, blockmap.groups_db), (base_format.DB_HISTORY, blockmap.history_db),
-                 (base_format.DB_VOLUMES, blockmap.volumes_db), (base_format.DB_SNAPSHOTS, blockmap.snapshots_db)]
-    if blockmap.conflicts_db is not None:
-        databases.append((base_format.DB_CONFLICTS, blockmap.conflicts_db))
-    for db_id, db in databases:
-        for key, value in txn.cursor(db=db):
-            yield db_id, bytes(key), bytes(value)
-    for key in BASE_META_KEYS:
-        value = txn.get(key, db=blockmap.meta_db)
-        if value is not None:
-            yield base_format.DB_META, key, bytes(value)
-    # Tombstones, in pieces: a rebuild without them would let a late record of another node
-    # that is older than a hole here win over the hole, and the nodes would diverge.
-    raw = txn.get(TOMBSTONES_KEY, db=blockmap.meta_db)
-    entries = [] if raw is None else tombstones_format.decode(raw, blockmap.path)
-    for index in range(0, len(entries), TOMBSTONES_PER_ENTRY):
-        yield (base_format.DB_META, b"%s/%d" % (TOMBSTONES_KEY, index // TOMBSTONES_PER_ENTRY),
-               tombstones_format.encode(entries[index:index + TOMBSTONES_PER_ENTRY]))
 
 
 def _append_fragments(pool, payloads, base_address):
@@ -251,121 +210,6 @@ def _append_summary(pool, record_type, payloads, base_address, first_index):
     addresses = []
     with pool.lock:
         for index, payload in enumerate(payloads):
-            address, _ = pool._append(record_type, 0, 0, payload, base_address, first_index + index)
+            address, _ = pool.append(record_type, 0, 0, payload, base_address, first_index + index)
             addresses.append(address)
     return addresses
-
-
-def find_base(pool):
-    """The newest complete base: (checkpoint, [data fragment addresses]) or None, every
-    fragment read and checked. Tries the hint, then scans the whole log for BASE_END records
-    (newest first)."""
-    candidates = []
-    hint = os.path.join(pool.path, HINT_NAME)
-    try:
-        with open(hint, "rb") as handle:
-            candidates.append(int(handle.read(32).strip() or b"0"))
-    except (OSError, ValueError):
-        pass
-    tried = set()
-    for address in candidates:
-        tried.add(address)
-        found = _read_base(pool, address)
-        if found is not None:
-            return found
-    ends = []
-    for chunk_id in pool.chunks.ids():
-        for offset, header, _ in ChunkScan(pool.chunks, chunk_id, chunk_header.DATA_OFFSET, verify_payloads=False):
-            if header[0] == RecordType.BASE_END:
-                ends.append(chunk_header.address(chunk_id, offset))
-    for address in sorted(ends, reverse=True):
-        if address not in tried:
-            found = _read_base(pool, address)
-            if found is not None:
-                return found
-    return None
-
-
-def _read_record(pool, address, expected_type):
-    chunk_id, offset = chunk_header.split_address(address)
-    if chunk_id not in pool.chunks.chunks:
-        return None
-    raw = pool.chunks.pread(chunk_id, HEADER_SIZE, offset)
-    try:
-        header = record.decode_header(raw)
-    except CorruptionError:
-        return None
-    if header[0] != expected_type:
-        return None
-    payload = pool.chunks.pread(chunk_id, header[3], offset + HEADER_SIZE)
-    try:
-        record.verify_payload(header, memoryview(payload))
-    except CorruptionError:
-        return None
-    return header, payload
-
-
-def _read_base(pool, end_address):
-    found = _read_record(pool, end_address, RecordType.BASE_END)
-    if found is None:
-        return None
-    header, payload = found
-    try:
-        raw_checkpoint, addresses, levels = base_format.decode_end(payload)
-        checkpoint = checkpoint_format.decode(raw_checkpoint)
-    except (FormatError, CorruptionError):
-        return None
-    if checkpoint.pool_uuid != pool.pool_uuid or checkpoint.log_address != header[7]:
-        return None
-    try:
-        if levels:
-            listed = []
-            for index, address in enumerate(addresses):
-                listed += base_format.decode_index_fragment(_fragment(pool, address, checkpoint), checkpoint.log_address,
-                                                            index)
-            addresses = listed
-        for _ in _base_entries(pool, checkpoint, addresses):
-            pass  # every fragment checked before the base is used
-    except (FormatError, CorruptionError):
-        return None
-    return checkpoint, addresses
-
-
-def _fragment(pool, address, checkpoint):
-    fragment = _read_record(pool, address, RecordType.BASE)
-    if fragment is None or fragment[0][7] != checkpoint.log_address:
-        raise FormatError(f"base fragment at {address:#x} is missing, damaged or of another base")
-    return fragment[1]
-
-
-def _base_entries(pool, checkpoint, addresses):
-    """The (db, key, value) entries of a base, one fragment in memory at a time."""
-    for index, address in enumerate(addresses):
-        yield from base_format.decode_fragment(_fragment(pool, address, checkpoint), checkpoint.log_address, index)
-
-
-def load_base(pool):
-    """At a rebuild: fill the empty block map from the newest base; its checkpoint, or None."""
-    found = find_base(pool)
-    if found is None:
-        return None
-    checkpoint, addresses = found
-    blockmap = pool.blockmap
-    databases = {base_format.DB_GROUPS: blockmap.groups_db, base_format.DB_HISTORY: blockmap.history_db,
-                 base_format.DB_VOLUMES: blockmap.volumes_db, base_format.DB_SNAPSHOTS: blockmap.snapshots_db,
-                 base_format.DB_CONFLICTS: blockmap.conflicts_db}
-    tombstones = []
-    blockmap._drop_reader()
-    with blockmap.env.begin(write=True) as txn:
-        for db_id, key, value in _base_entries(pool, checkpoint, addresses):
-            if db_id != base_format.DB_META:
-                txn.put(key, value, db=databases[db_id])
-            elif key in BASE_META_KEYS:
-                txn.put(key, value, db=blockmap.meta_db)
-            elif key.startswith(TOMBSTONES_KEY + b"/"):
-                tombstones += tombstones_format.decode(value, pool.path)
-            # anything else in meta: the checkpoint comes from BASE_END alone
-        if tombstones:
-            txn.put(TOMBSTONES_KEY, tombstones_format.encode(tombstones), db=blockmap.meta_db)
-        txn.put(CHECKPOINT_KEY, checkpoint_format.encode(checkpoint), db=blockmap.meta_db)
-    return checkpoint

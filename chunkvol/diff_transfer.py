@@ -5,7 +5,7 @@ then each later one as the changes since the one before; import them in the same
 
 import zstandard
 
-from chunkvol import history
+from chunkvol import heal, history
 from chunkvol.errors import AlreadyExistsError, ChunkvolError, NotFoundError, UsageError
 from chunkvol.format import diff_stream
 
@@ -22,7 +22,7 @@ def export_diff(pool, to_spec, from_spec, out, progress=lambda count: None):
             raise UsageError(f"{from_spec} and {to_spec} are points of different volumes")
         if start is not None and start.stamp > end.stamp:
             raise UsageError(f"{from_spec} is later than {to_spec}")
-        view = pool.volume(to_spec)
+        view = pool.volume(to_spec, heal=heal.heal_read)  # an export reads what a mirror can mend
         if start is not None:
             changes = history.diff(pool, from_spec, to_spec)
         else:
@@ -100,8 +100,8 @@ def import_diff(pool, stream, volume_name, progress=lambda count: None, name="di
             history.validate_snapshot_name(source_to)
             if source_to in pool.snapshots.get(info.volume_id, {}):
                 raise AlreadyExistsError(f"volume {volume_name!r} already has a snapshot {source_to!r}")
-        before = pool._flush_locked()
-    volume = pool.volume(volume_name)
+        before = pool.flush_point()
+    volume = pool.volume(volume_name, heal=heal.heal_read)
     stats = {"entries": 0, "data_bytes": 0, "zero_bytes": 0}
     try:
         for tag, offset, length, data in reader.entries_of():

@@ -1,10 +1,11 @@
 """Self-healing from mirrors, as ZFS heals from a mirror side: a live record that fails its
 checksum here is fetched from a mirror that holds it (the same origin stamp, in its block map
-at the same volume and group), checked there and against what this map expects, appended to
-this log again as a RELOCATED copy, and the block map is pointed at the copy in one LMDB
-transaction (compaction's step 3); a base (compaction.write_base) makes that hold for a
-rebuild too. `scrub` does it for every damaged live record; a read that meets one heals it
-and reads again, or fails with EIO where no mirror has a good copy.
+at the same volume and group: copies.py), checked there and against what this map expects,
+appended to this log again as a RELOCATED copy, and the block map is pointed at the copy in
+one LMDB transaction (compaction's step 3); a base (compaction.write_base) makes that hold for
+a rebuild too. `scrub` does it for every damaged live record; a read of a Volume given the
+hook `heal_read` (the nbdkit plugin's) that meets one heals it and reads again, or fails with
+EIO where no mirror has a good copy.
 
 Mirrors are looked up in this order: `dir:` mirrors (a pool readable here), `node:` mirrors
 and peers (a FETCH over the replication link, mirror/node_link.py), then object stores
@@ -15,18 +16,19 @@ segments), and no store is opened before a copy is looked for there.
 
 import os
 
-from chunkvol import compaction, objstore
-from chunkvol.check import scan_log
+from chunkvol import compaction, copies, objstore
 from chunkvol.errors import ChunkvolError, CorruptionError
 from chunkvol.format import chunk_header, group_map, record
-from chunkvol.format.record import (CHECKSUM_BYTES, FLAG_RELOCATED, FLAG_ZSTD, GROUP_SIZE, HEADER_SIZE,
-                                    RAW_BLOCK_BYTES, RecordType)
+from chunkvol.format.record import (BLOCK_SIZE, CHECKSUM_BYTES, FLAG_RELOCATED, FLAG_ZSTD, GROUP_BLOCKS, GROUP_SIZE,
+                                    HEADER_SIZE, RAW_BLOCK_BYTES, RecordType)
+from chunkvol.log.scan import scan_log
 from chunkvol.mirror import config as mirror_config
+from chunkvol.mirror import targets
 from chunkvol.mirror.object_heal import PassStores
+from chunkvol.pool import Pool
 
 
 def _mirror_pools(definitions):
-    from chunkvol.pool import Pool
     for name, definition in definitions:
         if not definition["to"].startswith("dir:"):
             continue
@@ -43,48 +45,12 @@ def _mirror_pools(definitions):
             mirror.close()
 
 
-def find(mirror, volume_ids, group, ref, record_offset):
-    """The raw bytes and header of `mirror`'s copy of record `ref` (same stamp, length and
-    flags, at the same volume offset), checked; None when it has none. Hold its lock when it
-    is a live pool (a node serving a peer's FETCH)."""
-    txn = mirror.blockmap.reader()
-    for volume_id in volume_ids:
-        cursor = txn.cursor(db=mirror.blockmap.groups_db)
-        prefix = group_map.KEY.pack(volume_id, group, 0, 0)[:12]
-        if not cursor.set_range(prefix):
-            continue
-        for raw_key, raw in cursor:
-            if raw_key[:12] != prefix:
-                break
-            for theirs in group_map.decode_state(raw, raw_key)[1]:
-                if theirs[2] != ref[2] or theirs[1] != ref[1] or theirs[3] != ref[3]:
-                    continue
-                try:
-                    data = mirror.writer.read(theirs[0], HEADER_SIZE + theirs[1])
-                    header = record.decode_header(memoryview(data)[:HEADER_SIZE])
-                    record.verify_payload(header, memoryview(data)[HEADER_SIZE:])
-                except (CorruptionError, OSError):
-                    continue  # damaged there too: try another mirror
-                if header[0] == RecordType.EXTENT and header[6] == ref[2] and header[7] == record_offset:
-                    return data, header
-    return None
-
-
-def live_copy(pool, volume_ids, group, ref, record_offset):
-    """The raw bytes of a live pool's copy of record `ref` (a node answering a peer's FETCH,
-    a `dir:` target's fetch), or None: its map checkpointed first, as find looks in LMDB."""
-    with pool.lock:
-        pool.checkpoint()  # the lock is reentrant: nothing is applied between the two
-        found = find(pool, volume_ids, group, ref, record_offset)
-    return None if found is None else bytes(found[0])
-
-
 def good_copy(pool, volume_ids, group, ref, record_offset, stores):
     """(mirror name, raw bytes, header) of a good copy of `ref`, or None. `stores` (a
     PassStores) holds the object stores of this heal pass."""
     definitions = sorted(mirror_config.load_mirrors(pool.path, pool.files).items())
     for name, mirror in _mirror_pools(definitions):
-        found = find(mirror, volume_ids, group, ref, record_offset)
+        found = copies.find(mirror, volume_ids, group, ref, record_offset)
         if found is not None:
             return (name,) + found
     for name, definition in definitions:
@@ -101,7 +67,6 @@ def good_copy(pool, volume_ids, group, ref, record_offset, stores):
 
 
 def _fetch_from_node(pool, target, volume_ids, group, ref, record_offset):
-    from chunkvol.mirror import targets
     try:
         link = targets.open_target(target, pool.fields, pool.path)
     except ChunkvolError:
@@ -119,21 +84,23 @@ def _fetch_from_node(pool, target, volume_ids, group, ref, record_offset):
         record.verify_payload(header, memoryview(data)[HEADER_SIZE:])
     except CorruptionError:
         return None
-    if (header[0] != RecordType.EXTENT or header[6] != ref[2] or header[3] != ref[1] or header[7] != record_offset
-            or header[2] not in volume_ids):
+    _, stored_length, hlc, _ = ref
+    if (header.record_type != RecordType.EXTENT or header.hlc != hlc or header.stored_length != stored_length
+            or header.offset_bytes != record_offset or header.volume_id not in volume_ids):
         return None
     return data, header
 
 
 def _append_copy(pool, data, header):
     payload = memoryview(data)[HEADER_SIZE:]
-    if header[1] & FLAG_ZSTD:
+    if header.flags & FLAG_ZSTD:
         table, body = b"", payload
     else:
-        table_bytes = header[3] // RAW_BLOCK_BYTES * CHECKSUM_BYTES
+        table_bytes = header.stored_length // RAW_BLOCK_BYTES * CHECKSUM_BYTES
         table, body = payload[:table_bytes], payload[table_bytes:]
-    return pool.writer.append(RecordType.EXTENT, (header[1] | FLAG_RELOCATED) & ~record.FLAG_MORE, header[2], body,
-                              header[4], header[5], header[6], header[7], header[8], table)
+    return pool.writer.append(RecordType.EXTENT, (header.flags | FLAG_RELOCATED) & ~record.FLAG_MORE, header.volume_id,
+                              body, header.origin_node, header.origin_sequence, header.hlc, header.offset_bytes,
+                              header.length_bytes, table)
 
 
 def heal(pool, damaged, store_retry_seconds=None):
@@ -144,24 +111,29 @@ def heal(pool, damaged, store_retry_seconds=None):
     stores = PassStores(pool.pool_uuid, store_retry_seconds)
     try:
         # In stamp order: an object store's copies of one batch are one segment, fetched once.
-        for volume_ids, group, ref, record_offset in sorted(damaged, key=lambda item: item[2][2]):
-            if ref[0] in remap or ref[0] in missing:
+        for volume_ids, group, ref, record_offset in sorted(damaged, key=_stamp_of_ref):
+            address, _, _, _ = ref
+            if address in remap or address in missing:
                 continue
             found = good_copy(pool, volume_ids, group, ref, record_offset, stores)
             if found is None:
-                missing.append(ref[0])
+                missing.append(address)
                 continue
             name, data, header = found
             with pool.lock:
-                remap[ref[0]] = _append_copy(pool, data, header)
-            sources[ref[0]] = name
+                remap[address] = _append_copy(pool, data, header)
+            sources[address] = name
     finally:
         stores.close()
     if remap:
-        with pool.lock:
-            compaction._point_map_at_copies(pool, remap)
+        compaction.point_map_at_copies(pool, remap)
         compaction.write_base(pool)
     return sources, missing
+
+
+def _stamp_of_ref(damaged):
+    _, _, (_, _, hlc, _), _ = damaged
+    return hlc
 
 
 # A client waits on a read that heals (and, served one request at a time, every other client
@@ -169,8 +141,10 @@ def heal(pool, damaged, store_retry_seconds=None):
 READ_STORE_RETRY_SECONDS = 2.0
 
 
-def heal_read(pool, volume, error):
-    """A read met `error`; heal the record it names if a mirror has it. True when healed."""
+def heal_read(volume, error):
+    """A read of `volume` met `error`; heal the record it names if a mirror has it. True when
+    healed. The hook a Volume is given (volume.open_volume) where reads should heal."""
+    pool = volume.pool
     damage = getattr(error, "damage", None)
     if damage is None or pool.readonly:
         return False
@@ -185,27 +159,23 @@ def heal_read(pool, volume, error):
 
 def scrub(pool, progress=None):
     """Verify every record; heal each damaged live one from a mirror. A report (JSON-able)."""
-    with pool.lock:
-        pool._checkpoint_locked()
-    problems, records, scanned = scan_log(pool, progress)
+    pool.checkpoint()
+    problems, records, scanned = scan_log(pool.chunks, progress, tail_may_be_unfinished=pool.readonly)
     damaged_addresses = {}
     for path, offset, message in problems:
         chunk_id = next(c for c in pool.chunks.ids() if pool.chunks.get(c).path == path)
         damaged_addresses[chunk_header.address(chunk_id, offset)] = message
     wanted, unused = [], []
     if damaged_addresses:
-        blockmap = pool.blockmap
         seen = set()
-        with blockmap.env.begin(db=blockmap.groups_db) as txn:
-            for raw_key, raw in txn.cursor():
-                volume_id, group, _, _ = group_map.decode_key(raw_key)
-                slots, refs = group_map.decode_state(raw, raw_key)
-                for index, ref in enumerate(refs):
-                    if ref[0] in damaged_addresses and ref[0] not in seen:
-                        seen.add(ref[0])
-                        slot = next(i for i, s in enumerate(slots) if s != group_map.HOLE and s >> 4 == index)
-                        record_offset = (group * 16 + slot - (slots[slot] & 0x0F)) * 4096
-                        wanted.append(([volume_id], group, ref, record_offset))
+        for volume_id, group, (slots, refs) in pool.blockmap.stored_versions():
+            for index, ref in enumerate(refs):
+                address, _, _, _ = ref
+                if address in damaged_addresses and address not in seen:
+                    seen.add(address)
+                    slot = next(i for i, s in enumerate(slots) if s != group_map.HOLE and s >> 4 == index)
+                    record_offset = (group * GROUP_BLOCKS + slot - (slots[slot] & 0x0F)) * BLOCK_SIZE
+                    wanted.append(([volume_id], group, ref, record_offset))
         unused = sorted(set(damaged_addresses) - seen)
     healed, missing = heal(pool, wanted) if wanted else ({}, [])
 

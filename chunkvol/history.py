@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 from chunkvol.clock import COUNTER_BITS, hlc_to_seconds
 from chunkvol.errors import AlreadyExistsError, CorruptionError, NotFoundError, PoolBusyError, UsageError
-from chunkvol.format import group_map
+from chunkvol.format import group_map, pool_metadata
 from chunkvol.format.record import GROUP_SIZE, HEADER_SIZE, RecordType
 from chunkvol.space import live_groups
 
@@ -133,7 +133,7 @@ def create_snapshot(pool, volume_name, snapshot_name):
         info = pool.volume_info(volume_name)
         if snapshot_name in pool.snapshots.get(info.volume_id, {}):
             raise AlreadyExistsError(f"volume {volume_name!r} already has a snapshot {snapshot_name!r}")
-        pool._flush_locked()
+        pool.flush_point()
         created = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         _log(pool, RecordType.SNAPSHOT, info.volume_id,
              {"op": "create", "name": snapshot_name, "size": info.size_bytes, "created": created})
@@ -163,8 +163,8 @@ def rollback(pool, spec):
             # there but not here: the nodes would part. A clone of the point is the same data.
             raise UsageError(f"volume {point.info.name!r} is multi-master: a rollback could part its nodes; "
                              f"`chunkvol snapshot clone {spec} NEWVOL` gives that content as a volume")
-        if pool.connections(point.info.name, live_only=True):
-            raise PoolBusyError(f"volume {point.info.name!r} has {pool.connections(point.info.name, True)} NBD "
+        if pool.connections.count(point.info.name, live_only=True):
+            raise PoolBusyError(f"volume {point.info.name!r} has {pool.connections.count(point.info.name, True)} NBD "
                                 "connection(s): disconnect them first (a filesystem or VM on it would see its "
                                 "disk change underneath)")
         before, after = rollback_to_stamp(pool, point.info, point.stamp, spec)
@@ -174,10 +174,10 @@ def rollback(pool, spec):
 def rollback_to_stamp(pool, info, stamp, label):
     """Returns the stamps of the flush points just before and just after the rollback."""
     with pool.lock:
-        before = pool._flush_locked()
+        before = pool.flush_point()
         _log(pool, RecordType.ROLLBACK, info.volume_id, {"stamp": stamp, "label": label}, sync=False)
-        after = pool._flush_locked()
-        pool._checkpoint_locked()
+        after = pool.flush_point()
+        pool.checkpoint()
         return before, after
 
 
@@ -200,7 +200,7 @@ def prune(pool, volume_name, keep_seconds=None, now=None):
     now = time.time() if now is None else now
     with pool.lock:
         info = pool.volume_info(volume_name)
-        pool._flush_locked()
+        pool.flush_point()
         if keep_seconds is None:
             before, keep, retained_from = _policy_points(pool, info, now)
         else:
@@ -210,7 +210,8 @@ def prune(pool, volume_name, keep_seconds=None, now=None):
             keep, retained_from = [], before
         # Points open connections read stay, as snapshots do; in the record, so that replay,
         # mirrors and peers keep the same versions.
-        keep = sorted(set(keep) | {stamp for stamp in pool.points_being_read(info.volume_id) if stamp < before})
+        being_read = pool.connections.points_being_read(info.volume_id)
+        keep = sorted(set(keep) | {stamp for stamp in being_read if stamp < before})
         held = set(keep) | set(held_stamps(pool, info.volume_id))
         released = [stamp for stamp, _, _ in pool.blockmap.history(info.volume_id, 0, before - 1)
                     if stamp not in held]
@@ -219,8 +220,8 @@ def prune(pool, volume_name, keep_seconds=None, now=None):
         retained_from = max(retained_from, info.retained_from)
         _log(pool, RecordType.PRUNE, info.volume_id,
              {"before": before, "keep": sorted(keep), "retained_from": retained_from}, sync=False)
-        pool._flush_locked()
-        pool._checkpoint_locked()
+        pool.flush_point()
+        pool.checkpoint()
         return len(released)
 
 
@@ -242,7 +243,6 @@ def retention_policy(pool):
 
 def set_retention(pool, all_seconds=None, hourly_seconds=None, daily_seconds=None):
     """Change the pool's retention policy (pool.json); unnamed parts stay as they are."""
-    from chunkvol.format import pool_metadata
     with pool.lock:
         if pool.readonly:
             raise UsageError("the pool is open read-only")
@@ -282,7 +282,7 @@ def _stamp_at(seconds):
 
 def _log(pool, record_type, volume_id, description, sync=True):
     payload = json.dumps(description, sort_keys=True).encode()
-    _, stamp = pool._append(record_type, 0, volume_id, payload, 0, 0)
+    _, stamp = pool.append(record_type, 0, volume_id, payload, 0, 0)
     apply_record(pool, record_type, volume_id, payload, stamp, pool.node_id)
     if sync:
         pool.writer.sync()

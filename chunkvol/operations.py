@@ -6,7 +6,7 @@ Each takes the open pool and JSON-able keyword arguments and returns a JSON-able
 
 import functools
 
-from chunkvol import compaction, history
+from chunkvol import compaction, heal, history, tiering
 from chunkvol.errors import AlreadyExistsError, UsageError
 
 
@@ -95,13 +95,11 @@ def compact(pool, min_dead=None):
 
 
 def scrub(pool):
-    from chunkvol import heal
     return heal.scrub(pool)
 
 
 def chunk_switch(pool, chunk_id):
     """Tiering: read an uploaded chunk from its store from now on and delete its file."""
-    from chunkvol import tiering
     return tiering.switch(pool, chunk_id)
 
 

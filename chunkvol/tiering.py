@@ -27,6 +27,7 @@ from chunkvol import objstore
 from chunkvol.errors import ChunkvolError, NotFoundError, UsageError
 from chunkvol.format import chunk_header, evicted, tiering_policy
 from chunkvol.mirror import config as mirror_config
+from chunkvol.mirror.source import LogSource
 from chunkvol.storage.chunks import manifest_name
 from chunkvol.storage.files import LocalFiles
 
@@ -137,7 +138,7 @@ def switch(pool, chunk_id):
         checkpoint = pool.blockmap.read_checkpoint()
         checkpoint_chunk = chunk_header.split_address(checkpoint.log_address)[0] if checkpoint else 0
         if checkpoint_chunk <= chunk_id < pool.writer.chunk.chunk_id:
-            pool._checkpoint_locked()  # so that recovery starts after the chunk that leaves
+            pool.checkpoint()  # so that recovery starts after the chunk that leaves
             checkpoint_chunk = chunk_header.split_address(pool.blockmap.read_checkpoint().log_address)[0]
         why = refusal(pool.path, chunk_id, manifest.store_url, pool.writer.chunk.chunk_id, checkpoint_chunk,
                       pool.files)
@@ -182,7 +183,6 @@ def save_policy(pool_path, policy, files=None):
 def evict(pool_path, fields, chunk_ids, store_url, switch_call, files=None, progress=None):
     """Upload each chunk (unless its manifest is already there) and have the pool's holder
     switch it (`switch_call(chunk_id)`, the `chunk_switch` operation). Returns the switch results."""
-    from chunkvol.mirror.source import LogSource
     files = files or LocalFiles()
     source = LogSource(pool_path, fields, files)
     results = []
@@ -226,7 +226,6 @@ def apply_policy(pool_path, fields, switch_call, files=None):
 
 def evict_under(pool_path, fields, keep_under, mirror_name, switch_call, files=None, progress=None):
     """Evict the oldest eligible chunks while local chunk bytes exceed `keep_under`."""
-    from chunkvol.mirror.source import LogSource
     store_url = choose_store(pool_path, mirror_name, files)
     source = LogSource(pool_path, fields, files or LocalFiles())
     try:

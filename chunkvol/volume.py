@@ -6,8 +6,11 @@ read:  block map lookup per group -> fetch the records (adjacent ones in one pre
        the header against the map (volume, offset, stamp) and the payload checksum ->
        decompress -> copy; holes read as zeros.
 Every method takes the pool lock; errors are chunkvol.errors, mapped to errno by the plugin.
+A Volume uses its pool (chunkvol/pool) through the pool's methods and state: it imports
+nothing from it. Open one with `open_volume` (or `pool.volume(name)`).
 """
 
+from chunkvol import history
 from chunkvol.errors import CorruptionError, OutOfRangeError, ReadOnlyError
 from chunkvol.format import group_map
 from chunkvol.format import record as record_format
@@ -32,11 +35,25 @@ def _where(address):
     return f"log address {address >> 40}:{address & ((1 << 40) - 1)}"
 
 
+def open_volume(pool, name, readonly=False, heal=None):
+    """A volume of `pool` by name; `VOL@SNAPSHOT` or `VOL@<UTC time>` is a read-only view of a
+    past point. `heal(volume, error)`: called when a read meets a damaged record, True when it
+    healed it from a mirror (heal.heal_read; without it such a read fails)."""
+    if "@" in name:
+        with pool.lock:
+            point = history.resolve_point(pool, name)
+        return Volume(pool, point.info, readonly=True, point=point, heal=heal)
+    info = pool.volume_info(name)
+    return Volume(pool, info, readonly=readonly or pool.readonly or pool.role == "mirror"
+                  or not pool.writable_here(info), heal=heal)
+
+
 class Volume:
     """A volume, or (with `point`, see history.Point) a read-only view of it at a past point."""
 
-    def __init__(self, pool, info, readonly=False, point=None):
+    def __init__(self, pool, info, readonly=False, point=None, heal=None):
         self.pool = pool
+        self.heal = heal
         self.info = info
         self.volume_id = info.volume_id
         self.readonly = readonly or point is not None
@@ -172,9 +189,9 @@ class Volume:
                     self._write_blocks(*self._widen_zero(offset, start - offset), last=False)
                 if offset + length > end:
                     self._write_blocks(*self._widen_zero(end, offset + length - end), last=False)
-                _, hlc = pool._append(RecordType.ZERO, FLAG_TRIM if trim else 0, self.volume_id, b"",
+                _, hlc = pool.append(RecordType.ZERO, FLAG_TRIM if trim else 0, self.volume_id, b"",
                                       start, end - start)
-                pool._map_hole(self.volume_id, start, end - start, hlc, pool.node_id)
+                pool.map_hole(self.volume_id, start, end - start, hlc, pool.node_id)
                 pool.count_written(self.volume_id, end - start)
         with pool.lock:
             pool.maybe_auto_flush()
@@ -202,8 +219,7 @@ class Volume:
             try:
                 return self._read(buffer, offset, length)
             except CorruptionError as error:
-                from chunkvol import heal
-                if not heal.heal_read(self.pool, self, error):
+                if self.heal is None or not self.heal(self, error):
                     raise
         self._read(buffer, offset, length)  # healed from a mirror: read it again
 

@@ -37,9 +37,10 @@ def _add_project_paths():
 
 _add_project_paths()
 
-from chunkvol import errors  # noqa: E402
+from chunkvol import errors, heal  # noqa: E402
 from chunkvol.control import ControlServer  # noqa: E402
 from chunkvol.pool import Pool  # noqa: E402
+from chunkvol.volume import open_volume  # noqa: E402
 
 KEYS = ("pool", "volume", "readonly", "thread_model", "cache", "listen")
 # serialize: each connection's requests one at a time, on that connection's own thread (nbdkit's
@@ -194,18 +195,19 @@ def open(readonly):  # noqa: A001 (nbdkit's callback name)
                                f"{len(names)} volumes")
         name = names[0]
     try:
-        volume = state["pool"].volume(name, readonly=readonly or settings["readonly"])
+        # A read that meets a damaged record heals it from a mirror, or fails with EIO.
+        volume = open_volume(state["pool"], name, readonly=readonly or settings["readonly"], heal=heal.heal_read)
     except errors.ChunkvolError as error:
         _fail(error)
         raise
-    state["pool"].attach(volume.info.name, live=volume.point is None, point=volume.point)
+    state["pool"].connections.attach(volume.info.name, live=volume.point is None, point=volume.point)
     return volume
 
 
 def close(volume):
     _unpin()
     if state["pool"] is not None:
-        state["pool"].detach(volume.info.name, live=volume.point is None, point=volume.point)
+        state["pool"].connections.detach(volume.info.name, live=volume.point is None, point=volume.point)
 
 
 def export_description(volume):

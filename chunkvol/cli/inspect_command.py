@@ -16,6 +16,7 @@ from chunkvol.format import chunk_header, group_map, pool_metadata, record
 from chunkvol.format.record import GROUP_SIZE, HEADER_SIZE, RecordType
 from chunkvol.log.reader import ChunkScan
 from chunkvol.pool import Pool
+from chunkvol.storage.chunks import chunk_name
 from chunkvol.cli.common import open_pool_for_reading
 from chunkvol.cli.sizes import parse_size
 from datetime import datetime, timezone
@@ -66,7 +67,6 @@ def inspect_pool(arguments):
 def _chunk_file(arguments, chunk_id):
     pool_path = os.path.abspath(arguments.pool)
     fields = Pool.read_metadata(pool_path)
-    from chunkvol.storage.chunks import chunk_name
     for directory in fields["chunk_dirs"]:
         candidate = os.path.join(pool_path, directory, chunk_name(chunk_id))
         if os.path.exists(candidate):

@@ -10,7 +10,7 @@ import threading
 import time
 
 from chunkvol import control, errors, tiering
-from chunkvol.cli.common import pool_is_busy, run_operation
+from chunkvol.cli.common import pool_is_busy, pool_path, run_operation
 from chunkvol.cli.progress import progress_bar
 from chunkvol.cli.sizes import format_size, parse_size
 from chunkvol.clock import node_index
@@ -67,15 +67,8 @@ def register(commands):
     rejoin_parser.set_defaults(run=mirror_rejoin)
 
 
-def _pool_path(arguments):
-    if not arguments.pool:
-        raise UsageError("name the pool with --pool PATH (or $CHUNKVOL_POOL)")
-    path = os.path.abspath(arguments.pool)
-    return path, Pool.read_metadata(path)
-
-
 def mirror_add(arguments):
-    path, fields = _pool_path(arguments)
+    path, fields = pool_path(arguments)
     if fields.get("role") == "mirror":
         raise UsageError("this pool is itself a mirror; add mirrors on its source (or promote it first)")
     if not mirrors_format.NAME.match(arguments.name):
@@ -116,7 +109,7 @@ def mirror_add(arguments):
 
 
 def mirror_list(arguments):
-    path, _ = _pool_path(arguments)
+    path, _ = pool_path(arguments)
     mirrors = mirror_config.load_mirrors(path)
     rows = [{"name": name, **definition} for name, definition in sorted(mirrors.items())]
     if arguments.json:
@@ -130,7 +123,7 @@ def mirror_list(arguments):
 
 
 def mirror_remove(arguments):
-    path, _ = _pool_path(arguments)
+    path, _ = pool_path(arguments)
     mirrors = mirror_config.load_mirrors(path)
     if arguments.name not in mirrors:
         raise NotFoundError(f"no mirror {arguments.name!r}")
@@ -169,7 +162,7 @@ class _Horizon:
 
 
 def mirror_status(arguments):
-    path, fields = _pool_path(arguments)
+    path, fields = pool_path(arguments)
     mirrors = mirror_config.load_mirrors(path)
     names = [arguments.name] if arguments.name else sorted(mirrors)
     if arguments.name and arguments.name not in mirrors:
@@ -201,7 +194,7 @@ def mirror_status(arguments):
 
 
 def mirror_sync(arguments):
-    path, fields = _pool_path(arguments)
+    path, fields = pool_path(arguments)
     definition = mirror_config.definition_of(path, arguments.name)
     horizon = _Horizon(path)
     shipper = shipping.Shipper(path, fields, arguments.name, definition)
@@ -250,7 +243,7 @@ def mirror_run(arguments):
     """Ship to every mirror until SIGTERM: picks up `mirror add/remove` while it runs; each
     mirror ships in its own thread (mirror/workers.py), retried with backoff when it fails,
     so none holds up the others; the tiering policy runs in a thread of its own too."""
-    path, fields = _pool_path(arguments)
+    path, fields = pool_path(arguments)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
@@ -336,7 +329,7 @@ def _say(message):
 
 
 def mirror_promote(arguments):
-    path, fields = _pool_path(arguments)
+    path, fields = pool_path(arguments)
     if fields.get("role") != "mirror":
         raise UsageError("this pool is not a mirror")
     if pool_is_busy(path):
@@ -354,7 +347,7 @@ def mirror_promote(arguments):
 
 
 def mirror_rejoin(arguments):
-    path, _ = _pool_path(arguments)
+    path, _ = pool_path(arguments)
     report = rejoin.rejoin(path, targets.normalize(arguments.source))
     if report["divergent_file"]:
         print(f"saved {format_size(report['divergent_bytes'])} written here after what node "

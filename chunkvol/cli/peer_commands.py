@@ -7,8 +7,7 @@ import json
 import time
 
 from chunkvol import history
-from chunkvol.cli.common import open_pool_for_reading, run_operation
-from chunkvol.cli.mirror_commands import _pool_path
+from chunkvol.cli.common import open_pool_for_reading, pool_path, run_operation
 from chunkvol.cli.sizes import format_size, parse_size
 from chunkvol.clock import node_index, node_index_of
 from chunkvol.errors import AlreadyExistsError, ChunkvolError, NotFoundError, UnreachableError, UsageError
@@ -52,7 +51,7 @@ def _peers(path):
 
 
 def peer_add(arguments):
-    path, fields = _pool_path(arguments)
+    path, fields = pool_path(arguments)
     if not mirrors_format.NAME.match(arguments.name):
         raise UsageError(f"invalid peer name {arguments.name!r}: letters, digits, '.', '_', '+', '-'")
     target = targets.normalize(f"node:{arguments.address}")
@@ -96,7 +95,7 @@ def peer_add(arguments):
 
 
 def peer_list(arguments):
-    path, _ = _pool_path(arguments)
+    path, _ = pool_path(arguments)
     rows = [{"name": name, **definition} for name, definition in sorted(_peers(path).items())]
     if arguments.json:
         print(json.dumps(rows, indent=2))
@@ -109,7 +108,7 @@ def peer_list(arguments):
 
 
 def peer_remove(arguments):
-    path, _ = _pool_path(arguments)
+    path, _ = pool_path(arguments)
     mirrors = mirror_config.load_mirrors(path)
     if arguments.name not in mirrors or not mirrors[arguments.name].get("peer"):
         raise NotFoundError(f"no peer {arguments.name!r}")
@@ -118,7 +117,7 @@ def peer_remove(arguments):
 
 
 def peer_status(arguments):
-    path, fields = _pool_path(arguments)
+    path, fields = pool_path(arguments)
     peers = _peers(path)
     with open_pool_for_reading(path) as pool:
         horizon, next_sequence = pool.writer.durable_address, pool.next_sequence

@@ -46,7 +46,7 @@ def collect(pool):
         "log": {"chunk": chunk_id, "offset": offset, "written_bytes": written, "live_bytes": live,
                 "history_bytes": max(0, referenced - live), "referenced_bytes": referenced,
                 "reclaimable_bytes": max(0, written - referenced), "next_sequence": pool.next_sequence,
-                "records_replayed_at_open": pool._replayed_now},
+                "records_replayed_at_open": pool.replayed_at_open},
         "chunks": chunks,
         "volumes": space["volumes"],
         "index": stats,

@@ -114,6 +114,11 @@ class RecordType(enum.IntEnum):
 
 
 _KNOWN_TYPES = frozenset(int(t) for t in RecordType)
+# What a node ships to its mirrors and peers: a change of a volume or a flush point, never a
+# record about this log itself (SEAL, BASE, BASE_END).
+SHIPPED_TYPES = frozenset((RecordType.EXTENT, RecordType.ZERO, RecordType.COMMIT, RecordType.VOLUME_CREATE,
+                           RecordType.VOLUME_RESIZE, RecordType.VOLUME_REMOVE, RecordType.SNAPSHOT,
+                           RecordType.ROLLBACK, RecordType.PRUNE, RecordType.VOLUME_PRIMARY))
 
 
 class RecordHeader(tuple):

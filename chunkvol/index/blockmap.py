@@ -33,6 +33,7 @@ import lmdb
 
 from chunkvol.clock import node_index, node_index_of
 from chunkvol.errors import CorruptionError, DeviceFailedError, OutOfSpaceError
+from chunkvol.format import base as base_format
 from chunkvol.format import checkpoint as checkpoint_format
 from chunkvol.format import conflict as conflict_format
 from chunkvol.format import group_map
@@ -88,6 +89,20 @@ class BlockMap:
         self.foreign = {}          # (volume_id, group) -> [(first, count, ref or None, stamp, stamps before)]
         self.foreign_written = {}  # volume_id -> bytes
         self.conflict_puts = {}    # format/conflict.py key -> value, for the next checkpoint
+
+    @classmethod
+    def open_checked(cls, path, readonly=False):
+        """(the map at `path`, its checkpoint or None). CorruptionError, the map closed again,
+        when it is not a sound LMDB file or its checkpoint is damaged."""
+        blockmap = cls(path, readonly=readonly)
+        try:
+            return blockmap, blockmap.read_checkpoint()
+        except CorruptionError:
+            blockmap.close()
+            raise
+        except lmdb.Error as error:
+            blockmap.close()
+            raise CorruptionError(f"the block map is not a readable LMDB file ({error})", path) from None
 
     def _check_file_size(self):
         """LMDB maps its file: a page past the end of a truncated file kills the process
@@ -596,6 +611,72 @@ class BlockMap:
                 for stamp, _, state in versions:
                     yield group, stamp, state
 
+    # ---- the whole stored map (compaction, heal, the base: format/base.py) ------------
+    def stored_versions(self):
+        """(volume_id, group, state) of every stored version, in key order, through one LMDB
+        snapshot taken now: safe without the pool lock (right after a checkpoint, it is all)."""
+        with self.env.begin(db=self.groups_db) as txn:
+            for raw_key, raw in txn.cursor():
+                volume_id, group, _, _ = group_map.decode_key(raw_key)
+                yield volume_id, group, group_map.decode_state(raw, raw_key)
+
+    def group_refs(self, volume_id, group):
+        """The refs of every stored version of one group, newest version first."""
+        cursor = self.reader().cursor(db=self.groups_db)
+        prefix = group_map.KEY.pack(volume_id, group, 0, 0)[:12]
+        if not cursor.set_range(prefix):
+            return
+        for raw_key, raw in cursor:
+            if raw_key[:12] != prefix:
+                break
+            yield from group_map.decode_state(raw, raw_key)[1]
+
+    def replace_addresses(self, moved):
+        """Every stored version that names a record at an address in `moved` ({old: new})
+        names the new address instead, in one LMDB transaction: all or nothing. Call it right
+        after a checkpoint: the overlay, a cache of states that may name the old addresses,
+        is dropped."""
+        self._drop_reader()
+        try:
+            with self.env.begin(write=True) as txn:
+                updates = []
+                for raw_key, raw in txn.cursor(db=self.groups_db):
+                    slots, refs = group_map.decode_state(raw, raw_key)
+                    if any(address in moved for address, _, _, _ in refs):
+                        refs = tuple((moved.get(address, address), stored_length, hlc, flags)
+                                     for address, stored_length, hlc, flags in refs)
+                        updates.append((bytes(raw_key), group_map.encode_state((slots, refs), raw_key)))
+                for raw_key, value in updates:
+                    txn.put(raw_key, value, db=self.groups_db)
+        except lmdb.Error as error:
+            if "No space" in str(error) or isinstance(error, lmdb.MapFullError):
+                raise OutOfSpaceError(f"no space left to update the block map ({error})") from None
+            raise DeviceFailedError(f"the block map could not be updated ({error})") from None
+        self.overlay.clear()
+
+    def stored(self):
+        """The map as last checkpointed, through one LMDB snapshot (a StoredMap): read it
+        whole without the pool lock while the pool goes on. Close it."""
+        return StoredMap(self)
+
+    def load(self, entries, checkpoint):
+        """Fill an empty map from a base: its (db, key, value) entries (format/base.py db
+        ids), then `checkpoint`, in one LMDB transaction."""
+        databases = self._base_databases()
+        self._drop_reader()
+        with self.env.begin(write=True) as txn:
+            for db_id, key, value in entries:
+                txn.put(key, value, db=databases[db_id])
+            txn.put(CHECKPOINT_KEY, checkpoint_format.encode(checkpoint), db=self.meta_db)
+
+    def _base_databases(self):
+        databases = {base_format.DB_GROUPS: self.groups_db, base_format.DB_HISTORY: self.history_db,
+                     base_format.DB_VOLUMES: self.volumes_db, base_format.DB_SNAPSHOTS: self.snapshots_db,
+                     base_format.DB_META: self.meta_db}
+        if self.conflicts_db is not None:
+            databases[base_format.DB_CONFLICTS] = self.conflicts_db
+        return databases
+
     def stats(self):
         return {"versions": self.reader().stat(self.groups_db)["entries"],
                 "index_bytes": self.env.info()["last_pgno"] * self.env.stat()["psize"]}
@@ -603,3 +684,28 @@ class BlockMap:
     def close(self):
         self._drop_reader(closing=True)
         self.env.close()
+
+
+class StoredMap:
+    """A BlockMap as last checkpointed, through one LMDB read snapshot (BlockMap.stored())."""
+
+    def __init__(self, blockmap):
+        self.path = blockmap.path
+        self.databases = blockmap._base_databases()
+        self.meta_db = blockmap.meta_db
+        self.txn = blockmap.env.begin()
+
+    def meta(self, key):
+        """The bytes stored under a meta key (CHECKPOINT_KEY, ORIGINS_KEY, ...), or None."""
+        value = self.txn.get(key, db=self.meta_db)
+        return None if value is None else bytes(value)
+
+    def entries(self):
+        """(db, key, value) of every entry but meta's (format/base.py db ids)."""
+        for db_id, db in sorted(self.databases.items()):
+            if db_id != base_format.DB_META:
+                for key, value in self.txn.cursor(db=db):
+                    yield db_id, bytes(key), bytes(value)
+
+    def close(self):
+        self.txn.abort()

@@ -15,9 +15,12 @@ import ssl
 import threading
 import time
 
+from chunkvol import copies
 from chunkvol.errors import ChunkvolError, PeerError, UnreachableError
 from chunkvol.format import group_map, wire
+from chunkvol.mirror import config as mirror_config
 from chunkvol.mirror import identity, receiver
+from chunkvol.mirror.source import log_distance
 from chunkvol.network import Network
 
 CONNECT_SECONDS = 5.0  # SYNs at 0, 1 and 3 s: a link that comes back is found within seconds
@@ -162,8 +165,6 @@ class NodeTarget:
 def peer_status_for(pool, node):
     """What a node tells a peer that connects (`peer status` there): how far its own log goes,
     and how far behind its shipper to that peer is."""
-    from chunkvol.mirror import config as mirror_config
-    from chunkvol.mirror.source import log_distance
     with pool.lock:
         status = {"next_sequence": pool.next_sequence, "committed_stamp": pool.committed_stamp,
                   "durable": pool.writer.durable_address if pool.writer else 0}
@@ -266,14 +267,13 @@ class ReceiverServer:
             self.slots.release()
 
     def _fetch(self, request):
-        from chunkvol import heal
         volumes, group, ref, offset = (request.get("volumes"), request.get("group"), request.get("ref"),
                                        request.get("offset"))
         if (not isinstance(volumes, list) or not all(isinstance(v, int) for v in volumes) or len(volumes) > 64
                 or not isinstance(group, int) or not isinstance(offset, int) or not isinstance(ref, list)
                 or len(ref) != 4 or not all(isinstance(field, int) for field in ref)):
             raise PeerError("a malformed fetch request")
-        return heal.live_copy(self.pool, volumes, group, group_map.BlockRef(ref), offset) or b""
+        return copies.live_copy(self.pool, volumes, group, group_map.BlockRef(ref), offset) or b""
 
     def stop(self):
         self.stopping = True

@@ -32,6 +32,7 @@ from chunkvol.clock import node_index, node_index_of
 from chunkvol.errors import ChunkvolError, CorruptionError, NotFoundError
 from chunkvol.format import record, segment
 from chunkvol.format.record import FLAG_RELOCATED, FLAG_ZSTD, HEADER_SIZE, RecordType
+from chunkvol.objstore import open_store
 
 CACHE_BYTES = 64 << 20  # fetched segments kept per store for one heal pass (at least one)
 
@@ -85,7 +86,6 @@ class SegmentCopies:
     def _origins(self):
         if self.origins is None:
             if self.store is None:
-                from chunkvol.objstore import open_store
                 self.store = open_store(self.url, self.retry_seconds)
             self.origins = {}
             for name in self.store.list(segment.pool_prefix(self.pool_uuid) + "log/"):

@@ -21,17 +21,15 @@ import json
 
 import zstandard
 
-from chunkvol import pool as pool_module
 from chunkvol.clock import COUNTER_BITS, hlc_to_seconds, node_index, node_index_of
 from chunkvol.errors import CorruptionError, PeerError, ReadOnlyError, UsageError
 from chunkvol.format import record
 from chunkvol.format.record import (BLOCK_SIZE, CHECKSUM_BYTES, COMMIT_PAYLOAD, commit_payload_valid, FLAG_MORE, FLAG_TRIM, FLAG_ZSTD,
-                                    GROUP_SIZE, HEADER_SIZE, RecordType)
+                                    GROUP_SIZE, HEADER_SIZE, SHIPPED_TYPES, RecordType)
+from chunkvol.pool.volumes import (COMPRESSIONS, VOLUME_ID_NODE_SHIFT, VOLUME_MODES, check_volume_size,
+                                   validate_volume_name)
 
 DEFAULT_MAX_CLOCK_SKEW_SECONDS = 60
-SHIPPED_TYPES = frozenset((RecordType.EXTENT, RecordType.ZERO, RecordType.COMMIT, RecordType.VOLUME_CREATE,
-                           RecordType.VOLUME_RESIZE, RecordType.VOLUME_REMOVE, RecordType.SNAPSHOT,
-                           RecordType.ROLLBACK, RecordType.PRUNE, RecordType.VOLUME_PRIMARY))
 ALLOWED_FLAGS = FLAG_ZSTD | FLAG_TRIM | FLAG_MORE
 MAX_BATCH_RECORDS = 1 << 20
 
@@ -63,7 +61,7 @@ def receive(pool, pool_uuid, origin, raw_records):
         if not records:
             return held
         if pool.blockmap.dirty or pool.blockmap.written:
-            pool._flush_locked()  # this node's own writes get their own flush point first
+            pool.flush_point()  # this node's own writes get their own flush point first
         writer = pool.writer
         ours_flushed = pool.committed_address == writer.position  # nothing of ours after our last COMMIT
         mark = writer.mark()
@@ -80,14 +78,14 @@ def receive(pool, pool_uuid, origin, raw_records):
             raise
         for address, (header, payload) in zip(addresses, records):
             _apply(pool, address, header, payload)
-        pool.origins[origin] = records[-1][0][5]
+        last_header, _ = records[-1]
+        pool.origins[origin] = last_header.origin_sequence
         if ours_flushed:
             # The batch ends at the origin's COMMIT, rewritten to this log's synced address: a
             # flush point here too, so no COMMIT of ours is owed for it (else peers ping-pong
             # them). Records of ours before it (a snapshot) still get theirs.
             pool.committed_address = writer.position
-        if pool.blockmap.unsaved >= pool_module.CHECKPOINT_GROUPS:
-            pool._checkpoint_locked()
+        pool.checkpoint_if_due()
         return pool.origins[origin]
 
 
@@ -103,7 +101,7 @@ def _append(writer, header, payload):
 
 
 def _apply(pool, address, header, payload):
-    pool._apply_record(address, header, payload, checkpoint=False)  # the caller checkpoints after
+    pool.apply_record(address, header, payload, checkpoint=False)  # the caller checkpoints after
 
 
 class Catalogue:
@@ -179,7 +177,7 @@ def checked(origin, held, raw_records, catalogue=None):
         last_sequence, last_type = sequence, record_type
         if sequence <= held:
             continue  # this pool has it (a resend after a lost acknowledgement)
-        creator = volume_id >> pool_module.VOLUME_ID_NODE_SHIFT
+        creator = volume_id >> VOLUME_ID_NODE_SHIFT
         if record_type == RecordType.VOLUME_CREATE and creator != node_index(origin):
             raise PeerError(f"{where}: volume id {volume_id} is in node index {creator}'s range, not its "
                             f"origin's ({node_index(origin)})")
@@ -224,13 +222,13 @@ def _check_fields(header, payload, sizes, names, removed):
     if not isinstance(description, dict):
         raise ValueError("payload is not a JSON object")
     if record_type == RecordType.VOLUME_CREATE:
-        pool_module.validate_volume_name(description["name"])
-        pool_module._check_volume_size(description["size"])
-        if description["compression"] not in pool_module.COMPRESSIONS or volume_id in sizes:
+        validate_volume_name(description["name"])
+        check_volume_size(description["size"])
+        if description["compression"] not in COMPRESSIONS or volume_id in sizes:
             raise ValueError("volume exists already or has an unknown compression")
         if volume_id in removed:
             return  # removed by another node before its creation reached this one
-        if description.get("mode") not in (None,) + pool_module.VOLUME_MODES or not (
+        if description.get("mode") not in (None,) + VOLUME_MODES or not (
                 description.get("primary") is None or isinstance(description["primary"], int)):
             raise ValueError("unknown volume mode or primary")
         parent = description.get("parent")
@@ -246,7 +244,7 @@ def _check_fields(header, payload, sizes, names, removed):
         raise ValueError("no such volume here")
     if record_type == RecordType.VOLUME_RESIZE:
         # Sizes set on two nodes apart: the greatest wins, so a smaller one is taken (no-op).
-        sizes[volume_id] = max(sizes[volume_id], pool_module._check_volume_size(description["size"]))
+        sizes[volume_id] = max(sizes[volume_id], check_volume_size(description["size"]))
     elif record_type == RecordType.VOLUME_REMOVE:
         del sizes[volume_id]
         removed.add(volume_id)

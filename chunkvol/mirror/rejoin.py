@@ -17,9 +17,8 @@ import time
 from chunkvol.errors import UsageError
 from chunkvol.format import chunk_header, pool_metadata
 from chunkvol.format.chunk_header import split_address
-from chunkvol.format.record import FLAG_RELOCATED, RecordType
+from chunkvol.format.record import FLAG_RELOCATED, SHIPPED_TYPES, RecordType
 from chunkvol.mirror import targets
-from chunkvol.mirror.receiver import SHIPPED_TYPES
 from chunkvol.mirror.source import LogSource
 from chunkvol.pool import Pool, take_pool_lock
 from chunkvol.storage.files import LocalFiles
@@ -53,7 +52,7 @@ def find_cut(pool_path, fields, held):
             return None
         last = source.chunks.get(ids[-1])
         end = chunk_header.address(ids[-1], last.size_bytes)
-        for address, header, _ in source._walk(source.first_address(), end):
+        for address, header, _ in source.walk(source.first_address(), end):
             if (header.origin_node == fields["node_id"] and header.origin_sequence > held
                     and header.record_type in SHIPPED_TYPES and not header.flags & FLAG_RELOCATED
                     and header.record_type != RecordType.COMMIT):

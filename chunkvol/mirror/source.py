@@ -12,9 +12,8 @@ import time
 
 from chunkvol.errors import CorruptionError
 from chunkvol.format.chunk_header import DATA_OFFSET, address, split_address
-from chunkvol.format.record import FLAG_MORE, FLAG_RELOCATED, HEADER_SIZE, RecordType
+from chunkvol.format.record import FLAG_MORE, FLAG_RELOCATED, HEADER_SIZE, SHIPPED_TYPES, RecordType
 from chunkvol.log.reader import ChunkScan
-from chunkvol.mirror.receiver import SHIPPED_TYPES
 from chunkvol.storage.chunks import ChunkTable
 
 
@@ -54,7 +53,7 @@ class LogSource:
 
     def first_own_stamp(self, cursor, horizon):
         """Stamp of the first record of this node at or after `cursor` (0: none before horizon)."""
-        for _, header, _ in self._walk(cursor, horizon):
+        for _, header, _ in self.walk(cursor, horizon):
             if (header.origin_node == self.node_id and header.record_type in SHIPPED_TYPES
                     and header.record_type != RecordType.COMMIT):
                 return header.hlc
@@ -72,7 +71,7 @@ class LogSource:
         records, size, first_stamp, last_sequence = [], 0, None, 0
         cut = None  # (record count, end address, last sequence, size, first stamp) at the last COMMIT
         request = []  # records of a client request whose last record has not come yet (FLAG_MORE)
-        for position, header, raw in self._walk(cursor, horizon):
+        for position, header, raw in self.walk(cursor, horizon):
             if header.origin_node != self.node_id:
                 continue
             record_type, flags, sequence = header.record_type, header.flags, header.origin_sequence
@@ -104,7 +103,7 @@ class LogSource:
             count, end, last, size, first = cut
             yield Batch(records[:count], end, last, size, first)
 
-    def _walk(self, cursor, horizon):
+    def walk(self, cursor, horizon):
         """(log address, header, raw record view) of every valid record in [cursor, horizon)."""
         chunk_id, offset = split_address(cursor)
         horizon_chunk, horizon_offset = split_address(horizon)

@@ -11,12 +11,14 @@ hold the log as segments (mirror/object_target.py), for `restore` and for evicte
 
 import os
 
-from chunkvol import heal, objstore
+from chunkvol import copies, objstore
 from chunkvol.clock import MAX_NODES, new_node_id
 from chunkvol.errors import PeerError, UsageError
 from chunkvol.format import mirrors as mirrors_format
 from chunkvol.mirror import config as mirror_config
 from chunkvol.mirror import identity, receiver
+from chunkvol.mirror.node_link import NodeTarget
+from chunkvol.mirror.object_target import ObjectTarget
 from chunkvol.pool import Pool
 
 
@@ -55,9 +57,7 @@ def open_target(text, source_fields, pool_path, network=None):
     if parsed[0] == "dir":
         return DirTarget(parsed[1], source_fields, pool_path)
     if parsed[0] in ("rados", "s3"):
-        from chunkvol.mirror.object_target import ObjectTarget
         return ObjectTarget(text, source_fields, network)
-    from chunkvol.mirror.node_link import NodeTarget
     return NodeTarget(parsed[1], parsed[2], source_fields, pool_path, network)
 
 
@@ -98,7 +98,7 @@ class DirTarget:
         return receiver.receive(self.pool, self.pool_uuid, origin, records)
 
     def fetch(self, volume_ids, group, ref, record_offset):
-        return heal.live_copy(self.pool, volume_ids, group, ref, record_offset)
+        return copies.live_copy(self.pool, volume_ids, group, ref, record_offset)
 
     def describe(self):
         return {"node": self.pool.node_id, "path": self.path}

@@ -8,7 +8,7 @@ A fault drops the connection, so the next attempt starts from a fresh handle.
 """
 
 from chunkvol.errors import NotFoundError
-from chunkvol.objstore import ObjectStore, TransientError, denied, missing
+from chunkvol.objstore.store import ObjectStore, TransientError, denied, missing
 
 TIMEOUT_SECONDS = "10"
 CLIENT_OPTIONS = {"rados_mon_op_timeout": TIMEOUT_SECONDS, "rados_osd_op_timeout": TIMEOUT_SECONDS,

@@ -11,7 +11,7 @@ import base64
 import hashlib
 
 from chunkvol.errors import ChunkvolError, NotFoundError
-from chunkvol.objstore import ObjectStore, TransientError, denied, missing
+from chunkvol.objstore.store import ObjectStore, TransientError, denied, missing
 
 CONNECT_TIMEOUT = 5
 READ_TIMEOUT = 30

@@ -19,6 +19,7 @@ import ctypes.util
 import os
 from collections import OrderedDict
 
+from chunkvol import objstore
 from chunkvol.errors import CorruptionError, NotFoundError
 from chunkvol.format import evicted
 
@@ -41,7 +42,6 @@ class Stores:
     def get(self, url):
         store = self.open.get(url)
         if store is None:
-            from chunkvol import objstore
             store = self.open[url] = objstore.open_store(url, min(READ_RETRY_SECONDS, objstore.RETRY_SECONDS))
         return store
 

@@ -20,6 +20,7 @@ import pytest
 from chunkvol import compaction, history
 from chunkvol.errors import FormatError
 from chunkvol.format import base as base_format
+from chunkvol.log import base
 from chunkvol.pool import Pool
 from tests.support.paths import ROOT
 from tests.support.server import chunkvol
@@ -76,7 +77,7 @@ def test_compaction_frees_dead_chunks_and_keeps_every_point(tmp_path):
     expected = _fill(path)
     with Pool.open(path) as pool:
         before = sum(pool.chunks.get(c).size_bytes for c in pool.chunks.ids())
-        usage = compaction.chunk_usage(pool, (pool._checkpoint_locked(), compaction.live_records(pool))[1])
+        usage = compaction.chunk_usage(pool, (pool.checkpoint(), compaction.live_records(pool))[1])
         report = compaction.compact(pool, min_dead=0.3)
         after = sum(pool.chunks.get(c).size_bytes for c in pool.chunks.ids())
         assert report["victims"] and set(report["victims"]).isdisjoint(pool.chunks.ids())
@@ -124,7 +125,7 @@ def test_compaction_twice_and_writes_between(tmp_path):
 # Where the child kills itself: (module, object in it, function to wrap, calls before the kill).
 KILL_POINTS = {
     "copying": ("chunkvol.compaction", None, "_copy_one", 40),
-    "before-remap": ("chunkvol.compaction", None, "_point_map_at_copies", 0),
+    "before-remap": ("chunkvol.compaction", None, "point_map_at_copies", 0),
     "before-base-end": ("chunkvol.compaction", None, "_append_summary", 1),  # fragments written
     "before-hint": ("chunkvol.storage.files", "LocalFiles", "publish", 0),  # base synced
     "deleting-victims": ("chunkvol.storage.chunks", "ChunkTable", "remove", 1),
@@ -172,7 +173,7 @@ def test_damaged_live_record_keeps_its_chunk(tmp_path):
     path = str(tmp_path / "pool")
     _fill(path)
     with Pool.open(path) as pool:
-        pool._checkpoint_locked()
+        pool.checkpoint()
         live = compaction.live_records(pool)
         usage = compaction.chunk_usage(pool, live)
         candidates = [c for c, (w, l) in usage.items() if w and 1 - l / w >= 0.3 and c < max(usage)]
@@ -281,7 +282,7 @@ def test_a_map_too_large_for_one_base_end_is_listed_through_index_fragments(tmp_
     expected = _fill(path)
     with Pool.open(path) as pool:
         assert compaction.compact(pool, min_dead=0.3)["victims"]
-        checkpoint, data_fragments = compaction.find_base(pool)
+        checkpoint, data_fragments = base.find_base(pool.chunks, pool.path, pool.pool_uuid)
         assert len(data_fragments) > base_format.MAX_FRAGMENTS * 2, len(data_fragments)
     _check(path, expected)
     os.remove(os.path.join(path, compaction.HINT_NAME))

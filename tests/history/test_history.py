@@ -177,7 +177,7 @@ def test_a_snapshot_ten_thousand_flushes_deep_reads_like_a_live_volume(pool):
     history.create_snapshot(pool, "v", "deep")
     for number in range(10_000):
         volume.write(number.to_bytes(4, "little") * 1024, (number % 1024) * 4096)
-        pool._flush_locked()  # a flush point without waiting for the disk each time
+        pool.flush_point()  # a flush point without waiting for the disk each time
     assert len(history.history_rows(pool, "v")) >= 10_000
     assert read(pool, "v@deep") == b"s" * 4 * MiB
     pool = reopen(pool)
@@ -210,14 +210,14 @@ def test_rollback_waits_for_clients_of_the_live_volume(pool):
     volume.write(b"1" * 4096, 0)
     history.create_snapshot(pool, "v", "one")
     volume.write(b"2" * 4096, 0)
-    pool.attach("v", live=False)  # a client reading a past point does not stop a rollback
-    pool.attach("v")
+    pool.connections.attach("v", live=False)  # a client reading a past point does not stop a rollback
+    pool.connections.attach("v")
     with pytest.raises(PoolBusyError, match="1 NBD connection"):
         history.rollback(pool, "v@one")
     with pytest.raises(PoolBusyError, match="2 NBD connection"):
         pool.remove_volume("v", with_snapshots=True)
     assert read(pool, "v", 4096) == b"2" * 4096
-    pool.detach("v")
+    pool.connections.detach("v")
     history.rollback(pool, "v@one")
     assert read(pool, "v", 4096) == b"1" * 4096
 
@@ -226,13 +226,13 @@ def test_a_failed_retention_pass_does_not_fail_the_flush(pool, monkeypatch):
     """The server's periodic retention runs inside a flush: if it fails (a full disk), the
     flush still succeeds (its data is durable) and the failure is noted for `status`."""
     from chunkvol.errors import OutOfSpaceError
-    from chunkvol import pool as pool_module
+    from chunkvol.pool import journal
 
     def fail(_pool, now=None):
         raise OutOfSpaceError("no space for the PRUNE record")
 
     monkeypatch.setattr(history, "apply_retention", fail)
-    monkeypatch.setattr(pool_module, "CHECKPOINT_SECONDS", 0.0)
+    monkeypatch.setattr(journal, "CHECKPOINT_SECONDS", 0.0)
     pool.last_retention_time = time.monotonic() - history.RETENTION_INTERVAL - 1
     volume = pool.volume("v")
     volume.write(b"r" * 4096, 0)

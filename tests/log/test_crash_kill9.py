@@ -25,7 +25,7 @@ import time
 import nbd
 import pytest
 
-from chunkvol import pool as pool_module
+from chunkvol.pool import journal
 from tests.support.faults import make_pool
 from tests.support.paths import TOOLS
 from tests.support.server import ENVIRONMENT, PLUGIN, NbdServer
@@ -289,7 +289,7 @@ def test_kill9_during_block_map_checkpoint(tmp_path, servers):
     # Every op dirties a new map group. The pool flushes and checkpoints on its own once
     # AUTO_FLUSH_GROUPS groups are dirty; client flushes come a little less often, so the first
     # kill comes before any client flush and the second after one (durability is tested too).
-    auto_flush = getattr(pool_module, "AUTO_FLUSH_GROUPS", 16384)
+    auto_flush = journal.AUTO_FLUSH_GROUPS
     params = Params(volume_size=volume, span=volume, pattern="stride", flush_every=auto_flush + 1000,
                     compressible=1.0)
     history = History(Workload(21, params), str(tmp_path / "journal"))

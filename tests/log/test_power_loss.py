@@ -24,7 +24,7 @@ import time
 
 import pytest
 
-from chunkvol import pool as pool_module
+from chunkvol.pool import journal
 from chunkvol.errors import ChunkvolError
 from chunkvol.log import writer as writer_module
 from chunkvol.pool import Pool
@@ -123,8 +123,8 @@ def _verify_open(path, history, oracle, stats, where):
 def run_seed(seed, templates, workdir, monkeypatch, stats):
     rng = random.Random(f"scenario:{seed}")
     template = templates[rng.choice(("fresh", "full"))]
-    monkeypatch.setattr(pool_module, "CHECKPOINT_GROUPS", rng.choice((4, 32, 65536)), raising=False)
-    monkeypatch.setattr(pool_module, "AUTO_FLUSH_GROUPS", rng.choice((8, 65536, 65536)), raising=False)
+    monkeypatch.setattr(journal, "CHECKPOINT_GROUPS", rng.choice((4, 32, 65536)), raising=False)
+    monkeypatch.setattr(journal, "AUTO_FLUSH_GROUPS", rng.choice((8, 65536, 65536)), raising=False)
     params = Params(volume_size=VOLUME, span=rng.choice((1 * MiB, 4 * MiB)),
                     max_write=rng.choice((64 << 10, 256 << 10)), big_write=2 * MiB)
     workload = Workload(seed, params)
@@ -250,7 +250,7 @@ def test_every_crash_point_of_a_small_workload(templates, scratch, monkeypatch, 
     with seeded unsynced-write fates: all of them recover to a flushed-complete prefix. With
     cache=none the writer rewrites the partial last page at every drain: a torn or lost
     rewrite must not hurt the records already in that page."""
-    monkeypatch.setattr(pool_module, "CHECKPOINT_GROUPS", 16, raising=False)
+    monkeypatch.setattr(journal, "CHECKPOINT_GROUPS", 16, raising=False)
     dry = os.path.join(scratch, "dry")
     shutil.copytree(templates["full"], dry)
     counter = FaultyFiles(dry)

@@ -23,7 +23,7 @@ def _damage_live_records(path, count):
     """Flip a payload byte in `count` live records of volume v; returns their addresses."""
     with Pool.open(path) as pool:
         with pool.lock:
-            pool._checkpoint_locked()
+            pool.checkpoint()
         live = sorted(compaction.live_records(pool).items())
         chosen = [item for item in live if item[1] > 4096][:count]
         paths = {address: pool.chunks.get(chunk_header.split_address(address)[0]).path for address, _ in chosen}

@@ -78,11 +78,11 @@ def test_two_writers_converge_to_the_oracle(tmp_path, seed):
         for _ in range(2):
             for node in nodes:
                 with node.pool.lock:
-                    node.pool._flush_locked(durable=node.pool.writer.durable_address, heartbeat=True)
+                    node.pool.flush_point(durable=node.pool.writer.durable_address, heartbeat=True)
             _exchange_everything(nodes)
         for node in nodes:
             with node.pool.lock:
-                node.pool._checkpoint_locked()
+                node.pool.checkpoint()
             assert node.pool.tombstones.entries() == []
             assert contents(node) == expected
     finally:

@@ -67,7 +67,7 @@ def _damage(path, count, volume_name=None, origin=None):
     chosen = {}
     with Pool.open(path) as pool:
         with pool.lock:
-            pool._checkpoint_locked()
+            pool.checkpoint()
         volume_id = pool.volumes[volume_name].volume_id if volume_name else None
         for address, stored in sorted(compaction.live_records(pool).items()):
             header = record.decode_header(pool.writer.read(address, HEADER_SIZE))

@@ -12,6 +12,7 @@ from chunkvol import objstore
 from chunkvol.errors import AccessDeniedError, CorruptionError, NotFoundError, UnreachableError, UsageError
 from chunkvol.format import evicted, record, segment
 from chunkvol.format.record import RecordType
+from chunkvol.objstore import store as store_module
 from chunkvol.objstore.s3_store import S3Store
 
 POOL = bytes(range(16))
@@ -34,12 +35,12 @@ class Flaky(objstore.ObjectStore):
 
 def test_transient_faults_are_retried_with_backoff_then_reported(monkeypatch):
     sleeps = []
-    monkeypatch.setattr(objstore.time, "sleep", sleeps.append)
+    monkeypatch.setattr(store_module.time, "sleep", sleeps.append)
     store = Flaky(3)
     assert store.get("x") == b"data" and store.calls == 4
     # Exponential (0.1, 0.2, 0.4 s), each with jitter of +-50 %.
     assert len(sleeps) == 3 and all(0.5 * base <= slept <= 1.5 * base for slept, base in zip(sleeps, (0.1, 0.2, 0.4)))
-    monkeypatch.setattr(objstore, "RETRY_SECONDS", 0.0)
+    monkeypatch.setattr(store_module, "RETRY_SECONDS", 0.0)
     with pytest.raises(UnreachableError, match="503 SlowDown"):
         Flaky(100).get("x")
 
@@ -66,7 +67,7 @@ def test_store_urls_are_checked():
 def _stubbed(monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
-    monkeypatch.setattr(objstore.time, "sleep", lambda seconds: None)
+    monkeypatch.setattr(store_module.time, "sleep", lambda seconds: None)
     store = S3Store("s3:http://127.0.0.1:1/bucket", "http://127.0.0.1:1", "bucket")
     return store, Stubber(store.client)
 

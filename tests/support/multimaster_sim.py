@@ -122,7 +122,7 @@ class Oracle:
         try:
             ids = log.chunks.ids()
             last = log.chunks.get(ids[-1])
-            for position, header, raw in log._walk(address(ids[0], DATA_OFFSET), address(ids[-1], last.size_bytes)):
+            for position, header, raw in log.walk(address(ids[0], DATA_OFFSET), address(ids[-1], last.size_bytes)):
                 yield position, header, bytes(raw)
         finally:
             log.close()
