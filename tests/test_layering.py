@@ -8,6 +8,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "chunkvol"
 # Underscored names that are public API of the standard library (namedtuple, os, sys).
+# docs/ARCHITECTURE.md's layers, lowest first: a module imports only its own layer and those
+# below. A module belongs to the first layer with a prefix of its name.
+LAYERS = [
+    ("base", ["chunkvol.errors", "chunkvol.clock", "chunkvol.locks", "chunkvol.format", "chunkvol.objstore",
+              "chunkvol.network"]),
+    ("storage", ["chunkvol.storage", "chunkvol.log", "chunkvol.index"]),
+    ("core", ["chunkvol.pool", "chunkvol.volume", "chunkvol.history", "chunkvol.space", "chunkvol.mirror.config"]),
+    ("services", ["chunkvol.compaction", "chunkvol.tiering", "chunkvol.heal", "chunkvol.copies", "chunkvol.check",
+                  "chunkvol.restore", "chunkvol.diff_transfer", "chunkvol.mirror"]),
+    ("commands", ["chunkvol.cli", "chunkvol.operations", "chunkvol.control", "chunkvol.forwarder",
+                  "chunkvol.__main__"]),
+]
 STANDARD_PRIVATE = {"_asdict", "_replace", "_fields", "_make", "_field_defaults", "_exit", "_getframe"}
 
 
@@ -84,6 +96,22 @@ def cycles(edges):
     return result
 
 
+def layer_of(name):
+    """The index of `name`'s layer in LAYERS (the package itself: the base)."""
+    if name == "chunkvol":
+        return 0
+    for index, (_, prefixes) in enumerate(LAYERS):
+        if any(name == prefix or name.startswith(prefix + ".") for prefix in prefixes):
+            return index
+    raise AssertionError(f"{name} is in no layer of LAYERS: add it (and to docs/ARCHITECTURE.md)")
+
+
+def upward(edges):
+    """Imports of a module in a higher layer."""
+    return sorted(f"{name} ({LAYERS[layer_of(name)][0]}) imports {other} ({LAYERS[layer_of(other)][0]})"
+                  for name, others in edges.items() for other in others if layer_of(other) > layer_of(name))
+
+
 def own_private_names(tree):
     """Underscored names a module defines itself: its functions, classes, methods,
     assigned names and attributes, and parameters."""
@@ -124,6 +152,13 @@ def test_no_import_cycle_in_chunkvol():
     assert not found, "import cycles: " + "; ".join(" -> ".join(c) for c in found)
 
 
+def test_no_module_imports_a_higher_layer():
+    known = modules()
+    edges = {name: imported(name, path, ast.parse(path.read_text()), known) for name, path in known.items()}
+    found = upward(edges)
+    assert not found, "imports of a higher layer:\n" + "\n".join(found)
+
+
 def test_no_module_uses_another_modules_underscored_names():
     paths = sorted(PACKAGE.rglob("*.py")) + sorted((ROOT / "nbdkit_plugin").rglob("*.py"))
     found = []
@@ -140,5 +175,7 @@ def test_the_checks_see_what_they_must():
     edges = {"chunkvol.a": imported("chunkvol.a", PACKAGE / "a.py", first, known),
              "chunkvol.b": imported("chunkvol.b", PACKAGE / "b.py", second, known)}
     assert cycles(edges) == [["chunkvol.a", "chunkvol.b"]]
+    assert upward({"chunkvol.log.writer": {"chunkvol.pool.journal"}}) == [
+        "chunkvol.log.writer (storage) imports chunkvol.pool.journal (core)"]
     tree = ast.parse("import x\nclass A:\n    def _mine(self):\n        return x._theirs() + self._mine()\n")
     assert foreign_private_uses(PACKAGE / "a.py", tree) == ["chunkvol/a.py:4: x._theirs"]

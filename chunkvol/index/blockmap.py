@@ -33,16 +33,15 @@ import lmdb
 
 from chunkvol.clock import node_index, node_index_of
 from chunkvol.errors import CorruptionError, DeviceFailedError, OutOfSpaceError
-from chunkvol.format import base as base_format
 from chunkvol.format import checkpoint as checkpoint_format
 from chunkvol.format import conflict as conflict_format
 from chunkvol.format import group_map
 from chunkvol.format import history as history_format
 from chunkvol.format import origins as origins_format
 from chunkvol.format import tombstones as tombstones_format
+from chunkvol.index.stored_versions import CHECKPOINT_KEY, StoredVersions
 
 MAP_SIZE_BYTES = 1 << 40  # address space only; the file grows as needed
-CHECKPOINT_KEY = b"checkpoint"
 ORIGINS_KEY = b"origins"
 ORIGIN_STAMPS_KEY = b"origin_stamps"  # same layout as origins: node -> greatest COMMIT stamp received
 TOMBSTONES_KEY = b"tombstones"
@@ -50,7 +49,7 @@ REMOVED_VOLUMES_KEY = b"removed_volumes"
 OVERLAY_CACHE_GROUPS = 16384  # checkpointed group states kept in memory (a few tens of MiB)
 
 
-class BlockMap:
+class BlockMap(StoredVersions):
     def __init__(self, path, readonly=False):
         self.path = path
         if not readonly:
@@ -221,7 +220,7 @@ class BlockMap:
             self._cursor = self._read_txn.cursor()
         return self._read_txn
 
-    def _drop_reader(self, closing=False):
+    def drop_reader(self, closing=False):
         if self.readonly and not closing:
             return  # a read-only map keeps the snapshot it was opened with: see __init__
         if self._read_txn is not None:
@@ -486,7 +485,7 @@ class BlockMap:
         checkpoint.log_address and sealed."""
         if self.dirty:
             raise CorruptionError("checkpoint with unsealed block-map changes (a bug)")
-        self._drop_reader()
+        self.drop_reader()
         try:
             self._write_checkpoint(checkpoint, origins, origin_stamps, tombstones, removed_volumes)
         except lmdb.Error as error:
@@ -594,118 +593,10 @@ class BlockMap:
         for raw_key in doomed:
             txn.delete(raw_key, db=self.history_db)
 
-    def versions_of(self, volume_id):
-        """Every stored (group, stamp, state) of a volume, checkpointed or sealed: for space
-        accounting. One pass over the volume's entries."""
-        txn = self.reader()
-        cursor = txn.cursor(db=self.groups_db)
-        prefix = volume_id.to_bytes(4, "big")
-        if cursor.set_range(prefix):
-            for raw_key, raw in cursor:
-                if raw_key[:4] != prefix:
-                    break
-                _, group, stamp, _ = group_map.decode_key(raw_key)
-                yield group, stamp, group_map.decode_state(raw, raw_key)
-        for (volume, group), versions in self.sealed.items():
-            if volume == volume_id:
-                for stamp, _, state in versions:
-                    yield group, stamp, state
-
-    # ---- the whole stored map (compaction, heal, the base: format/base.py) ------------
-    def stored_versions(self):
-        """(volume_id, group, state) of every stored version, in key order, through one LMDB
-        snapshot taken now: safe without the pool lock (right after a checkpoint, it is all)."""
-        with self.env.begin(db=self.groups_db) as txn:
-            for raw_key, raw in txn.cursor():
-                volume_id, group, _, _ = group_map.decode_key(raw_key)
-                yield volume_id, group, group_map.decode_state(raw, raw_key)
-
-    def group_refs(self, volume_id, group):
-        """The refs of every stored version of one group, newest version first."""
-        cursor = self.reader().cursor(db=self.groups_db)
-        prefix = group_map.KEY.pack(volume_id, group, 0, 0)[:12]
-        if not cursor.set_range(prefix):
-            return
-        for raw_key, raw in cursor:
-            if raw_key[:12] != prefix:
-                break
-            yield from group_map.decode_state(raw, raw_key)[1]
-
-    def replace_addresses(self, moved):
-        """Every stored version that names a record at an address in `moved` ({old: new})
-        names the new address instead, in one LMDB transaction: all or nothing. Call it right
-        after a checkpoint: the overlay, a cache of states that may name the old addresses,
-        is dropped."""
-        self._drop_reader()
-        try:
-            with self.env.begin(write=True) as txn:
-                updates = []
-                for raw_key, raw in txn.cursor(db=self.groups_db):
-                    slots, refs = group_map.decode_state(raw, raw_key)
-                    if any(address in moved for address, _, _, _ in refs):
-                        refs = tuple((moved.get(address, address), stored_length, hlc, flags)
-                                     for address, stored_length, hlc, flags in refs)
-                        updates.append((bytes(raw_key), group_map.encode_state((slots, refs), raw_key)))
-                for raw_key, value in updates:
-                    txn.put(raw_key, value, db=self.groups_db)
-        except lmdb.Error as error:
-            if "No space" in str(error) or isinstance(error, lmdb.MapFullError):
-                raise OutOfSpaceError(f"no space left to update the block map ({error})") from None
-            raise DeviceFailedError(f"the block map could not be updated ({error})") from None
-        self.overlay.clear()
-
-    def stored(self):
-        """The map as last checkpointed, through one LMDB snapshot (a StoredMap): read it
-        whole without the pool lock while the pool goes on. Close it."""
-        return StoredMap(self)
-
-    def load(self, entries, checkpoint):
-        """Fill an empty map from a base: its (db, key, value) entries (format/base.py db
-        ids), then `checkpoint`, in one LMDB transaction."""
-        databases = self._base_databases()
-        self._drop_reader()
-        with self.env.begin(write=True) as txn:
-            for db_id, key, value in entries:
-                txn.put(key, value, db=databases[db_id])
-            txn.put(CHECKPOINT_KEY, checkpoint_format.encode(checkpoint), db=self.meta_db)
-
-    def _base_databases(self):
-        databases = {base_format.DB_GROUPS: self.groups_db, base_format.DB_HISTORY: self.history_db,
-                     base_format.DB_VOLUMES: self.volumes_db, base_format.DB_SNAPSHOTS: self.snapshots_db,
-                     base_format.DB_META: self.meta_db}
-        if self.conflicts_db is not None:
-            databases[base_format.DB_CONFLICTS] = self.conflicts_db
-        return databases
-
     def stats(self):
         return {"versions": self.reader().stat(self.groups_db)["entries"],
                 "index_bytes": self.env.info()["last_pgno"] * self.env.stat()["psize"]}
 
     def close(self):
-        self._drop_reader(closing=True)
+        self.drop_reader(closing=True)
         self.env.close()
-
-
-class StoredMap:
-    """A BlockMap as last checkpointed, through one LMDB read snapshot (BlockMap.stored())."""
-
-    def __init__(self, blockmap):
-        self.path = blockmap.path
-        self.databases = blockmap._base_databases()
-        self.meta_db = blockmap.meta_db
-        self.txn = blockmap.env.begin()
-
-    def meta(self, key):
-        """The bytes stored under a meta key (CHECKPOINT_KEY, ORIGINS_KEY, ...), or None."""
-        value = self.txn.get(key, db=self.meta_db)
-        return None if value is None else bytes(value)
-
-    def entries(self):
-        """(db, key, value) of every entry but meta's (format/base.py db ids)."""
-        for db_id, db in sorted(self.databases.items()):
-            if db_id != base_format.DB_META:
-                for key, value in self.txn.cursor(db=db):
-                    yield db_id, bytes(key), bytes(value)
-
-    def close(self):
-        self.txn.abort()
