@@ -16,7 +16,6 @@ from chunkvol.cli.sizes import format_size, parse_size
 from chunkvol.clock import node_index
 from chunkvol.errors import AlreadyExistsError, ChunkvolError, NotFoundError, PoolBusyError, UsageError
 from chunkvol.format import chunk_header, mirrors as mirrors_format
-from chunkvol.format import pool_metadata
 from chunkvol.mirror import config as mirror_config
 from chunkvol.mirror import identity, rejoin
 from chunkvol.mirror import shipper as shipping
@@ -24,6 +23,7 @@ from chunkvol.mirror.source import LogSource
 from chunkvol.mirror.workers import MirrorWorker
 from chunkvol.mirror import targets
 from chunkvol.pool import Pool
+from chunkvol.pool.metadata import drop_mirror_role
 from chunkvol.storage.files import LocalFiles
 
 POLL_SECONDS = 0.5
@@ -341,8 +341,7 @@ def mirror_promote(arguments):
         raise UsageError(f"this mirror's node index ({node_index(fields['node_id'])}) is node {clash[0]}'s, whose "
                          "records it holds: promoted, its writes and that node's would carry the same stamps. "
                          "Make a new mirror (`mirror add` on the source picks a free index) and promote that")
-    promoted = {key: value for key, value in fields.items() if key not in ("role", "mirror_of", "checksum")}
-    LocalFiles().publish(os.path.join(path, "pool.json"), pool_metadata.encode(promoted))
+    drop_mirror_role(path, fields, LocalFiles())
     print(f"{path} is now a writable pool (node {fields['node_id']}, was a mirror of node {fields['mirror_of']})")
 
 
