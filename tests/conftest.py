@@ -41,3 +41,17 @@ def server_factory(tmp_path):
 @pytest.fixture
 def server(pool_path, server_factory):
     return server_factory(pool_path)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The modules that use the object-store lab run last, together: the lab (a Ceph cluster
+    and an S3 gateway) starts once, for them, and is not left running under the tests of
+    real clients (qemu, user-mode Linux), which need both cores. Order is kept otherwise."""
+    lab_modules = {item.module for item in items
+                   if "objstore_lab" in item.fixturenames or item.get_closest_marker("objstore_lab")}
+    items.sort(key=lambda item: item.module in lab_modules)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "objstore_lab: the module asks for the object-store lab at run time "
+                                       "(request.getfixturevalue), so it runs with the lab's other users")

@@ -26,6 +26,8 @@ from tests.support.records import batches_of, fetch_key, flipped, forged, header
 from tests.support.server import chunkvol
 from tests.support.targets import AcknowledgementLost
 
+pytestmark = pytest.mark.objstore_lab  # its rados: and s3: targets use the lab
+
 WRITE_BYTES = 64 << 10
 FLUSH_POINTS = 6  # one batch each when the shipper's batches are small
 
