@@ -55,7 +55,7 @@ uml-kernel: install
 	$(PY) -m tools.guest.uml_kernel
 
 test: install uml-kernel
-	$(PY) -m pytest -q -x --timeout=600 tests
+	$(PY) -m pytest -q -x --timeout=600 -m "not soak" tests
 
 # Longer runs: the multi-master simulation over many seeds, and more partition runs of two served nodes.
 test-soak: install

@@ -53,5 +53,7 @@ def pytest_collection_modifyitems(session, config, items):
 
 
 def pytest_configure(config):
+    config.addinivalue_line("markers", "soak: long by design (minutes of partition or load); run by "
+                                       "`make test-soak`, left out of `make test`")
     config.addinivalue_line("markers", "objstore_lab: the module asks for the object-store lab at run time "
                                        "(request.getfixturevalue), so it runs with the lab's other users")

@@ -607,6 +607,7 @@ def test_partitions_and_kill9_converge_with_no_flushed_write_lost(cluster, seed)
     check_against_oracle(a, b, served)
 
 
+@pytest.mark.soak  # a 45 s partition: `make test-soak`; tests/mirror/test_network_faults.py partitions in make test
 @pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 def test_replication_resumes_soon_after_a_long_partition(cluster):
     """Both nodes write through a partition longer than any of the link's timeouts, with a
