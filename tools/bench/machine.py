@@ -58,6 +58,19 @@ def _disk(path: Path) -> dict:
     }
 
 
+def _writeback_settings() -> dict:
+    """The kernel's dirty-page limits: how much a store that writes through the page cache may
+    hold back before the kernel makes it wait (matters for the sustained write)."""
+    settings = {}
+    for name in ("dirty_ratio", "dirty_background_ratio", "dirty_bytes", "dirty_background_bytes",
+                 "dirty_expire_centisecs"):
+        try:
+            settings[name] = int(Path(f"/proc/sys/vm/{name}").read_text())
+        except (OSError, ValueError):
+            pass
+    return settings
+
+
 def _libnbd_version() -> str:
     import nbd
     return nbd.NBD().get_version()
@@ -72,6 +85,7 @@ def describe(scratch: Path) -> dict:
         "memory_bytes": _memory_bytes(),
         "kernel": platform.release(),
         "disk": _disk(scratch),
+        "writeback": _writeback_settings(),
         "versions": {
             "nbdkit": _first_line(["nbdkit", "--version"]),
             "qemu-nbd": _first_line(["qemu-nbd", "--version"]),

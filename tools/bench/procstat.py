@@ -75,6 +75,20 @@ def rss_bytes(root_pid: int) -> int:
     return 1024 * sum(_status_kib(pid, "VmRSS") for pid in process_tree(root_pid))
 
 
+PAGE_CACHE_FIELDS = {"Cached": "cached", "Dirty": "dirty", "Writeback": "writeback", "MemFree": "mem_free"}
+
+
+def page_cache_bytes() -> dict[str, int]:
+    """The page cache right now, from /proc/meminfo: cached, dirty, writeback, mem_free (bytes)."""
+    found = {}
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            key = line.split(":", 1)[0]
+            if key in PAGE_CACHE_FIELDS:
+                found[PAGE_CACHE_FIELDS[key]] = int(line.split()[1]) * 1024
+    return found
+
+
 def machine_busy_seconds() -> float:
     """CPU seconds spent not idle by all cores since boot (from the 'cpu' line of /proc/stat).
 

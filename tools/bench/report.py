@@ -130,7 +130,9 @@ def _settings_lines(meta: dict) -> list[str]:
         + (" [--quick]" if settings["quick"] else ""),
         f"- Flush workload client: **{meta['flush_client']}** (exactly one flush per 32 writes; "
         "Debian's fio 3.33 sends a flush storm at iodepth>1, see docs/BENCH.md)",
-        f"- nbdcopy image {settings['copy_size']}; pool-open log {settings['open_log_size']}",
+        f"- nbdcopy image {settings['copy_size']}; pool-open log {settings['open_log_size']}; sustained write: "
+        f"a fresh, empty export of {settings.get('sustained_size', '?')} per server and repetition, written once "
+        "(1 MiB QD8) and flushed (fio end_fsync = one NBD FLUSH), MB/s counted until the flush returns",
     ]
 
 
@@ -149,20 +151,50 @@ def _flush_lines(summary: Summary, flush_workload: str) -> list[str]:
 
 
 def _server_lines(summary: Summary, lifecycles: list[dict]) -> list[str]:
+    """One row per server for the io phase and one for the sustained write (its own fresh server)."""
     by_server = defaultdict(list)
     for lifecycle in lifecycles:
-        if lifecycle.get("phase") == "io":
-            by_server[lifecycle["server"]].append(lifecycle)
+        if lifecycle.get("phase") in ("io", "sustained"):
+            by_server[(lifecycle["server"], lifecycle["phase"])].append(lifecycle)
     rows = []
     for server in summary.server_order:
-        runs = by_server.get(server)
-        if not runs:
-            continue
-        rss = _stats([run.get("peak_rss_bytes", 0) / 2**20 for run in runs])
-        ready = _stats([run.get("ready_seconds") for run in runs])
-        stop = _stats([run.get("stop_seconds") for run in runs])
-        rows.append([server, runs[-1]["description"], _cell(rss), _cell(ready), _cell(stop)])
+        for phase in ("io", "sustained"):
+            runs = by_server.get((server, phase))
+            if not runs:
+                continue
+            rss = _stats([run.get("peak_rss_bytes", 0) / 2**20 for run in runs])
+            ready = _stats([run.get("ready_seconds") for run in runs])
+            stop = _stats([run.get("stop_seconds") for run in runs])
+            name = server if phase == "io" else f"{server} (sustained)"
+            rows.append([name, runs[-1]["description"], _cell(rss), _cell(ready), _cell(stop)])
     return _table(["server", "what", "peak RSS MiB (VmHWM)", "start→first read s", "clean stop s"], rows)
+
+
+def _sustained_lines(summary: Summary, sustained_workloads: list[str]) -> list[str]:
+    """The sustained write next to its client's wall clock, and the page cache it started from."""
+    lines = []
+    for workload in sustained_workloads:
+        rows = []
+        for server in summary.servers_with_data():
+            if summary.stats(server, workload) is None:
+                continue
+            mib = lambda key: _stats([value / 2**20 for value in summary.values.get((server, workload, key), [])])
+            rows.append([server, _cell(summary.stats(server, workload)),
+                         _cell(summary.stats(server, workload, "wall_mbps")),
+                         _cell(summary.stats(server, workload, "measured_seconds")),
+                         _cell(mib("cached_before_bytes")), _cell(mib("dirty_before_bytes")),
+                         _cell(mib("mem_free_before_bytes")), _cell(mib("dirty_after_bytes"))])
+        if not rows:
+            continue
+        lines += ["", f"### Sustained write ({workload})", "",
+                  "A fresh, empty export per server and repetition, written once and flushed at the end "
+                  "(fio `--end_fsync=1`: one NBD FLUSH, whose time is in fio's write runtime). MB/s = bytes / "
+                  "that runtime; the wall column is bytes / the fio process's wall clock (connection included). "
+                  "Before each run the harness syncs and drops no caches; the page cache then "
+                  "(/proc/meminfo: the whole machine, MiB) and the dirty memory left when fio returned:", ""]
+        lines += _table(["server", "MB/s (to the flush's return)", "MB/s (fio wall clock)", "seconds",
+                         "cached before", "dirty before", "free before", "dirty after"], rows)
+    return lines
 
 
 def _open_notes(entry: dict) -> str:
@@ -252,7 +284,8 @@ def _command_lines(meta: dict, lifecycles: list[dict], records: list[dict]) -> l
 
 
 def render_markdown(meta: dict, summary: Summary, lifecycles: list[dict], open_times: list[dict],
-                    skipped: dict[str, str], chunkvol_servers: list[str], flush_workload: str) -> str:
+                    skipped: dict[str, str], chunkvol_servers: list[str], flush_workload: str,
+                    sustained_workloads: list[str] = ()) -> str:
     lines = ["# chunkvol benchmark", ""] + _machine_lines(meta) + _settings_lines(meta)
     if meta.get("interrupted"):
         lines += ["", "**Interrupted: partial results.**"]
@@ -278,6 +311,7 @@ def render_markdown(meta: dict, summary: Summary, lifecycles: list[dict], open_t
     lines += ["", "p99 completion latency, µs:", ""]
     lines += _metric_table(summary, "lat_p99_us")
     lines += _flush_lines(summary, flush_workload)
+    lines += _sustained_lines(summary, list(sustained_workloads))
     lines += ["", "## Servers", ""] + _server_lines(summary, lifecycles)
     lines += _open_lines(open_times)
     if skipped or summary.errors:

@@ -1,7 +1,7 @@
 """`make bench`: chunkvol against its anchors, on the same disk, in one run.
 
     .venv/bin/python tools/bench/run.py [--quick] [--reps N] [--servers a,b] [--workloads x,y]
-        [--scratch DIR] [--chunkvol-arg KEY=VALUE ...] [--chunkvol-variant NAME:KEY=VALUE,...]
+        [--scratch DIR] [--sustained-size 6G] [--chunkvol-arg KEY=VALUE ...] [--chunkvol-variant NAME:KEY=VALUE,...]
     BENCH_ARGS="--quick" make bench      # the same options through make
 
 For every repetition, for every server in turn (interleaved, so a slow minute of the shared
@@ -13,6 +13,9 @@ host hits every server a little instead of one server a lot):
    export; qcow2zstd is prefilled compressed by ``qemu-img convert -c`` instead); then each
    workload (see workloads.py), each after a ``sync``, with the server's CPU time read from
    /proc around it and its peak RSS read before the stop.
+3. ``sustained``: a fresh server with an empty export of ``--sustained-size`` (no prefill);
+   after a ``sync`` (caches are not dropped), fio writes it once sequentially (1 MiB QD8) and
+   flushes at the end (``--end_fsync=1``); MB/s counts until that flush returns.
 
 Then, for chunkvol servers, the pool-open times (openpool.py). Results: SCRATCH/results-
 <timestamp>.md and .json, and the Markdown on stdout. A server whose setup or start fails is
@@ -43,18 +46,18 @@ from openpool import OpenTimer, measure_open_times
 from servers import (BenchPaths, Chunkvol, RunningServer, Server, SetupFailed, anchor_servers, fresh_workdir,
                      remove_workdir, stop_all)
 from sizes import parse_size
-from workloads import (WORKLOADS, WORKLOADS_BY_NAME, Timing, run_copy_in, run_copy_out, run_prefill, run_workload,
-                       same_content, workload_argv)
+from workloads import (WORKLOADS, WORKLOADS_BY_NAME, Timing, run_copy_in, run_copy_out, run_prefill, run_sustained,
+                       run_workload, same_content, workload_argv)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FLUSH_WORKLOAD = "randwrite_4k_qd16_flush32"
 SPECIAL_WORKLOADS = ["copy", "open"]
 MAX_SOCKET_PATH_BYTES = 100
 
-FULL = {"size": "4G", "copy_size": "2G", "open_log_size": "10G", "runtime": 8.0, "ramp": 1.0, "reps": 3,
-        "quiet_wait": 30.0, "quiet_budget": 900.0, "ready_timeout": 3600.0}
-QUICK = {"size": "512M", "copy_size": "256M", "open_log_size": "256M", "runtime": 2.0, "ramp": 1.0, "reps": 1,
-         "quiet_wait": 10.0, "quiet_budget": 60.0, "ready_timeout": 300.0}
+FULL = {"size": "4G", "copy_size": "2G", "open_log_size": "10G", "sustained_size": "6G", "runtime": 8.0, "ramp": 1.0,
+        "reps": 3, "quiet_wait": 30.0, "quiet_budget": 900.0, "ready_timeout": 3600.0}
+QUICK = {"size": "512M", "copy_size": "256M", "open_log_size": "256M", "sustained_size": "512M", "runtime": 2.0,
+         "ramp": 1.0, "reps": 1, "quiet_wait": 10.0, "quiet_budget": 60.0, "ready_timeout": 300.0}
 
 
 def say(message: str) -> None:
@@ -75,6 +78,8 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--size", help="export size (default 4G; --quick 512M)")
     parser.add_argument("--copy-size", help="nbdcopy image size (default 2G; --quick 256M)")
     parser.add_argument("--open-log-size", help="log written before the pool-open test (default 10G; --quick 256M)")
+    parser.add_argument("--sustained-size", help="fresh export written once, then flushed, by the sustained "
+                                                 "sequential write (default 6G; --quick 512M)")
     parser.add_argument("--servers", help="comma-separated server names (default: all; see --list)")
     parser.add_argument("--workloads", help="comma-separated workload names, plus 'copy' and 'open' (default: all "
                                             "default ones; see --list)")
@@ -100,8 +105,8 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--list", action="store_true", help="list servers and workloads, then exit")
     arguments = parser.parse_args(argv)
     defaults = QUICK if arguments.quick else FULL
-    for key in ("size", "copy_size", "open_log_size", "runtime", "ramp", "reps", "quiet_wait", "quiet_budget",
-                "ready_timeout"):
+    for key in ("size", "copy_size", "open_log_size", "sustained_size", "runtime", "ramp", "reps", "quiet_wait",
+                "quiet_budget", "ready_timeout"):
         if getattr(arguments, key) is None:
             setattr(arguments, key, defaults[key])
     return arguments
@@ -176,12 +181,15 @@ class Bench:
     def __init__(self, arguments: argparse.Namespace, servers: list[Server], workloads: list[str]):
         self.arguments = arguments
         self.servers = servers
-        self.io_workloads = [WORKLOADS_BY_NAME[name] for name in workloads if name in WORKLOADS_BY_NAME]
+        chosen = [WORKLOADS_BY_NAME[name] for name in workloads if name in WORKLOADS_BY_NAME]
+        self.io_workloads = [workload for workload in chosen if not workload.sustained]
+        self.sustained_workloads = [workload for workload in chosen if workload.sustained]
         self.do_copy = "copy" in workloads
         self.do_open = "open" in workloads
         self.size_bytes = parse_size(arguments.size)
         self.copy_bytes = parse_size(arguments.copy_size)
         self.open_log_bytes = parse_size(arguments.open_log_size)
+        self.sustained_bytes = parse_size(arguments.sustained_size)
         self.timing = Timing(ramp_seconds=arguments.ramp, runtime_seconds=arguments.runtime)
         scratch = Path(arguments.scratch).resolve()
         run_dir = scratch / f"run-{os.getpid()}"
@@ -221,18 +229,21 @@ class Bench:
                     self.lifecycle(server, rep, "copy", self.copy_bytes, self.copy_phase)
                 if self.io_workloads and server.name not in self.skipped:
                     self.lifecycle(server, rep, "io", self.size_bytes, self.io_phase)
+                if self.sustained_workloads and server.name not in self.skipped:
+                    self.lifecycle(server, rep, "sustained", self.sustained_bytes, self.sustained_phase, blank=True)
         if self.do_open:
             self.open_phase()
 
-    def lifecycle(self, server: Server, rep: int, phase: str, size_bytes: int, body) -> None:
-        """Set up a fresh store, start the server, run ``body``, stop it, remove the store."""
+    def lifecycle(self, server: Server, rep: int, phase: str, size_bytes: int, body, blank: bool = False) -> None:
+        """Set up a fresh store (never prefilled if ``blank``), start the server, run ``body``, stop it by
+        PID, remove the store."""
         say(f"rep {rep + 1}/{self.arguments.reps} {server.name} ({phase}): setting up")
         workdir = fresh_workdir(self.paths.run_dir, server.name)
         entry = {"rep": rep, "server": server.name, "phase": phase, "description": server.description,
                  "size_bytes": size_bytes}
         running = None
         try:
-            prepared = server.setup(workdir, size_bytes, self.paths)
+            prepared = (server.setup_blank if blank else server.setup)(workdir, size_bytes, self.paths)
             entry["setup_commands"] = prepared.commands
             argv = server.argv(workdir, size_bytes, self.paths)
             entry["command"] = quote(argv)
@@ -348,14 +359,39 @@ class Bench:
         for workload in self.io_workloads:
             argv, client = workload_argv(workload, uri, self.size_bytes, self.timing, self.arguments.compress_percent,
                                          self.arguments.fixed_fio)
-            try:
-                result = self.measure(running, lambda: run_workload(argv))
-                self.record(rep, server, workload.name, workload.unit, result, client)
-            except CommandFailed as error:
-                self.record_error(rep, server, workload.name, error)
-            if not running.alive():
-                self.record_error(rep, server, "server", RuntimeError(
-                    f"server exited with {running.process.returncode}: {running.log_tail()}"))
+            if not self.measure_workload(rep, server, running, workload, client, lambda: run_workload(argv)):
+                return
+
+    def measure_workload(self, rep: int, server: Server, running: RunningServer, workload, client: str,
+                         action) -> bool:
+        """Measure and record one workload; False when the server died under it."""
+        try:
+            result = self.measure(running, action)
+            if workload.sustained and result.get("write_ops"):
+                # Per request exactly: every write was counted (no ramp), and the server did nothing
+                # during fio's start-up that the IOPS x wall-time estimate would spread over it.
+                result["server_cpu_us_per_op"] = 1e6 * result["server_cpu_seconds"] / result["write_ops"]
+            self.record(rep, server, workload.name, workload.unit, result, client)
+        except CommandFailed as error:
+            self.record_error(rep, server, workload.name, error)
+        if not running.alive():
+            self.record_error(rep, server, "server", RuntimeError(
+                f"server exited with {running.process.returncode}: {running.log_tail()}"))
+            return False
+        return True
+
+    def sustained_phase(self, server: Server, running: RunningServer, rep: int, prepared) -> None:
+        """Write the fresh export once, sequentially, and flush; counted until the flush returns.
+
+        ``measure`` syncs first (so no server starts with dirty pages, its own or the previous
+        server's) and drops no caches.
+        """
+        uri = server.uri(self.paths)
+        for workload in self.sustained_workloads:
+            argv, client = workload_argv(workload, uri, self.sustained_bytes, self.timing,
+                                         self.arguments.compress_percent, self.arguments.fixed_fio)
+            if not self.measure_workload(rep, server, running, workload, client,
+                                         lambda: run_sustained(argv, self.sustained_bytes)):
                 return
 
     def open_phase(self) -> None:
@@ -378,7 +414,8 @@ class Bench:
 
     def workload_columns(self) -> list[tuple[str, str, str]]:
         columns = [("prefill", "prefill", "MB/s")] if self.io_workloads else []
-        columns += [(workload.name, workload.label, workload.unit) for workload in self.io_workloads]
+        chosen = self.io_workloads + self.sustained_workloads
+        columns += [(workload.name, workload.label, workload.unit) for workload in WORKLOADS if workload in chosen]
         if self.do_copy:
             columns += [("copy_in", "nbdcopy in", "MB/s"), ("copy_out", "nbdcopy out", "MB/s")]
         return columns
@@ -391,7 +428,8 @@ class Bench:
             "flush_client": self.flush_client,
             "interrupted": interrupted,
             "settings": {"size": self.arguments.size, "copy_size": self.arguments.copy_size,
-                         "open_log_size": self.arguments.open_log_size, "reps": self.arguments.reps,
+                         "open_log_size": self.arguments.open_log_size,
+                         "sustained_size": self.arguments.sustained_size, "reps": self.arguments.reps,
                          "runtime_seconds": self.timing.runtime_seconds, "ramp_seconds": self.timing.ramp_seconds,
                          "compress_percent": self.arguments.compress_percent, "quick": self.arguments.quick,
                          "servers": [server.name for server in self.servers],
@@ -401,7 +439,8 @@ class Bench:
         summary = report.Summary(self.records, [server.name for server in self.servers], self.workload_columns())
         chunkvol_names = [server.name for server in self.servers if server.is_chunkvol]
         markdown = report.render_markdown(meta, summary, self.lifecycles, self.open_times, self.skipped,
-                                          chunkvol_names, FLUSH_WORKLOAD)
+                                          chunkvol_names, FLUSH_WORKLOAD,
+                                          [workload.name for workload in self.sustained_workloads])
         document = {"meta": meta, "summary": summary.as_json(), "ratios": summary.ratios(
                         [name for name in chunkvol_names if name in summary.servers_with_data()]),
                     "records": self.records, "lifecycles": self.lifecycles, "open_times": self.open_times,
@@ -429,7 +468,8 @@ def main(argv: list[str]) -> int:
         for server in all_servers:
             print(f"server   {server.name:<34} {server.description}")
         for workload in WORKLOADS:
-            print(f"workload {workload.name:<34} {workload.label}{'' if workload.default else ' (not default)'}")
+            note = f" (own fresh export of --sustained-size, {arguments.sustained_size})" if workload.sustained else ""
+            print(f"workload {workload.name:<34} {workload.label}{note}{'' if workload.default else ' (not default)'}")
         print(f"workload {'copy':<34} nbdcopy image in and out")
         print(f"workload {'open':<34} chunkvol pool open time (checkpointed, rebuild)")
         return 0

@@ -80,6 +80,11 @@ class Server(abc.ABC):
         """Make the backing store in ``workdir`` (empty and fresh for every lifecycle)."""
         return Prepared()
 
+    def setup_blank(self, workdir: Path, size_bytes: int, paths: BenchPaths) -> Prepared:
+        """Make an empty store, never prefilled (the sustained write); the same as ``setup`` except
+        for a server whose setup prefills."""
+        return self.setup(workdir, size_bytes, paths)
+
     @abc.abstractmethod
     def argv(self, workdir: Path, size_bytes: int, paths: BenchPaths) -> list[str]:
         """The server's command line."""
@@ -140,6 +145,14 @@ class QemuQcow2Zstd(QemuQcow2):
                    "mbps": size_bytes / completed.wall_seconds / 1e6, "image_bytes": image_bytes,
                    "command": quote(argv)}
         return Prepared(commands=[quote(argv)], prefill=prefill)
+
+    def setup_blank(self, workdir, size_bytes, paths):
+        """An empty zstd qcow2: qemu-nbd writes its clusters uncompressed, so for writes into a
+        fresh export this is qcow2 again (kept so that every server has every column)."""
+        argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-o", "compression_type=zstd",
+                str(workdir / "export.qcow2"), str(size_bytes)]
+        run_checked(argv)
+        return Prepared(commands=[quote(argv)])
 
 
 class PythonMemory(Server):
