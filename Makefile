@@ -54,8 +54,12 @@ run: install
 uml-kernel: install
 	$(PY) -m tools.guest.uml_kernel
 
+# Two workers (pytest-xdist): most tests wait on servers, sockets and disks, not the CPU. The
+# object-store lab's tests and the real clients' guests are each one group on one worker
+# (tests/conftest.py). TEST_WORKERS=0 runs everything in this one process, in order.
+TEST_WORKERS ?= 2
 test: install uml-kernel
-	$(PY) -m pytest -q -x --timeout=600 -m "not soak" tests
+	$(PY) -m pytest -q -x --timeout=600 -m "not soak" -n $(TEST_WORKERS) --dist loadgroup tests
 
 # Longer runs: the multi-master simulation over many seeds, and more partition runs of two served nodes.
 test-soak: install

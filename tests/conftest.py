@@ -43,13 +43,27 @@ def server(pool_path, server_factory):
     return server_factory(pool_path)
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(session, config, items):
     """The modules that use the object-store lab run last, together: the lab (a Ceph cluster
     and an S3 gateway) starts once, for them, and is not left running under the tests of
-    real clients (qemu, user-mode Linux), which need both cores. Order is kept otherwise."""
+    real clients (qemu, user-mode Linux), which need both cores. Order is kept otherwise.
+
+    Under pytest-xdist (`make test` runs two workers, --dist loadgroup) each of those two
+    sets is one group, run by one worker: one lab for the session, and one guest booting
+    at a time. They go first, one to each worker, and the rest fills in behind them."""
     lab_modules = {item.module for item in items
                    if "objstore_lab" in item.fixturenames or item.get_closest_marker("objstore_lab")}
-    items.sort(key=lambda item: item.module in lab_modules)
+    if hasattr(config, "workerinput"):
+        # Longest first: each worker starts with one of the two groups, then both share the rest.
+        items.sort(key=lambda item: (item.module not in lab_modules, item.path.parent.name != "realclients"))
+    else:
+        items.sort(key=lambda item: item.module in lab_modules)
+    for item in items:
+        if item.module in lab_modules:
+            item.add_marker(pytest.mark.xdist_group("objstore_lab"))
+        elif item.path.parent.name == "realclients":
+            item.add_marker(pytest.mark.xdist_group("realclients"))
 
 
 def pytest_configure(config):

@@ -78,6 +78,18 @@ def free_port(start):
     raise LabError(f"no free port on 127.0.0.1 from {start} on")
 
 
+def above_ephemeral(offset=0):
+    """A start for free_port above the kernel's range of ephemeral ports: a port from inside it
+    can be taken, between our probe and the daemon's bind, as the local port of any process's
+    outgoing connection (tests running beside the lab make many)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as limits:
+            high = int(limits.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        high = 60999  # Linux's default
+    return min(high + 1 + offset, 65535 - OSD_PORT_COUNT)
+
+
 def _port_is_free(port):
     with socket.socket() as probe:
         # As the daemons do: a stopped lab's accepted connections in TIME_WAIT do not count.

@@ -10,7 +10,7 @@ from botocore.exceptions import ClientError
 
 from tests.support.objstore_lab import s3_client
 from tests.support.paths import ROOT
-from tools.objstore_lab import Lab, free_port
+from tools.objstore_lab import Lab, above_ephemeral, free_port
 
 TOOL = os.path.join(ROOT, "tools", "objstore_lab.py")
 
@@ -73,7 +73,7 @@ def test_command_line_up_refuse_env_down(tmp_path):
     is refused, `env` points at it, `down` leaves none of its daemons running, and a client of
     the stopped lab gets an error within its timeout instead of hanging."""
     directory, lab = str(tmp_path / "lab"), Lab(tmp_path / "lab")
-    port = free_port(41401)
+    port = free_port(above_ephemeral(400))
     try:
         started = lab_tool("up", "--dir", directory, "--no-rgw", "--mon-port", str(port))
         assert started.returncode == 0, started.stderr

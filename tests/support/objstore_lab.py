@@ -20,13 +20,14 @@ import boto3
 import pytest
 from botocore.config import Config
 
-from tools.objstore_lab import Lab, free_port
+from tools.objstore_lab import Lab, above_ephemeral, free_port
 
 
 @pytest.fixture(scope="session")
 def objstore_lab(tmp_path_factory):
     """The lab.json dict of a running lab: ceph_conf, rados_pool, s3_endpoint, s3_bucket, keys, pids."""
-    lab = Lab(tmp_path_factory.mktemp("objstore"), mon_port=free_port(41301), rgw_port=free_port(41081))
+    lab = Lab(tmp_path_factory.mktemp("objstore"), mon_port=free_port(above_ephemeral(300)),
+              rgw_port=free_port(above_ephemeral(80)))
     try:
         yield lab.up(rgw=True)
     finally:
