@@ -12,14 +12,15 @@ PORT ?= 10809
 # local lab (tools/objstore_lab.py). linux-source-6.12, flex, bison, bc: a user-mode kernel built
 # once (tools/guest/uml_kernel.py; bookworm's linux.uml panics on hosts with AMX state).
 # nbd-client, socat: the kernel's NBD client inside the qemu guest, reaching the host's socket.
+# gcc, libxxhash-dev (header-only XXH3): the C extension chunkvol/format/fast.c.
 DEBIAN_PACKAGES := nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd python3-venv python3-dev \
 	fuse3 qemu-utils qemu-system-x86 fio e2fsprogs xfsprogs linux-image-amd64 \
 	psmisc util-linux busybox-static python3-cryptography iproute2 iptables \
 	ceph-mon ceph-osd ceph-common python3-rados radosgw python3-boto3 \
-	linux-source-6.12 flex bison bc xz-utils nbd-client socat
+	linux-source-6.12 flex bison bc xz-utils nbd-client socat gcc libxxhash-dev
 export PATH := /usr/bin:/bin:/usr/sbin:/sbin:$(PATH)
 
-.PHONY: all install system-packages uml-kernel run test test-soak test-fast bench bench-history bench-mirror bench-objstore bench-multimaster clean
+.PHONY: all install system-packages uml-kernel run test test-soak bench bench-history bench-mirror bench-objstore bench-multimaster clean
 
 all: install
 
@@ -40,7 +41,13 @@ $(VENV)/.installed: .stamp-system-packages requirements.txt pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
 	@touch $@
 
-install: $(VENV)/.installed
+# The hot path's pure functions in C (record.py and group_map.py keep the Python reference),
+# built for /usr/bin/python3: the interpreter nbdkit embeds, and the venv's.
+FAST_EXT := chunkvol/format/fast$(shell /usr/bin/python3 -c "import sysconfig;print(sysconfig.get_config_var('EXT_SUFFIX'))")
+$(FAST_EXT): chunkvol/format/fast.c Makefile | .stamp-system-packages
+	gcc -O2 -fPIC -shared -Wall $$(/usr/bin/python3-config --includes) -o $@ chunkvol/format/fast.c
+
+install: $(VENV)/.installed $(FAST_EXT)
 
 run: install
 	@mkdir -p $(dir $(SOCKET))
@@ -82,4 +89,4 @@ bench-multimaster: install
 	$(PY) tools/bench/multimaster_bench.py $(MULTIMASTER_ARGS)
 
 clean:
-	rm -rf $(VENV) .stamp-system-packages var build *.egg-info
+	rm -rf $(VENV) .stamp-system-packages var build *.egg-info $(FAST_EXT)

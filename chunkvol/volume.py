@@ -14,8 +14,8 @@ from chunkvol import history
 from chunkvol.errors import CorruptionError, OutOfRangeError, ReadOnlyError
 from chunkvol.format import group_map
 from chunkvol.format import record as record_format
-from chunkvol.format.record import (BLOCK_SIZE, BLOCK_TABLES, CHECKSUM_BYTES, FLAG_MORE, FLAG_TRIM, FLAG_ZSTD, GROUP_BLOCKS,
-                                    GROUP_SIZE, HEADER_SIZE, RAW_BLOCK_BYTES, RecordType, verify_blocks)
+from chunkvol.format.record import (BLOCK_SIZE, CHECKSUM_BYTES, FLAG_MORE, FLAG_TRIM, FLAG_ZSTD, GROUP_BLOCKS,
+                                    GROUP_SIZE, HEADER_SIZE, RAW_BLOCK_BYTES, RecordType, block_table, verify_blocks)
 
 import zstandard
 import xxhash
@@ -28,7 +28,6 @@ EXTENT_DATA = 0
 EXTENT_HOLE_ZERO = 3  # nbdkit.EXTENT_HOLE | nbdkit.EXTENT_ZERO
 MAX_EXTENT_GROUPS = 16384  # one extents reply covers at most 1 GiB; clients ask again
 MAX_HEALS_PER_READ = 8  # damaged records a read heals from mirrors before it gives up (EIO)
-_TABLES = BLOCK_TABLES
 
 
 def _where(address):
@@ -148,7 +147,7 @@ class Volume:
                     flags = FLAG_ZSTD
             if payload is None:
                 payload = piece
-                table = _TABLES[count].pack(*[_xxh3(piece[i:i + BLOCK_SIZE]) for i in range(0, piece_bytes, BLOCK_SIZE)])
+                table = block_table(piece)
             if not last or position + piece_bytes < total:
                 flags |= FLAG_MORE
             sequence = pool.next_sequence

@@ -31,6 +31,7 @@ The reader checks a record's header (volume, offset, hlc) against the ref before
 stale or misdirected map entry is detected, never returned as data.
 """
 
+import os
 import struct
 from itertools import chain
 from operator import itemgetter
@@ -256,3 +257,19 @@ def enforce_holes(state, floors):
             blocks[block] = None
             changed = True
     return from_blocks(blocks) if changed else state
+
+
+# ---- the compiled versions (format/fast.c) ----------------------------------------------
+# apply_write and apply_hole above (with _rebuild and _renumber) are the reference, kept and
+# tested against the C ones (tests/format/test_fast.py), which serve when the extension is
+# built (make install) and CHUNKVOL_PURE is not 1.
+REFERENCE = {"apply_write": apply_write, "apply_hole": apply_hole}
+try:
+    from chunkvol.format import fast
+except ImportError:  # not built: the reference serves
+    fast = None
+if fast is not None:
+    fast.setup_group_map(FULL_SLOTS, EMPTY_STATE, REFERENCE)
+    if os.environ.get("CHUNKVOL_PURE") != "1":
+        apply_write = fast.apply_write
+        apply_hole = fast.apply_hole

@@ -64,6 +64,7 @@ reader checks 1-5 to walk and 6 before anything is used.
 """
 
 import enum
+import os
 import struct
 from operator import itemgetter
 
@@ -155,11 +156,30 @@ def encode_header_into(buffer, position, record_type, flags, volume_id, payload,
     return HEADER_SIZE
 
 
+def encode_record_into(buffer, position, record_type, flags, volume_id, payload,
+                       origin_node, origin_sequence, hlc, offset_bytes, length_bytes, table):
+    """Write a whole record at buffer[position:]: the header, then `table` (a raw EXTENT's
+    block checksums; empty for any other record) and `payload`; returns the record's size."""
+    size = HEADER_SIZE + len(table) + len(payload)
+    encode_header_into(buffer, position, record_type, flags, volume_id, payload, origin_node, origin_sequence,
+                       hlc, offset_bytes, length_bytes, table=table or None)
+    if table:
+        data_at = position + HEADER_SIZE + len(table)
+        buffer[position + HEADER_SIZE:data_at] = table
+        buffer[data_at:position + size] = payload
+    else:
+        buffer[position + HEADER_SIZE:position + size] = payload
+    return size
+
+
 def block_table(data):
     """The checksum table of block-aligned `data` (a raw EXTENT's payload prefix)."""
     view = memoryview(data)
     count = len(view) // BLOCK_SIZE
     return BLOCK_TABLES[count].pack(*[_xxh3(view[i * BLOCK_SIZE:(i + 1) * BLOCK_SIZE]) for i in range(count)])
+
+
+extent_table = block_table  # the table of one EXTENT's piece of a write
 
 
 def decode_header(view, path=None, offset=None):
@@ -238,3 +258,27 @@ def commit_seen(payload):
 def commit_payload_valid(length):
     extra = length - COMMIT_PAYLOAD.size
     return extra >= 0 and extra % COMMIT_SEEN.size == 0 and extra // COMMIT_SEEN.size <= MAX_COMMIT_SEEN
+
+
+# ---- the compiled versions (format/fast.c) ----------------------------------------------
+# The functions above are the reference, kept and tested against the C ones
+# (tests/format/test_fast.py). The C ones serve when the extension is built (make install)
+# and CHUNKVOL_PURE is not 1; modules that import these names bind them after this point.
+REFERENCE = {"encode_header_into": encode_header_into, "encode_record_into": encode_record_into,
+             "block_table": block_table, "extent_table": extent_table, "decode_header": decode_header,
+             "verify_blocks": verify_blocks}
+try:
+    from chunkvol.format import fast
+except ImportError:  # not built: the reference serves
+    fast = None
+if fast is not None:
+    fast.setup_record(RecordHeader, CorruptionError, FormatError, _KNOWN_TYPES,
+                      (MAGIC, VERSION, HEADER_SIZE, BLOCK_SIZE, GROUP_BLOCKS, CHECKSUM_BYTES, MAX_PAYLOAD,
+                       int(RecordType.EXTENT)), REFERENCE)
+    if os.environ.get("CHUNKVOL_PURE") != "1":
+        encode_header_into = fast.encode_header_into
+        encode_record_into = fast.encode_record_into
+        block_table = fast.block_table
+        extent_table = fast.extent_table
+        decode_header = fast.decode_header
+        verify_blocks = fast.verify_blocks

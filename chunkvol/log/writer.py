@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from chunkvol.errors import CorruptionError, DeviceFailedError, OutOfSpaceError
 from chunkvol.format import chunk_header
-from chunkvol.format.record import HEADER_SIZE, RecordType, encode_header_into, MAX_PAYLOAD
+from chunkvol.format.record import HEADER_SIZE, RecordType, encode_header_into, encode_record_into, MAX_PAYLOAD
 
 BUFFER_BYTES = 1 << 20
 PREALLOCATE_BYTES = 64 << 20
@@ -92,15 +92,8 @@ class LogWriter:
         if self.used + size > self.room:
             self.drain()
         position = self.used
-        encode_header_into(self.buffer, position, record_type, flags, volume_id, payload,
-                           origin_node, origin_sequence, hlc, offset_bytes, length_bytes,
-                           table=table or None)
-        if table:
-            data_at = position + HEADER_SIZE + len(table)
-            self.buffer[position + HEADER_SIZE:data_at] = table
-            self.buffer[data_at:position + size] = payload
-        else:
-            self.buffer[position + HEADER_SIZE:position + size] = payload
+        encode_record_into(self.buffer, position, record_type, flags, volume_id, payload,
+                           origin_node, origin_sequence, hlc, offset_bytes, length_bytes, table)
         self.used = position + size
         log_address = chunk_header.address(self.chunk.chunk_id, self.file_offset + position)
         if self.used >= BUFFER_BYTES:
