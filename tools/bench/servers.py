@@ -89,6 +89,10 @@ class Server(abc.ABC):
     def argv(self, workdir: Path, size_bytes: int, paths: BenchPaths) -> list[str]:
         """The server's command line."""
 
+    def environment(self) -> dict[str, str]:
+        """Variables added to the server's environment."""
+        return {}
+
     def uri(self, paths: BenchPaths) -> str:
         return f"nbd+unix:///{self.export_name}?socket={paths.socket}"
 
@@ -182,12 +186,17 @@ class Chunkvol(Server):
     is_chunkvol = True
     chunk_size = "1G"
 
-    def __init__(self, name: str, compression: str, plugin_args: list[str]):
+    def __init__(self, name: str, compression: str, plugin_args: list[str], pure: bool = False):
         self.name = name
         self.compression = compression
         self.plugin_args = list(plugin_args)
+        self.pure = pure
         extra = f", {' '.join(plugin_args)}" if plugin_args else ""
-        self.description = f"chunkvol, compression {compression}{extra}"
+        self.description = f"chunkvol, compression {compression}{extra}" + (
+            ", pure Python (CHUNKVOL_PURE=1: no compiled hot path)" if pure else "")
+
+    def environment(self) -> dict[str, str]:
+        return {"CHUNKVOL_PURE": "1"} if self.pure else {}
 
     def plugin_path(self, paths: BenchPaths) -> Path:
         return paths.repo_root / "nbdkit_plugin" / "chunkvol_plugin.py"
@@ -282,7 +291,8 @@ class RunningServer:
         with open(self.log_path, "ab") as log:
             self.started_at = time.perf_counter()
             self.process = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                            env=tool_environment(), cwd=str(self.paths.repo_root),
+                                            env={**tool_environment(), **self.server.environment()},
+                                            cwd=str(self.paths.repo_root),
                                             start_new_session=True)
         _running[self.process.pid] = self
 
