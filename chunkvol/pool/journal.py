@@ -15,7 +15,6 @@ pool first and are bound as its methods (pool.flush_point()). Every function tak
 lock (reentrant) itself, but `append` and `request`: hold it around those.
 """
 
-import contextlib
 import time
 
 from chunkvol import history
@@ -155,25 +154,38 @@ def _save_map(pool, log_address, records_replayed):
     pool.tombstones.changed = False
 
 
-@contextlib.contextmanager
-def request(pool):
+class Request:
     """One client request is all or nothing: if appending any of its records fails (a full
-    disk), its records leave the log and its changes the block map. Hold the pool lock."""
-    writer = pool.writer
-    blockmap = pool.blockmap
-    mark = writer.mark()
-    blockmap.undo = undo = []
-    try:
-        yield
-    except BaseException:
+    disk), its records leave the log and its changes the block map. Hold the pool lock.
+    (A class, not a generator: entered on every write, it costs half as much.)"""
+
+    __slots__ = ("pool", "mark", "undo")
+
+    def __init__(self, pool):
+        self.pool = pool
+
+    def __enter__(self):
+        pool = self.pool
+        self.mark = pool.writer.mark()
+        pool.blockmap.undo = self.undo = []
+
+    def __exit__(self, kind, error, trace):
+        pool = self.pool
         try:
-            writer.roll_back(mark)
-            blockmap.roll_back(undo)
-        except OSError as error:
-            writer.fail(error)
-        raise
-    finally:
-        blockmap.undo = None
+            if kind is not None:
+                try:
+                    pool.writer.roll_back(self.mark)
+                    pool.blockmap.roll_back(self.undo)
+                except OSError as failure:
+                    pool.writer.fail(failure)  # raises DeviceFailedError in place of the request's error
+        finally:
+            pool.blockmap.undo = None
+        return False
+
+
+def request(pool):
+    """`with pool.request():` around the appends of one client request (see Request)."""
+    return Request(pool)
 
 
 def auto_flush(pool):
