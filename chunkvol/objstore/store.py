@@ -7,6 +7,7 @@ exponential backoff and jitter for up to RETRY_SECONDS (CHUNKVOL_STORE_RETRY_SEC
 20), or the store's own `retry_seconds`, then raised as UnreachableError.
 """
 
+import abc
 import os
 import random
 import time
@@ -22,26 +23,33 @@ class TransientError(Exception):
     """Raised by a backend for a fault worth retrying (never leaves this package)."""
 
 
-class ObjectStore:
-    """The five calls, each retried; a backend implements the _raw_* calls."""
+class ObjectStore(abc.ABC):
+    """The five calls, each retried; a backend implements the _raw_* calls (abstract: a
+    backend missing one cannot be made at all, rather than failing at its first call)."""
 
     url = None
     retry_seconds = None  # RETRY_SECONDS unless open_store was given another
 
+    @abc.abstractmethod
     def _raw_put(self, name, data):
-        raise NotImplementedError
+        """Write the object whole."""
 
+    @abc.abstractmethod
     def _raw_get(self, name, offset, length):
-        raise NotImplementedError
+        """Bytes [offset, +length) of the object; length None: to its end. NotFoundError
+        (`missing`) if there is none, as for _raw_size and _raw_delete."""
 
+    @abc.abstractmethod
     def _raw_size(self, name):
-        raise NotImplementedError
+        """The object's size in bytes."""
 
+    @abc.abstractmethod
     def _raw_list(self, prefix):
-        raise NotImplementedError
+        """The names that begin with `prefix`, in any order."""
 
+    @abc.abstractmethod
     def _raw_delete(self, name):
-        raise NotImplementedError
+        """Remove the object; NotFoundError (`missing`) if there is none."""
 
     def _retry(self, what, call, *args):
         patience = RETRY_SECONDS if self.retry_seconds is None else self.retry_seconds
