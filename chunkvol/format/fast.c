@@ -352,7 +352,7 @@ python:
     return fallback(py_encode_record_into, args, nargs, kwnames);
 }
 
-/* record.block_table (and record.extent_table) */
+/* record.block_table */
 static PyObject *
 fast_block_table(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
@@ -766,8 +766,6 @@ static PyMethodDef methods[] = {
     FAST(encode_header_into, "record.encode_header_into, in C."),
     FAST(encode_record_into, "record.encode_record_into, in C."),
     FAST(block_table, "record.block_table, in C."),
-    {"extent_table", (PyCFunction)(void (*)(void))fast_block_table, METH_FASTCALL | METH_KEYWORDS,
-     "record.extent_table (block_table), in C."},
     FAST(decode_header, "record.decode_header, in C."),
     FAST(verify_blocks, "record.verify_blocks, in C."),
     FAST(apply_write, "group_map.apply_write, in C."),

@@ -179,9 +179,6 @@ def block_table(data):
     return BLOCK_TABLES[count].pack(*[_xxh3(view[i * BLOCK_SIZE:(i + 1) * BLOCK_SIZE]) for i in range(count)])
 
 
-extent_table = block_table  # the table of one EXTENT's piece of a write
-
-
 def decode_header(view, path=None, offset=None):
     """Check rules 1-4 on a 72-byte header and return its fields; raise CorruptionError."""
     if len(view) < HEADER_SIZE:
@@ -265,7 +262,7 @@ def commit_payload_valid(length):
 # (tests/format/test_fast.py). The C ones serve when the extension is built (make install)
 # and CHUNKVOL_PURE is not 1; modules that import these names bind them after this point.
 REFERENCE = {"encode_header_into": encode_header_into, "encode_record_into": encode_record_into,
-             "block_table": block_table, "extent_table": extent_table, "decode_header": decode_header,
+             "block_table": block_table, "decode_header": decode_header,
              "verify_blocks": verify_blocks}
 try:
     from chunkvol.format import fast
@@ -279,6 +276,5 @@ if fast is not None:
         encode_header_into = fast.encode_header_into
         encode_record_into = fast.encode_record_into
         block_table = fast.block_table
-        extent_table = fast.extent_table
         decode_header = fast.decode_header
         verify_blocks = fast.verify_blocks

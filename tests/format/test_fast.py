@@ -70,7 +70,7 @@ def names_in_a_fresh_process(pure):
         "from chunkvol import volume\n"
         "from chunkvol.log import writer\n"
         "names = [record.encode_header_into, record.encode_record_into, record.block_table,\n"
-        "         record.extent_table, record.decode_header, record.verify_blocks,\n"
+        "         record.decode_header, record.verify_blocks,\n"
         "         group_map.apply_write, group_map.apply_hole, volume.block_table, volume.verify_blocks,\n"
         "         writer.encode_record_into, writer.encode_header_into]\n"
         "reference = [*record.REFERENCE.values(), *group_map.REFERENCE.values()]\n"
@@ -451,7 +451,6 @@ def test_odd_encode_arguments_give_pythons_answer():
 def test_block_table(length, kind, seed):
     data = as_kind(data_of(seed, length), kind)
     assert outcome(fast.block_table, data) == outcome(PY["block_table"], data)
-    assert outcome(fast.extent_table, data) == outcome(PY["extent_table"], data)
 
 
 @needs_fast
