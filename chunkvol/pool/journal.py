@@ -199,3 +199,7 @@ def auto_flush(pool):
     elif sum(blockmap.written.values()) >= AUTO_FLUSH_BYTES:
         # A flush point, not a sync: the COMMIT names what is durable already.
         flush_point(pool, durable=pool.writer.durable_address)
+        # Its sealed versions wait in memory for a checkpoint; with a client that never
+        # flushes, only this keeps them bounded (dirty groups never reach AUTO_FLUSH_GROUPS
+        # when every 16 MiB seals them).
+        checkpoint_if_due(pool)
