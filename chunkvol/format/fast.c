@@ -116,7 +116,7 @@ static unsigned char known_types[256];
 static PyObject *py_encode_header_into, *py_encode_record_into, *py_block_table, *py_decode_header,
     *py_verify_blocks;
 static PyObject *full_slots, *empty_state; /* group_map.FULL_SLOTS, group_map.EMPTY_STATE */
-static PyObject *py_apply_write, *py_apply_hole;
+static PyObject *py_apply_write, *py_apply_hole, *py_encode_state, *py_decode_state;
 static PyTypeObject *mmap_type;
 
 /* ---- helpers --------------------------------------------------------------------------- */
@@ -747,15 +747,114 @@ fast_setup_group_map(PyObject *module, PyObject *args)
     }
     PyObject *write = PyDict_GetItemString(reference, "apply_write");
     PyObject *hole_function = PyDict_GetItemString(reference, "apply_hole");
-    if (write == NULL || hole_function == NULL) {
-        PyErr_SetString(PyExc_KeyError, "setup_group_map: no reference apply_write or apply_hole");
+    PyObject *encode = PyDict_GetItemString(reference, "encode_state");
+    PyObject *decode = PyDict_GetItemString(reference, "decode_state");
+    if (write == NULL || hole_function == NULL || encode == NULL || decode == NULL) {
+        PyErr_SetString(PyExc_KeyError, "setup_group_map: no reference apply_write, apply_hole, encode_state or "
+                                        "decode_state");
         return NULL;
     }
     Py_XSETREF(full_slots, Py_NewRef(full));
     Py_XSETREF(empty_state, Py_NewRef(empty));
     Py_XSETREF(py_apply_write, Py_NewRef(write));
     Py_XSETREF(py_apply_hole, Py_NewRef(hole_function));
+    Py_XSETREF(py_encode_state, Py_NewRef(encode));
+    Py_XSETREF(py_decode_state, Py_NewRef(decode));
     Py_RETURN_NONE;
+}
+
+/* ---- group_map.py: the LMDB values ------------------------------------------------------ */
+
+#define VALUE_HEAD 22
+#define REF_SIZE 22
+#define MAX_KEY 64 /* group_map keys are 24 bytes; anything longer goes the Python way */
+
+
+/* One ref (address u64, stored_length u32, hlc u64, flags u16) packed at p: 1 done, 0 not
+ * a plain 4-tuple of ints in range (struct.pack decides: fall back). */
+static int
+pack_ref(PyObject *ref, unsigned char *p)
+{
+    if (!PyTuple_Check(ref) || Py_TYPE(ref)->tp_iter != PyTuple_Type.tp_iter || PyTuple_GET_SIZE(ref) != 4)
+        return 0;
+    uint64_t address, stored_length, hlc, flags;
+    if (!uint_arg(PyTuple_GET_ITEM(ref, 0), UINT64_MAX, &address)
+        || !uint_arg(PyTuple_GET_ITEM(ref, 1), UINT32_MAX, &stored_length)
+        || !uint_arg(PyTuple_GET_ITEM(ref, 2), UINT64_MAX, &hlc) || !uint_arg(PyTuple_GET_ITEM(ref, 3), 0xFFFF, &flags))
+        return 0;
+    put64(p, address);
+    put32(p + 8, stored_length);
+    put64(p + 12, hlc);
+    put16(p + 20, flags);
+    return 1;
+}
+
+/* group_map.encode_state(state, raw_key) */
+static PyObject *
+fast_encode_state(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    if (nargs != 2 || kwnames != NULL || py_encode_state == NULL)
+        return fallback(py_encode_state, args, nargs, kwnames);
+    PyObject *state = args[0], *raw_key = args[1];
+    if (!PyTuple_CheckExact(state) || PyTuple_GET_SIZE(state) != 2 || !PyBytes_CheckExact(raw_key)
+        || PyBytes_GET_SIZE(raw_key) > MAX_KEY)
+        return fallback(py_encode_state, args, nargs, kwnames);
+    PyObject *slots = PyTuple_GET_ITEM(state, 0), *refs = PyTuple_GET_ITEM(state, 1);
+    if (!PyBytes_CheckExact(slots) || PyBytes_GET_SIZE(slots) != GROUP_BLOCKS || !PyTuple_CheckExact(refs)
+        || PyTuple_GET_SIZE(refs) > GROUP_BLOCKS)
+        return fallback(py_encode_state, args, nargs, kwnames);
+    /* key, then the value with its checksum field 0: what the checksum covers */
+    unsigned char signed_bytes[MAX_KEY + VALUE_HEAD + REF_SIZE * GROUP_BLOCKS];
+    Py_ssize_t key_size = PyBytes_GET_SIZE(raw_key), count = PyTuple_GET_SIZE(refs);
+    Py_ssize_t size = VALUE_HEAD + REF_SIZE * count;
+    unsigned char *value = signed_bytes + key_size;
+    memcpy(signed_bytes, PyBytes_AS_STRING(raw_key), key_size);
+    value[0] = (unsigned char)count;
+    value[1] = 0;
+    put32(value + 2, 0);
+    memcpy(value + 6, PyBytes_AS_STRING(slots), GROUP_BLOCKS);
+    for (Py_ssize_t i = 0; i < count; i++)
+        if (!pack_ref(PyTuple_GET_ITEM(refs, i), value + VALUE_HEAD + REF_SIZE * i))
+            return fallback(py_encode_state, args, nargs, kwnames);
+    put32(value + 2, xxh3(signed_bytes, key_size + size) & 0xFFFFFFFF);
+    return PyBytes_FromStringAndSize((const char *)value, size);
+}
+
+/* group_map.decode_state(raw, raw_key): a good value only; a bad one (short, bad length,
+ * bad checksum) goes to the Python, which raises its CorruptionError. */
+static PyObject *
+fast_decode_state(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    if (nargs != 2 || kwnames != NULL || py_decode_state == NULL)
+        return fallback(py_decode_state, args, nargs, kwnames);
+    PyObject *raw = args[0], *raw_key = args[1];
+    if (!PyBytes_CheckExact(raw) || !PyBytes_CheckExact(raw_key) || PyBytes_GET_SIZE(raw_key) > MAX_KEY
+        || PyBytes_GET_SIZE(raw) < VALUE_HEAD)
+        return fallback(py_decode_state, args, nargs, kwnames);
+    const unsigned char *value = (const unsigned char *)PyBytes_AS_STRING(raw);
+    Py_ssize_t count = value[0], key_size = PyBytes_GET_SIZE(raw_key);
+    if (count > GROUP_BLOCKS || PyBytes_GET_SIZE(raw) != VALUE_HEAD + REF_SIZE * count)
+        return fallback(py_decode_state, args, nargs, kwnames);
+    unsigned char signed_bytes[MAX_KEY + VALUE_HEAD + REF_SIZE * GROUP_BLOCKS];
+    memcpy(signed_bytes, PyBytes_AS_STRING(raw_key), key_size);
+    memcpy(signed_bytes + key_size, value, PyBytes_GET_SIZE(raw));
+    put32(signed_bytes + key_size + 2, 0);
+    if ((xxh3(signed_bytes, key_size + PyBytes_GET_SIZE(raw)) & 0xFFFFFFFF) != get32(value + 2))
+        return fallback(py_decode_state, args, nargs, kwnames);
+    PyObject *refs = PyTuple_New(count);
+    if (refs == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        const unsigned char *p = value + VALUE_HEAD + REF_SIZE * i;
+        PyObject *ref = Py_BuildValue("(KkKk)", (unsigned long long)get64(p), (unsigned long)get32(p + 8),
+                                      (unsigned long long)get64(p + 12), (unsigned long)get16(p + 20));
+        if (ref == NULL) {
+            Py_DECREF(refs);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(refs, i, ref);
+    }
+    return Py_BuildValue("(y#N)", (const char *)value + 6, (Py_ssize_t)GROUP_BLOCKS, refs);
 }
 
 /* ---- module ---------------------------------------------------------------------------- */
@@ -770,6 +869,8 @@ static PyMethodDef methods[] = {
     FAST(verify_blocks, "record.verify_blocks, in C."),
     FAST(apply_write, "group_map.apply_write, in C."),
     FAST(apply_hole, "group_map.apply_hole, in C."),
+    FAST(encode_state, "group_map.encode_state, in C."),
+    FAST(decode_state, "group_map.decode_state, in C (a bad value goes to the Python, which raises)."),
     {"xxh3_variants", fast_xxh3_variants, METH_O,
      "xxh3_variants(data): ((variant, xxh3-64 of data), ...) for each long-input variant this CPU runs."},
     {"setup_record", fast_setup_record, METH_VARARGS,

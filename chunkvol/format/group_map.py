@@ -260,10 +260,12 @@ def enforce_holes(state, floors):
 
 
 # ---- the compiled versions (format/fast.c) ----------------------------------------------
-# apply_write and apply_hole above (with _rebuild and _renumber) are the reference, kept and
-# tested against the C ones (tests/format/test_fast.py), which serve when the extension is
-# built (make install) and CHUNKVOL_PURE is not 1.
-REFERENCE = {"apply_write": apply_write, "apply_hole": apply_hole}
+# apply_write and apply_hole above (with _rebuild and _renumber), encode_state and
+# decode_state are the reference, kept and tested against the C ones
+# (tests/format/test_fast.py), which serve when the extension is built (make install) and
+# CHUNKVOL_PURE is not 1.
+REFERENCE = {"apply_write": apply_write, "apply_hole": apply_hole, "encode_state": encode_state,
+             "decode_state": decode_state}
 try:
     from chunkvol.format import fast
 except ImportError:  # not built: the reference serves
@@ -273,3 +275,5 @@ if fast is not None:
     if os.environ.get("CHUNKVOL_PURE") != "1":
         apply_write = fast.apply_write
         apply_hole = fast.apply_hole
+        encode_state = fast.encode_state
+        decode_state = fast.decode_state

@@ -154,6 +154,9 @@ def test_the_hot_paths_inputs_never_fall_back_to_python():
         state = fast.apply_hole(state, 1, 2)
         fast.apply_write(state, 0, GROUP_BLOCKS, ref)
         fast.apply_hole(None, 1, 2)
+        raw_key = group_map.key(1, 2, 3, 4)
+        fast.decode_state(fast.encode_state(state, raw_key), raw_key)  # a checkpoint, a map lookup
+        fast.decode_state(fast.encode_state(group_map.EMPTY_STATE, raw_key), raw_key)
     finally:
         setup(PY, PY_MAP)  # as record.py and group_map.py set it up
 
@@ -295,6 +298,89 @@ def test_odd_arguments_give_pythons_answer():
             assert [id(ref) for ref in c[1][1]] == [id(ref) for ref in py[1][1]]
     assert outcome(fast.apply_write, state, 1, 2, ref=REF_POOL[1]) == outcome(PY_MAP["apply_write"], state, 1, 2,
                                                                                ref=REF_POOL[1])
+
+
+# ---- group_map: encode_state, decode_state (the LMDB values) ----------------------------
+
+_bits = {bits: st.integers(0, (1 << bits) - 1) for bits in (16, 32, 64)}
+wide_refs = st.tuples(_bits[64], _bits[32], _bits[64], _bits[16])
+keys = st.tuples(_bits[32], _bits[64], _bits[64], _bits[32]).map(lambda fields: group_map.key(*fields))
+
+
+@st.composite
+def stored_states(draw):
+    """Any valid state, with refs anywhere in their fields' ranges, plain or BlockRef."""
+    ref_list = draw(st.lists(st.one_of(wide_refs, wide_refs.map(BlockRef), refs()), max_size=GROUP_BLOCKS))
+    slots = bytes(draw(st.lists(st.integers(0, 255), min_size=GROUP_BLOCKS, max_size=GROUP_BLOCKS)))
+    return slots, tuple(ref_list)
+
+
+def same_decoded(c_result, py_result):
+    assert c_result == py_result
+    if c_result[0] == "returned":
+        c_slots, c_refs = c_result[1]
+        assert type(c_slots) is bytes and type(c_refs) is tuple
+        assert all(type(ref) is tuple and all(type(field) is int for field in ref) for ref in c_refs)
+
+
+@needs_fast
+@settings(max_examples=400, deadline=None)
+@given(stored_states(), keys, st.integers(0, 2**32), st.sampled_from(["none", "flip", "cut", "grow", "count", "key"]))
+def test_encode_and_decode_state(state, raw_key, seed, mutation):
+    raw = fast.encode_state(state, raw_key)
+    assert type(raw) is bytes and raw == PY_MAP["encode_state"](state, raw_key)
+    rng = random.Random(seed)
+    if mutation == "flip":
+        position = rng.randrange(len(raw))
+        raw = raw[:position] + bytes([raw[position] ^ 1 << rng.randrange(8)]) + raw[position + 1:]
+    elif mutation == "cut":
+        raw = raw[:rng.randrange(len(raw))]
+    elif mutation == "grow":
+        raw += data_of(seed, rng.randrange(1, 30))
+    elif mutation == "count":
+        raw = bytes([rng.randrange(256)]) + raw[1:]
+    elif mutation == "key":
+        raw_key = group_map.key(rng.randrange(4), rng.randrange(4), rng.randrange(4), rng.randrange(4))
+    c, py = outcome(fast.decode_state, raw, raw_key), outcome(PY_MAP["decode_state"], raw, raw_key)
+    same_decoded(c, py)
+    if mutation == "none":
+        assert c[1] == (state[0], tuple(tuple(ref) for ref in state[1]))
+
+
+@needs_fast
+def test_odd_state_arguments_give_pythons_answer():
+    raw_key = group_map.key(1, 2, 3, 4)
+    state = (bytes(range(16)), (REF_POOL[0], BlockRef(REF_POOL[1])))
+    raw = PY_MAP["encode_state"](state, raw_key)
+    encode_cases = [
+        (state, raw_key), (list(state), raw_key), ((state[0], list(state[1])), raw_key),
+        ((bytearray(state[0]), state[1]), raw_key), ((state[0][:8], state[1]), raw_key),
+        ((state[0] + b"x", state[1]), raw_key), (("slots" * 4, state[1]), raw_key),
+        ((state[0], state[1], 1), raw_key), ((state[0], (REF_POOL[0],) * 17), raw_key),
+        ((state[0], ((1, 2, 3),)), raw_key), ((state[0], ((1, 2, 3, 4, 5),)), raw_key),
+        ((state[0], ([1, 2, 3, 4],)), raw_key), ((state[0], ((-1, 2, 3, 4),)), raw_key),
+        ((state[0], ((1 << 64, 2, 3, 4),)), raw_key), ((state[0], ((1, 1 << 32, 3, 4),)), raw_key),
+        ((state[0], ((1, 2, 3, 1 << 16),)), raw_key), ((state[0], ((1, 2.0, 3, 4),)), raw_key),
+        ((state[0], ((True, 2, 3, 4),)), raw_key), ((state[0], ((1, 2, 3, None),)), raw_key),
+        (state, bytearray(raw_key)), (state, memoryview(raw_key)), (state, raw_key * 4), (state, "key"),
+        (None, raw_key), (EMPTY_STATE, b""),
+    ]
+    for args in encode_cases:
+        assert outcome(fast.encode_state, *args) == outcome(PY_MAP["encode_state"], *args), args
+    decode_cases = [
+        (raw, raw_key), (bytearray(raw), raw_key), (memoryview(raw), raw_key), (raw, bytearray(raw_key)),
+        (raw, raw_key * 4), (raw[:21], raw_key), (b"", raw_key), (raw + b"\0" * 22, raw_key), ("raw", raw_key),
+        (raw, None),
+    ]
+    def forged(value):  # a value of the wrong shape under a checksum that matches it
+        unsigned = value[:2] + bytes(4) + value[6:]
+        return value[:2] + struct.pack("<I", xxhash.xxh3_64_intdigest(raw_key + unsigned) & 0xFFFFFFFF) + value[6:]
+    decode_cases += [(forged(raw + bytes(22)), raw_key), (forged(raw[:-22]), raw_key), (forged(raw + bytes(1)), raw_key),
+                     (forged(bytes([17]) + raw[1:] + bytes(22 * 15)), raw_key), (forged(raw), raw_key)]
+    for args in decode_cases:
+        same_decoded(outcome(fast.decode_state, *args), outcome(PY_MAP["decode_state"], *args))
+    assert outcome(fast.encode_state, state, raw_key=raw_key) == outcome(PY_MAP["encode_state"], state, raw_key=raw_key)
+    assert outcome(fast.decode_state, raw) == outcome(PY_MAP["decode_state"], raw)
 
 
 # ---- record: encode_header_into, encode_record_into ------------------------------------
