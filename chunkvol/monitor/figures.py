@@ -3,8 +3,6 @@ without changing it: `status --json`'s report (cli/status_command.py), each mirr
 peer's lag as `mirror status` computes it (mirror/shipper.py, Shipper.status), and the
 incoming lag a peer reports about itself (what `peer status` shows)."""
 
-import time
-
 from chunkvol import history
 from chunkvol.cli.status_command import collect
 from chunkvol.errors import ChunkvolError
@@ -12,27 +10,26 @@ from chunkvol.mirror import config as mirror_config
 from chunkvol.mirror import targets
 from chunkvol.mirror.shipper import Shipper
 
-# A report walks every written group under the pool lock (space.py); a scrape every few
-# seconds must not make requests wait on that each time, so one report serves this long.
-REPORT_SECONDS = 15.0
 TIMELINE_POINTS = 400  # flush points drawn per volume: the newest ones
 
 
 class PoolFigures:
-    """Reads one open pool's figures; the report is cached for REPORT_SECONDS."""
+    """Reads one open pool's figures. A report walks every written group under the pool lock
+    (space.py): it is made again only when the log has moved or a chunk was evicted since the
+    last one, so scrapes of an idle pool cost requests nothing."""
 
-    def __init__(self, pool, clock=time.monotonic):
+    def __init__(self, pool):
         self.pool = pool
-        self.clock = clock
         self.report = None
-        self.report_time = None
+        self.report_key = None
 
     def pool_report(self):
         """`chunkvol status --json`'s report, plus each volume's conflicts and timeline."""
-        now = self.clock()
-        if self.report is None or now - self.report_time >= REPORT_SECONDS:
-            pool = self.pool
-            with pool.lock:  # the chunk table and the volumes stay as they are meanwhile
+        pool = self.pool
+        with pool.lock:  # the chunk table and the volumes stay as they are meanwhile
+            chunks = pool.chunks.ids()
+            key = (pool.writer.position, tuple(pool.chunks.get(each).remote is None for each in chunks))
+            if key != self.report_key:
                 report = collect(pool)
                 for name, volume in report["volumes"].items():
                     info = pool.volume_info(name)
@@ -41,8 +38,8 @@ class PoolFigures:
                     volume["snapshot_list"] = sorted(
                         ({"name": s["name"], "stamp": s["stamp"], "time": history.format_stamp(s["stamp"])}
                          for s in pool.snapshots.get(info.volume_id, {}).values()), key=lambda s: s["stamp"])
-            self.report, self.report_time = report, now
-        return self.report
+                self.report, self.report_key = report, key
+            return self.report
 
     def horizon(self):
         with self.pool.lock:

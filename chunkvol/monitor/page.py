@@ -26,7 +26,7 @@ def render(figures, sampler):
              f"<title>chunkvol {escape(report['pool'])}</title>", f"<style>{STYLE}</style></head><body>",
              f"<h1>chunkvol pool {escape(report['pool'])}</h1>",
              f'<p class="note">node {escape(report["node_id"])}, chunks of {escape(format_size(report["chunk_size"]))}'
-             f', page drawn {escape(report["time"])} (figures at most 15 s old)</p>']
+             f', page drawn {escape(report["time"])}</p>']
     parts += _volumes(report)
     parts += _mirrors(figures, sampler)
     parts += _chunks(report)
