@@ -13,14 +13,18 @@ PORT ?= 10809
 # once (tools/guest/uml_kernel.py; bookworm's linux.uml panics on hosts with AMX state).
 # nbd-client, socat: the kernel's NBD client inside the qemu guest, reaching the host's socket.
 # gcc, libxxhash-dev (header-only XXH3): the C extension chunkvol/format/fast.c.
+# python3-prometheus-client: `serve --http`'s /metrics, inside nbdkit's /usr/bin/python3 too.
+# chromium: the status page's test loads it in a real headless browser and takes a screenshot.
+# systemd: systemd-analyze verify and systemd-escape for contrib/systemd/chunkvol@.service.
 DEBIAN_PACKAGES := nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd python3-venv python3-dev \
 	fuse3 qemu-utils qemu-system-x86 fio e2fsprogs xfsprogs linux-image-amd64 \
 	psmisc util-linux busybox-static python3-cryptography iproute2 iptables \
 	ceph-mon ceph-osd ceph-common python3-rados radosgw python3-boto3 \
-	linux-source-6.12 flex bison bc xz-utils nbd-client socat gcc libxxhash-dev
+	linux-source-6.12 flex bison bc xz-utils nbd-client socat gcc libxxhash-dev \
+	python3-prometheus-client chromium systemd
 export PATH := /usr/bin:/bin:/usr/sbin:/sbin:$(PATH)
 
-.PHONY: all install system-packages uml-kernel run test test-soak bench bench-history bench-mirror bench-objstore bench-multimaster clean
+.PHONY: all install install-service system-packages uml-kernel run test test-soak bench bench-history bench-mirror bench-objstore bench-multimaster clean
 
 all: install
 
@@ -55,6 +59,16 @@ run: install
 	@$(VENV)/bin/chunkvol --pool $(POOL) volume list --json | grep -q '"name": "$(VOLUME)"' || \
 	  $(VENV)/bin/chunkvol --pool $(POOL) volume create $(VOLUME) --size $(SIZE)
 	exec $(VENV)/bin/chunkvol --pool $(POOL) serve --socket $(SOCKET) --port $(PORT) --print-attach
+
+# contrib/systemd/chunkvol@.service into systemd, with ExecStart pointing at this checkout's
+# chunkvol (the file says /usr/local/bin/chunkvol). Then, for a pool at /srv/pool0:
+#   systemctl enable --now "chunkvol@$$(systemd-escape --path /srv/pool0).service"
+SYSTEMD_UNIT_DIR ?= /etc/systemd/system
+install-service: install
+	sed 's|^ExecStart=/usr/local/bin/chunkvol |ExecStart=$(CURDIR)/$(VENV)/bin/chunkvol |' contrib/systemd/chunkvol@.service \
+	  > $(SYSTEMD_UNIT_DIR)/chunkvol@.service
+	if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
+	@echo "installed $(SYSTEMD_UNIT_DIR)/chunkvol@.service"
 
 # The user-mode Linux the UML tests boot, built once (a few minutes, cached in /var/cache/chunkvol/uml or
 # $CHUNKVOL_UML_CACHE) from Debian's linux-source-6.12 with tools/guest/uml/*.patch and a minimal config.

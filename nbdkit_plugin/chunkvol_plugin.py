@@ -4,7 +4,7 @@
 #
 #   nbdkit -f -U /tmp/nbd.sock python nbdkit_plugin/chunkvol_plugin.py pool=/path/to/pool \
 #          [volume=NAME] [readonly=true] [thread_model=serialize|parallel] [cache=writeback|none]
-#          [listen=HOST:PORT]
+#          [listen=HOST:PORT] [http=HOST:PORT] [log_format=text|json]
 #
 # A thin adapter: it checks its keys, opens the pool after nbdkit forks (LMDB must not cross
 # a fork), and maps chunkvol's errors to errno. The work is in the chunkvol package.
@@ -16,6 +16,7 @@ import os
 import site
 import sys
 import threading
+from time import monotonic_ns
 
 import nbdkit
 
@@ -39,18 +40,24 @@ _add_project_paths()
 
 from chunkvol import errors, heal  # noqa: E402
 from chunkvol.control import ControlServer  # noqa: E402
+from chunkvol.monitor.counters import RequestCounts  # noqa: E402
+from chunkvol.monitor.errors import ErrorCounts, kind_of  # noqa: E402
+from chunkvol.monitor.log import EventLog  # noqa: E402
 from chunkvol.pool import Pool  # noqa: E402
 from chunkvol.volume import open_volume  # noqa: E402
 
-KEYS = ("pool", "volume", "readonly", "thread_model", "cache", "listen")
+KEYS = ("pool", "volume", "readonly", "thread_model", "cache", "listen", "http", "log_format")
 # serialize: each connection's requests one at a time, on that connection's own thread (nbdkit's
 # serialize_requests); measured here 2x (4 KiB random writes), 2.8x (random reads) and 1.9x
 # (writes with a flush every 32) over parallel, whose GIL hand-offs cost more than fdatasync
 # stalls. Not serialize_all_requests: nbdkit 1.32 holds that model's one lock through every
 # connection's handshake, so one client silent in its handshake stopped every other.
 settings = {"pool": None, "volume": None, "readonly": False, "thread_model": "serialize", "cache": None,
-            "listen": None}
-state = {"pool": None, "control": None, "receiver": None}
+            "listen": None, "http": None, "log_format": "text"}
+state = {"pool": None, "control": None, "receiver": None, "monitor": None}
+# What `serve --http` shows (chunkvol/monitor): counted here, where the requests are.
+requests = RequestCounts()
+failures = ErrorCounts()
 
 ERRNO = (
     (errors.OutOfRangeError, errno.EINVAL),
@@ -63,8 +70,16 @@ ERRNO = (
 )
 
 
+# Which of the client's errors are the server's failures, for chunkvol_errors_total; a bad
+# request (out of range, read-only, no such export) is the client's and not counted.
+FAILURES = (errors.CorruptionError, errors.DeviceFailedError, errors.OutOfSpaceError, errors.PeerError,
+            errors.UnreachableError, errors.AccessDeniedError)
+
+
 def _fail(error):
     """Set the errno for an exception and let nbdkit report it."""
+    if isinstance(error, FAILURES):
+        failures.count("store" if isinstance(error, errors.UnreachableError) else kind_of(error))
     for kind, number in ERRNO:
         if isinstance(error, kind):
             nbdkit.set_error(number)
@@ -107,6 +122,10 @@ def config(key, value):
         if value not in ("writeback", "none"):
             raise RuntimeError("chunkvol: cache must be writeback or none")
         settings["cache"] = value
+    elif key == "log_format":
+        if value not in ("text", "json"):
+            raise RuntimeError("chunkvol: log_format must be text or json")
+        settings["log_format"] = value
     else:
         settings[key] = value
 
@@ -142,18 +161,33 @@ def after_fork():
             state["control"] = ControlServer(state["pool"]).start()
         except (OSError, errors.ChunkvolError) as error:
             nbdkit.debug(f"chunkvol: no control socket, changes need the server stopped: {error}")
+    log = EventLog(settings["log_format"], stamped=False)
     if settings["listen"]:
         # Other nodes' batches arrive here (mirror/node_link.py), beside the NBD exports.
         from chunkvol.mirror.node_link import ReceiverServer
         host, _, port = settings["listen"].rpartition(":")
         try:
             state["receiver"] = ReceiverServer(state["pool"], host.strip("[]"), int(port),
-                                               log=lambda line: print(f"chunkvol: {line}", file=sys.stderr, flush=True)).start()
+                                               log=log.receiver_line).start()
         except (OSError, ValueError, errors.ChunkvolError) as error:
             raise RuntimeError(f"chunkvol: listen={settings['listen']}: {error}") from None
+    if settings["http"]:
+        # /metrics and the status page, read-only (chunkvol/monitor/web.py).
+        from chunkvol.monitor.web import MonitorServer
+        host, _, port = settings["http"].rpartition(":")
+        try:
+            state["monitor"] = MonitorServer(state["pool"], host.strip("[]"), int(port), requests, failures,
+                                             receiver=state["receiver"]).start()
+        except (OSError, ValueError, errors.ChunkvolError) as error:
+            raise RuntimeError(f"chunkvol: http={settings['http']}: {error}") from None
+        log.event("info", "http.listening", f"metrics and status page at http://{settings['http']}/",
+                  address=settings["http"])
 
 
 def cleanup():
+    if state["monitor"] is not None:
+        state["monitor"].stop()
+        state["monitor"] = None
     if state["receiver"] is not None:
         state["receiver"].stop()
         state["receiver"] = None
@@ -185,6 +219,15 @@ def default_export(readonly, is_tls):
     return names[0] if len(names) == 1 else ""
 
 
+class Connection:
+    """nbdkit's handle: the volume a client opened, and the counts of its requests."""
+    __slots__ = ("volume", "counts")
+
+    def __init__(self, volume):
+        self.volume = volume
+        self.counts = requests.connect(volume.info.name)
+
+
 def open(readonly):  # noqa: A001 (nbdkit's callback name)
     name = nbdkit.export_name() or settings["volume"] or ""
     if not name:
@@ -201,66 +244,69 @@ def open(readonly):  # noqa: A001 (nbdkit's callback name)
         _fail(error)
         raise
     state["pool"].connections.attach(volume.info.name, live=volume.point is None, point=volume.point)
-    return volume
+    return Connection(volume)
 
 
-def close(volume):
+def close(connection):
     _unpin()
+    requests.disconnect(connection.counts)
+    volume = connection.volume
     if state["pool"] is not None:
         state["pool"].connections.detach(volume.info.name, live=volume.point is None, point=volume.point)
 
 
-def export_description(volume):
+def export_description(connection):
+    volume = connection.volume
     if volume.point is not None:
         return f"chunkvol volume {volume.info.name} as of {volume.point.label.partition('@')[2]} (read-only)"
     return f"chunkvol volume {volume.name} ({volume.info.compression})"
 
 
-def get_size(volume):
-    return volume.size_bytes
+def get_size(connection):
+    return connection.volume.size_bytes
 
 
-def block_size(volume):
+def block_size(connection):
     return (1, 4096, 32 * 1024 * 1024)
 
 
-def is_rotational(volume):
+def is_rotational(connection):
     return False
 
 
-def can_write(volume):
-    return not volume.readonly
+def can_write(connection):
+    return not connection.volume.readonly
 
 
-def can_flush(volume):
+def can_flush(connection):
     return True
 
 
-def can_fua(volume):
+def can_fua(connection):
     return nbdkit.FUA_NATIVE
 
 
-def can_trim(volume):
+def can_trim(connection):
     return True
 
 
-def can_zero(volume):
+def can_zero(connection):
     return True
 
 
-def can_fast_zero(volume):
+def can_fast_zero(connection):
     return True
 
 
-def can_extents(volume):
+def can_extents(connection):
     return True
 
 
-def can_cache(volume):
+def can_cache(connection):
     return nbdkit.CACHE_NATIVE
 
 
-def can_multi_conn(volume):
+def can_multi_conn(connection):
     # One pool object serves every connection in this process, and flush syncs the whole
     # log, so a flush on one connection covers writes acknowledged on all of them.
     return True
@@ -302,37 +348,74 @@ def _translated(callback):
     return wrapper
 
 
+# Each counted callback times itself with monotonic_ns and bins the duration by its
+# bit_length (monitor/counters.py): a failed request raises before it is counted.
 @_translated
-def pread(volume, buf, offset, flags):
-    volume.read(buf, offset)
-
-
-@_translated
-def pwrite(volume, buf, offset, flags):
-    volume.write(buf, offset, fua=bool(flags & nbdkit.FLAG_FUA))
-
-
-@_translated
-def flush(volume, flags):
-    volume.flush()
-
-
-@_translated
-def trim(volume, count, offset, flags):
-    volume.trim(offset, count, fua=bool(flags & nbdkit.FLAG_FUA))
+def pread(connection, buf, offset, flags):
+    started = monotonic_ns()
+    connection.volume.read(buf, offset)
+    elapsed = monotonic_ns() - started
+    counts = connection.counts
+    counts.read_bytes += len(buf)
+    op = counts.read
+    op.buckets[elapsed.bit_length()] += 1
+    op.sum_ns += elapsed
 
 
 @_translated
-def zero(volume, count, offset, flags):
-    volume.zero(offset, count, fua=bool(flags & nbdkit.FLAG_FUA))
+def pwrite(connection, buf, offset, flags):
+    started = monotonic_ns()
+    fua = flags & nbdkit.FLAG_FUA
+    connection.volume.write(buf, offset, fua=bool(fua))
+    elapsed = monotonic_ns() - started
+    counts = connection.counts
+    counts.written_bytes += len(buf)
+    if fua:
+        counts.flush_points += 1
+    op = counts.write
+    op.buckets[elapsed.bit_length()] += 1
+    op.sum_ns += elapsed
+
+
+def _counted(counts, op, started, flush_point):
+    """The end of a request that is not on the hot path (flush, trim, zero): a call is cheap
+    beside its cost."""
+    elapsed = monotonic_ns() - started
+    if flush_point:
+        counts.flush_points += 1
+    op.buckets[elapsed.bit_length()] += 1
+    op.sum_ns += elapsed
 
 
 @_translated
-def extents(volume, count, offset, flags):
-    found = volume.extents(offset, count)
+def flush(connection, flags):
+    started = monotonic_ns()
+    connection.volume.flush()
+    _counted(connection.counts, connection.counts.flush, started, True)
+
+
+@_translated
+def trim(connection, count, offset, flags):
+    started = monotonic_ns()
+    fua = flags & nbdkit.FLAG_FUA
+    connection.volume.trim(offset, count, fua=bool(fua))
+    _counted(connection.counts, connection.counts.trim, started, fua)
+
+
+@_translated
+def zero(connection, count, offset, flags):
+    started = monotonic_ns()
+    fua = flags & nbdkit.FLAG_FUA
+    connection.volume.zero(offset, count, fua=bool(fua))
+    _counted(connection.counts, connection.counts.zero, started, fua)
+
+
+@_translated
+def extents(connection, count, offset, flags):
+    found = connection.volume.extents(offset, count)
     return found[:1] if flags & nbdkit.FLAG_REQ_ONE else found
 
 
 @_translated
-def cache(volume, count, offset, flags):
-    volume.cache(offset, count)
+def cache(connection, count, offset, flags):
+    connection.volume.cache(offset, count)

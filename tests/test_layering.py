@@ -18,7 +18,7 @@ LAYERS = [
     ("services", ["chunkvol.compaction", "chunkvol.tiering", "chunkvol.heal", "chunkvol.copies", "chunkvol.check",
                   "chunkvol.restore", "chunkvol.diff_transfer", "chunkvol.mirror"]),
     ("commands", ["chunkvol.cli", "chunkvol.operations", "chunkvol.control", "chunkvol.forwarder",
-                  "chunkvol.__main__"]),
+                  "chunkvol.monitor", "chunkvol.__main__"]),
 ]
 STANDARD_PRIVATE = {"_asdict", "_replace", "_fields", "_make", "_field_defaults", "_exit", "_getframe"}
 

@@ -21,6 +21,8 @@ from chunkvol.mirror import identity, rejoin
 from chunkvol.mirror import shipper as shipping
 from chunkvol.mirror.source import LogSource
 from chunkvol.mirror.workers import MirrorWorker
+from chunkvol.monitor.errors import ErrorCounts, kind_of, shipper_counts_path
+from chunkvol.monitor.log import FORMATS, EventLog
 from chunkvol.mirror import targets
 from chunkvol.pool import Pool
 from chunkvol.pool.metadata import drop_mirror_role
@@ -58,6 +60,8 @@ def register(commands):
     run = actions.add_parser("run", help="ship to every mirror continuously (what `serve` runs beside nbdkit)")
     run.add_argument("--via-server", action="store_true",
                      help="never open the pool here: learn the durable log end from its server only")
+    run.add_argument("--log-format", choices=FORMATS, default="text",
+                     help="text (default) or json: one JSON object per line (time, level, event, fields)")
     run.set_defaults(run=mirror_run)
     promote = actions.add_parser("promote", help="make this mirror a writable pool (its source is lost)")
     promote.set_defaults(run=mirror_promote)
@@ -250,10 +254,14 @@ def mirror_run(arguments):
     if arguments.via_server:
         _die_with_parent()
     shipper_lock = mirror_config.hold_shipper(path)  # `mirror sync` follows this process meanwhile
+    log = EventLog(arguments.log_format)
+    # `serve --http` reads these (monitor/errors.py); only serve's shipper (--via-server) publishes them.
+    failures = ErrorCounts(shipper_counts_path(path) if arguments.via_server else None)
     workers = {}
     horizon = None
     last_complaint = None
-    tiering_thread = threading.Thread(target=_tiering_loop, args=(path, fields, stop), name="tiering", daemon=True)
+    tiering_thread = threading.Thread(target=_tiering_loop, args=(path, fields, stop, log, failures), name="tiering",
+                                      daemon=True)
     tiering_thread.start()
     try:
         while not stop.is_set():
@@ -265,7 +273,9 @@ def mirror_run(arguments):
                     old.join(STOP_SECONDS)  # a new definition of the name must not ship beside it
             for name, definition in mirrors.items():
                 if name not in workers:
-                    workers[name] = MirrorWorker(path, fields, name, definition, _say)
+                    workers[name] = MirrorWorker(path, fields, name, definition, log.event,
+                                                 failed=lambda error, to=definition["to"]: failures.count(
+                                                     kind_of(error, to)))
             for worker in workers.values():
                 if worker.crashed is not None:
                     raise worker.crashed
@@ -278,7 +288,8 @@ def mirror_run(arguments):
                 durable, _ = horizon.get()
             except (ChunkvolError, OSError) as error:
                 if str(error) != last_complaint:  # e.g. the server is still starting: say it once
-                    _say(f"cannot learn how far the log is durable: {error}")
+                    log.event("warning", "horizon.unknown", f"cannot learn how far the log is durable: {error}",
+                              error=str(error))
                     last_complaint = str(error)
                 stop.wait(POLL_SECONDS * 2)
                 continue
@@ -297,7 +308,7 @@ def mirror_run(arguments):
         os.close(shipper_lock)
 
 
-def _tiering_loop(path, fields, stop):
+def _tiering_loop(path, fields, stop, log, failures):
     """The tiering policy (`chunk policy`), every TIERING_SECONDS: a failure is said once
     (until it changes) and tried again the next time; shipping never waits on it."""
     last = None
@@ -305,11 +316,13 @@ def _tiering_loop(path, fields, stop):
         try:
             for result in tiering.apply_policy(path, fields, lambda chunk_id: run_operation(
                     path, "chunk_switch", chunk_id=chunk_id)):
-                _say(f"tiering: chunk {result['chunk']} evicted to {result['store']}")
+                log.event("info", "tiering.evicted", f"tiering: chunk {result['chunk']} evicted to {result['store']}",
+                          chunk=result["chunk"], store=result["store"])
             last = None
         except (ChunkvolError, OSError) as error:
+            failures.count("corruption" if isinstance(error, errors.CorruptionError) else "store")
             if str(error) != last:
-                _say(f"tiering: {error}")
+                log.event("error", "tiering.failed", f"tiering: {error}", error=str(error))
                 last = str(error)
 
 
@@ -320,12 +333,6 @@ def _die_with_parent():
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() == 1:  # the parent died before prctl
         os.kill(os.getpid(), signal.SIGTERM)
-
-
-def _say(message):
-    """A line of the shipper's log (serve's output): stamped, since its lines are events."""
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    print(f"chunkvol: {stamp} {message}", file=sys.stderr, flush=True)
 
 
 def mirror_promote(arguments):

@@ -5,10 +5,12 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 
 from chunkvol.cli.node_commands import parse_listen
 from chunkvol.errors import UsageError
 from chunkvol.forwarder import TcpForwarder
+from chunkvol.monitor.log import FORMATS, EventLog
 from chunkvol.network import Network
 from chunkvol.pool import Pool
 
@@ -32,6 +34,11 @@ def register(commands):
     serve.add_argument("--listen", metavar="HOST:PORT",
                        help="also accept records from this pool's other nodes (mutual TLS)")
     serve.add_argument("--tls-certificates", metavar="DIR", help="serve with --tls=require and these certificates")
+    serve.add_argument("--http", metavar="HOST:PORT",
+                       help="also serve Prometheus metrics (/metrics) and a status page (/) over HTTP, read-only; "
+                            "off unless asked for (e.g. 127.0.0.1:9580)")
+    serve.add_argument("--log-format", choices=FORMATS, default="text",
+                       help="text (default) or json: one JSON object per line (time, level, event, fields)")
     serve.add_argument("--print-attach", action="store_true", help="print how to attach clients")
     serve.set_defaults(run=run_serve)
 
@@ -60,6 +67,11 @@ def nbdkit_command(arguments):
         if arguments.readonly:
             raise UsageError("--listen takes records into the pool: it cannot go with --readonly")
         command.append(f"listen={host}:{port}")
+    if arguments.http:
+        host, port = parse_listen(arguments.http)
+        command.append(f"http={host}:{port}")
+    if arguments.log_format != "text":
+        command.append(f"log_format={arguments.log_format}")
     return command
 
 
@@ -84,19 +96,21 @@ def run_serve(arguments):
     command = nbdkit_command(arguments)
     if arguments.socket:
         _clear_stale_socket(os.path.abspath(arguments.socket))
+    log = EventLog(arguments.log_format, stamped=False)
     if arguments.print_attach:
-        _print_attach(arguments)
+        _print_attach(arguments, log)
     environment = dict(os.environ, PATH="/usr/bin:/bin:/usr/sbin:/sbin:" + os.environ.get("PATH", ""))
     forwarder = None
+    relays = []  # threads passing the children's output on (JSON logs only)
     if arguments.socket and arguments.port:
         forwarder = TcpForwarder(arguments.address, arguments.port, os.path.abspath(arguments.socket)).start()
-    process = subprocess.Popen(command, env=environment)
+    process = _start(command, environment, log, "nbdkit", relays)
     # This node's mirrors are shipped by a process of their own: it reads the log from the
     # files and asks the server (control socket) how far it is durable, so nbdkit's
     # interpreter never waits on a mirror. Restarted if it dies; stopped with the server.
     shipper_command = [sys.executable, "-m", "chunkvol", "--pool", os.path.abspath(arguments.pool),
-                       "mirror", "run", "--via-server"]
-    shipper = None if arguments.readonly else subprocess.Popen(shipper_command, env=environment)
+                       "mirror", "run", "--via-server", "--log-format", arguments.log_format]
+    shipper = None if arguments.readonly else _start(shipper_command, environment, log, "shipper", relays)
 
     def forward(signum, frame):
         process.send_signal(signal.SIGTERM)
@@ -109,9 +123,10 @@ def run_serve(arguments):
             code = process.wait(timeout=SUPERVISE_SECONDS)
         except subprocess.TimeoutExpired:
             if shipper is not None and shipper.poll() is not None:
-                print(f"chunkvol: the mirror shipper exited ({shipper.returncode}); restarting it",
-                      file=sys.stderr, flush=True)
-                shipper = subprocess.Popen(shipper_command, env=environment)
+                log.event("error", "shipper.restarted",
+                          f"the mirror shipper exited ({shipper.returncode}); restarting it",
+                          returncode=shipper.returncode)
+                shipper = _start(shipper_command, environment, log, "shipper", relays)
     if shipper is not None:
         shipper.terminate()
         try:
@@ -121,6 +136,8 @@ def run_serve(arguments):
             shipper.wait()
     if forwarder is not None:
         forwarder.close()
+    for relay in relays:
+        relay.join(timeout=5)  # the children have exited: their last lines are on the way
     if arguments.socket:
         try:
             os.unlink(os.path.abspath(arguments.socket))  # nbdkit leaves it behind
@@ -129,7 +146,24 @@ def run_serve(arguments):
     return 0 if code in (0, -signal.SIGTERM, -signal.SIGINT) else 1
 
 
-def _print_attach(arguments):
+def _start(command, environment, log, source, relays):
+    """Start a child. With JSON logs its stderr comes through a pipe, and every line of it that
+    is not an event already (nbdkit's own messages, a traceback) is wrapped in one, so that
+    every line serve prints parses; with text logs the child writes to serve's stderr."""
+    if log.log_format == "text":
+        return subprocess.Popen(command, env=environment)
+    child = subprocess.Popen(command, env=environment, stderr=subprocess.PIPE, text=True, errors="replace")
+
+    def relay():
+        for line in child.stderr:
+            log.output_line(source, line)
+
+    relays.append(threading.Thread(target=relay, name=f"relay-{source}", daemon=True))
+    relays[-1].start()
+    return child
+
+
+def _print_attach(arguments, log):
     with Pool.open(arguments.pool, readonly=True) as pool:
         names = sorted(pool.volumes)
     volume = arguments.volume or (names[0] if names else "VOLUME")
@@ -146,4 +180,9 @@ def _print_attach(arguments):
         lines += [f"  nbd-client {arguments.address} {arguments.port} -N {volume} /dev/nbd0",
                   f"  nbdinfo nbd://{arguments.address}:{arguments.port}/{volume}"]
     lines.append("  Ctrl-C or SIGTERM stops the server cleanly.")
+    if log.log_format == "json":
+        # On stdout, where the text form goes: what a caller of --print-attach reads.
+        EventLog("json", stream=sys.stdout).event("info", "serve.attach", lines[0], pool=os.path.abspath(arguments.pool),
+                                                  volumes=names, commands=[line.strip() for line in lines[1:-1]])
+        return
     print("\n".join(lines), flush=True)

@@ -2,7 +2,10 @@
 object store retrying for 20 s, a peer behind a partition waiting out its dead-link timeout)
 never holds up the others. The caller learns how far the log is durable and offers that
 horizon to every worker; each ships up to the newest horizon it was offered, and after a
-failure waits out its own backoff."""
+failure waits out its own backoff.
+
+`say(level, event, message, **fields)` gets the worker's log lines (monitor/log.py's
+EventLog.event); `failed(error)`, if given, hears of every failed try (the error counts)."""
 
 import threading
 
@@ -18,10 +21,11 @@ MAX_UNREACHABLE_BACKOFF_SECONDS = 2.0
 
 
 class MirrorWorker:
-    def __init__(self, pool_path, fields, name, definition, say, network=None):
+    def __init__(self, pool_path, fields, name, definition, say, network=None, failed=None):
         self.name = name
         self.definition = definition
         self.say = say
+        self.failed = failed
         self.shipper = Shipper(pool_path, fields, name, definition, network=network)
         self.stopping = threading.Event()
         self.wake = threading.Condition()
@@ -63,15 +67,19 @@ class MirrorWorker:
                     unreachable = isinstance(error, UnreachableError)
                     ceiling = MAX_UNREACHABLE_BACKOFF_SECONDS if unreachable else MAX_BACKOFF_SECONDS
                     backoff = min(ceiling, max(1.0, backoff * 2))
+                    if self.failed is not None:
+                        self.failed(error)
                     if said != str(error):  # a link that stays down: said once, not every try
                         kind = "unreachable" if unreachable else "failed"
-                        self.say(f"mirror {self.name} {kind}: {error}; retrying, at most {ceiling:.0f}s apart")
+                        self.say("warning" if unreachable else "error", f"mirror.{kind}",
+                                 f"mirror {self.name} {kind}: {error}; retrying, at most {ceiling:.0f}s apart",
+                                 mirror=self.name, error=str(error), error_kind=type(error).__name__)
                         said = str(error)
                     self.stopping.wait(backoff)
                     continue
                 shipped_to, backoff = horizon, 0.0
                 if said is not None:
-                    self.say(f"mirror {self.name} is shipping again")
+                    self.say("info", "mirror.resumed", f"mirror {self.name} is shipping again", mirror=self.name)
                     said = None
         except BaseException as error:
             self.crashed = error
