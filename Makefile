@@ -67,7 +67,7 @@ SYSTEMD_UNIT_DIR ?= /etc/systemd/system
 install-service: install
 	sed 's|^ExecStart=/usr/local/bin/chunkvol |ExecStart=$(CURDIR)/$(VENV)/bin/chunkvol |' contrib/systemd/chunkvol@.service \
 	  > $(SYSTEMD_UNIT_DIR)/chunkvol@.service
-	if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
+	if [ -d /run/systemd/system ] && [ "$(SYSTEMD_UNIT_DIR)" = /etc/systemd/system ]; then systemctl daemon-reload; fi
 	@echo "installed $(SYSTEMD_UNIT_DIR)/chunkvol@.service"
 
 # The user-mode Linux the UML tests boot, built once (a few minutes, cached in /var/cache/chunkvol/uml or

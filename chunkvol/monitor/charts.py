@@ -74,8 +74,10 @@ def timeline(volume, flush_points, snapshots, width=560, height=70):
                          f'y2="47" stroke="#2563eb"><title>{escape(row["time"])}</title></line>')
         for snapshot in snapshots:
             at = x(snapshot["stamp"])
+            # the name right of its flag, or left of it in the right half (else it runs off the edge)
+            label = (f'x="{at + 3:.1f}"' if at < width / 2 else f'x="{at - 3:.1f}" text-anchor="end"')
             parts.append(f'<g class="snapshot"><line x1="{at:.1f}" y1="12" x2="{at:.1f}" y2="47" stroke="#d97706" '
-                         f'stroke-width="2"/><text x="{at + 3:.1f}" y="20" class="label">@{escape(snapshot["name"])}'
+                         f'stroke-width="2"/><text {label} y="20" class="label">@{escape(snapshot["name"])}'
                          f'</text><title>{escape(snapshot["name"])} {escape(snapshot["time"])}</title></g>')
         parts.append(f'<text x="{left}" y="64" class="axis">{escape(flush_points[0]["time"] if flush_points else "")}'
                      f'</text>')

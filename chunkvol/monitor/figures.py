@@ -3,6 +3,8 @@ without changing it: `status --json`'s report (cli/status_command.py), each mirr
 peer's lag as `mirror status` computes it (mirror/shipper.py, Shipper.status), and the
 incoming lag a peer reports about itself (what `peer status` shows)."""
 
+import time
+
 from chunkvol import history
 from chunkvol.cli.status_command import collect
 from chunkvol.errors import ChunkvolError
@@ -11,17 +13,23 @@ from chunkvol.mirror import targets
 from chunkvol.mirror.shipper import Shipper
 
 TIMELINE_POINTS = 400  # flush points drawn per volume: the newest ones
+# A report holds the pool lock while it walks the map: on a big, busy pool that is a stall
+# of every request. After a walk that took t seconds, the next waits REPORT_DUTY * t
+# (at most 1/REPORT_DUTY of the lock's time goes to reports, whoever scrapes how often).
+REPORT_DUTY = 20
 
 
 class PoolFigures:
     """Reads one open pool's figures. A report walks every written group under the pool lock
     (space.py): it is made again only when the log has moved or a chunk was evicted since the
-    last one, so scrapes of an idle pool cost requests nothing."""
+    last one, so scrapes of an idle pool cost requests nothing, and not before REPORT_DUTY
+    times the last walk's duration has passed, so a busy one loses at most 5 % to them."""
 
     def __init__(self, pool):
         self.pool = pool
         self.report = None
         self.report_key = None
+        self.next_report = 0.0  # time.monotonic() before which the last report stands
 
     def pool_report(self):
         """`chunkvol status --json`'s report, plus each volume's conflicts and timeline."""
@@ -29,7 +37,8 @@ class PoolFigures:
         with pool.lock:  # the chunk table and the volumes stay as they are meanwhile
             chunks = pool.chunks.ids()
             key = (pool.writer.position, tuple(pool.chunks.get(each).remote is None for each in chunks))
-            if key != self.report_key:
+            if key != self.report_key and time.monotonic() >= self.next_report:
+                started = time.monotonic()
                 report = collect(pool)
                 for name, volume in report["volumes"].items():
                     info = pool.volume_info(name)
@@ -39,6 +48,7 @@ class PoolFigures:
                         ({"name": s["name"], "stamp": s["stamp"], "time": history.format_stamp(s["stamp"])}
                          for s in pool.snapshots.get(info.volume_id, {}).values()), key=lambda s: s["stamp"])
                 self.report, self.report_key = report, key
+                self.next_report = time.monotonic() + REPORT_DUTY * (time.monotonic() - started)
             return self.report
 
     def horizon(self):

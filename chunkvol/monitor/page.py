@@ -74,6 +74,8 @@ def _mirrors(figures, sampler):
     for sample in samples:
         for key, (behind, _) in sample.lags.items():
             series.setdefault(key, []).append((sample.time, behind))
+    for row in rows:  # each line ends at what the table above says now
+        series.setdefault(("peer-out" if row["peer"] else "mirror", row["name"]), []).append((now, row["bytes_behind"]))
     for (kind, name), points in sorted(series.items()):
         parts.append(line_chart(f"{name}, {LAG_KINDS[kind]}: bytes behind, last hour", points, start, now))
     if sampler.last_error:

@@ -258,16 +258,23 @@ def _shipper_errors(pool_path):
     return shipper_counts_path(pool_path)
 
 
-def test_the_systemd_unit_verifies_with_the_checkouts_chunkvol(tmp_path):
+def test_the_systemd_unit_verifies_as_make_install_service_installs_it(tmp_path):
     """systemd-analyze verify needs ExecStart's program to exist: the unit says
-    /usr/local/bin/chunkvol, so a copy says this checkout's, as `make install-service` does."""
+    /usr/local/bin/chunkvol, and `make install-service` points it at this checkout's."""
     source = open(os.path.join(ROOT, "contrib", "systemd", "chunkvol@.service")).read()
     assert "ExecStart=/usr/local/bin/chunkvol --pool %f serve " in source
     assert "Restart=on-failure" in source and "KillMode=mixed" in source and "KillSignal=SIGTERM" in source
+    installed_dir = tmp_path / "units"
+    installed_dir.mkdir()
+    # -o install: the venv is there already (make test made it); only the unit is installed.
+    subprocess.run(["make", "-s", "-C", ROOT, "-o", "install", "install-service", f"SYSTEMD_UNIT_DIR={installed_dir}"],
+                   check=True, capture_output=True)
+    installed = (installed_dir / "chunkvol@.service").read_text()
+    assert f"ExecStart={ROOT}/.venv/bin/chunkvol --pool %f serve " in installed
     instance = subprocess.run(["systemd-escape", "--path", str(tmp_path / "pool")], capture_output=True, text=True,
                               check=True).stdout.strip()
     unit = tmp_path / f"chunkvol@{instance}.service"
-    unit.write_text(source.replace("ExecStart=/usr/local/bin/chunkvol ", f"ExecStart={CHUNKVOL} "))
+    unit.write_text(installed)
     result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
     assert result.returncode == 0 and not result.stderr.strip(), result.stderr
     broken = tmp_path / f"broken@{instance}.service"
