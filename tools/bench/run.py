@@ -87,7 +87,8 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
                         help="extra nbdkit plugin key for every chunkvol server (repeatable)")
     parser.add_argument("--chunkvol-variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
                         help="an extra chunkvol server 'chunkvol-NAME'; key 'compression' goes to volume create, "
-                             "pure=1 serves without the compiled hot path (CHUNKVOL_PURE=1), "
+                             "pure=1 serves without the compiled hot path (CHUNKVOL_PURE=1), tree=DIR serves another "
+                             "checkout's plugin and package (A/B of two commits in one run), "
                              "the others go to nbdkit (e.g. ser:compression=none,thread_model=serialize)")
     parser.add_argument("--compress-percent", type=int, default=50,
                         help="how compressible written data is, in %% (fio buffer_compress_percentage; 0 = random)")
@@ -122,8 +123,10 @@ def chunkvol_servers(arguments: argparse.Namespace) -> list[Server]:
         settings = dict(pair.split("=", 1) for pair in keys.split(",") if pair)
         compression = settings.pop("compression", "none")
         pure = settings.pop("pure", "0") == "1"
+        tree = settings.pop("tree", None)
         plugin_args = arguments.chunkvol_arg + [f"{key}={value}" for key, value in settings.items()]
-        servers.append(Chunkvol(f"chunkvol-{name}", compression, plugin_args, pure=pure))
+        servers.append(Chunkvol(f"chunkvol-{name}", compression, plugin_args, pure=pure,
+                                tree=Path(tree).resolve() if tree else None))
     return servers
 
 

@@ -186,20 +186,24 @@ class Chunkvol(Server):
     is_chunkvol = True
     chunk_size = "1G"
 
-    def __init__(self, name: str, compression: str, plugin_args: list[str], pure: bool = False):
+    def __init__(self, name: str, compression: str, plugin_args: list[str], pure: bool = False,
+                 tree: Path | None = None):
         self.name = name
         self.compression = compression
         self.plugin_args = list(plugin_args)
         self.pure = pure
+        self.tree = tree  # another checkout's plugin (and the chunkvol package beside it): A/B in one run
         extra = f", {' '.join(plugin_args)}" if plugin_args else ""
         self.description = f"chunkvol, compression {compression}{extra}" + (
-            ", pure Python (CHUNKVOL_PURE=1: no compiled hot path)" if pure else "")
+            ", pure Python (CHUNKVOL_PURE=1: no compiled hot path)" if pure else "") + (
+            f", the plugin of {tree}" if tree else "")
 
     def environment(self) -> dict[str, str]:
         return {"CHUNKVOL_PURE": "1"} if self.pure else {}
 
     def plugin_path(self, paths: BenchPaths) -> Path:
-        return paths.repo_root / "nbdkit_plugin" / "chunkvol_plugin.py"
+        # The plugin puts its own checkout first on sys.path, so it serves that tree's chunkvol.
+        return (self.tree or paths.repo_root) / "nbdkit_plugin" / "chunkvol_plugin.py"
 
     def cli(self, paths: BenchPaths) -> Path:
         return paths.venv_bin / "chunkvol"
