@@ -162,7 +162,8 @@ def test_a_tampered_frame_is_never_returned_by_a_ranged_read():
     store = SealedStore(inner, KEY)
     store.put(NAME, os.urandom(3 << 20))
     stored = bytearray(inner.objects[NAME])
-    stored[64 + (1 << 20) + 16 + 5] ^= 1  # in frame 1
+    envelope = sealed_object.decode_envelope(stored, NAME)
+    stored[envelope.stored_offset(envelope.frame_of(1 << 20)) + 5] ^= 1  # in the second MiB's first frame
     inner.objects[NAME] = bytes(stored)
     assert len(store.get(NAME, 0, 1 << 20)) == 1 << 20
     with pytest.raises(CorruptionError):
