@@ -77,3 +77,9 @@ class UnreachableError(ChunkvolError):
 class AccessDeniedError(ChunkvolError):
     """An object store refused the credentials or the permissions it was given (a wrong key,
     a keyring without access to the pool, a bucket of someone else's). Retrying cannot help."""
+
+
+class StoreKeyError(ChunkvolError):
+    """An encrypted object store and a key that does not open it: no key was given, another
+    key was, a key was given for a store that is not encrypted, or a key file is unreadable.
+    Nothing was created or written."""

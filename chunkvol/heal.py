@@ -60,7 +60,11 @@ def good_copy(pool, volume_ids, group, ref, record_offset, stores):
                 return (name,) + found
     for name, definition in definitions:
         if definition["to"].startswith(("rados:", "s3:")):
-            found = stores.find(definition["to"], volume_ids, ref, record_offset)
+            try:
+                key = mirror_config.key_of(definition)
+            except ChunkvolError:  # its key file is gone or changed: this mirror cannot help
+                continue
+            found = stores.find(definition["to"], volume_ids, ref, record_offset, key)
             if found is not None:
                 return (name,) + found
     return None

@@ -1,6 +1,9 @@
 """Rebuild a whole pool from an object store alone (`chunkvol restore --from URL --pool PATH`).
 
-1. Find the pool in the store (`chunkvol/UUID/pool.json`; one pool, or the one named).
+1. Find the pool in the store (`chunkvol/UUID/pool.json`; one pool, or the one named). If
+   the pool is encrypted (its marker, format/store_marker.py), the key given must be the one
+   the marker names, and without one, or with another, the restore refuses (StoreKeyError)
+   before anything is created; every object is then read through it (objstore/sealed_store.py).
 2. Read every segment's header (a ranged read of 120 bytes each) and check each origin's
    chain before anything is written: a segment that is damaged, swapped, from elsewhere,
    or missing is named, and the restore refuses.
@@ -26,6 +29,7 @@ from chunkvol.format import segment, store_pool
 from chunkvol.format.record import HEADER_SIZE, RecordType, decode_header
 from chunkvol.mirror import receiver
 from chunkvol.objstore import open_store
+from chunkvol.objstore.sealed_store import open_pool
 from chunkvol.pool import Pool
 
 
@@ -94,8 +98,9 @@ def read_chains(store, pool_uuid):
     return chains
 
 
-def restore(url, path, until=None, pool_uuid=None, progress=None):
-    """Restore the store's pool into `path`; returns a RestoreReport."""
+def restore(url, path, until=None, pool_uuid=None, progress=None, key=None):
+    """Restore the store's pool into `path` (an encrypted one with StoreKey `key`); returns a
+    RestoreReport."""
     path = os.path.abspath(path)
     if os.path.exists(os.path.join(path, "pool.json")):
         raise AlreadyExistsError(f"a pool already exists at {path}")
@@ -107,6 +112,7 @@ def restore(url, path, until=None, pool_uuid=None, progress=None):
     store = open_store(url)
     try:
         uuid = find_pool(store, pool_uuid)
+        store = open_pool(store, uuid, key)
         description_name = store_pool.object_name(uuid)
         description = store_pool.decode(store.get(description_name), uuid, f"{url}/{description_name}")
         chains = read_chains(store, uuid)

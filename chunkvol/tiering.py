@@ -11,6 +11,10 @@ Evicting chunk N to an object-store mirror's store takes three steps:
 3. Reads of the chunk fetch 1 MiB units from the store into a local cache, checked against
    the manifest (storage/remote_chunks.py).
 
+To an encrypted mirror (`mirror add --key`), the pieces are sealed with the mirror's key
+(objstore/sealed_store.py: one frame per 1 MiB unit, so a read still fetches one unit), and
+the manifest names the key file and its fingerprint, never the key.
+
 A chunk may be evicted when it is sealed (an older chunk than the one being written), older
 than the chunk holding the last checkpoint (the switch makes a checkpoint if needed, so
 recovery never scans an evicted chunk), and every mirror's
@@ -28,6 +32,8 @@ from chunkvol.errors import ChunkvolError, NotFoundError, UsageError
 from chunkvol.format import chunk_header, evicted, tiering_policy
 from chunkvol.mirror import config as mirror_config
 from chunkvol.mirror.source import LogSource
+from chunkvol.objstore.keys import load_key
+from chunkvol.objstore.sealed_store import open_pool
 from chunkvol.storage.chunks import manifest_name
 from chunkvol.storage.files import LocalFiles
 
@@ -73,12 +79,14 @@ def refusal(pool_path, chunk_id, store_url, current_chunk, checkpoint_chunk, fil
     return None
 
 
-def upload(pool_uuid, node_id, chunk, store_url, files=None, progress=None):
-    """Store a local chunk's bytes as pieces in the store; publish and return its manifest path."""
+def upload(pool_uuid, node_id, chunk, store_url, files=None, progress=None, key=None):
+    """Store a local chunk's bytes as pieces in the store (sealed with StoreKey `key`, if
+    given); publish and return its manifest path."""
     files = files or LocalFiles()
     store = objstore.open_store(store_url)
     hashes = []
     try:
+        store = open_pool(store, pool_uuid, key)  # the mirror's pool there: refused if the key does not fit
         for piece, start in enumerate(range(0, chunk.size_bytes, evicted.PIECE_BYTES)):
             data = files.pread(chunk.fd, min(evicted.PIECE_BYTES, chunk.size_bytes - start), start)
             if start + len(data) != min(chunk.size_bytes, start + evicted.PIECE_BYTES):
@@ -95,7 +103,8 @@ def upload(pool_uuid, node_id, chunk, store_url, files=None, progress=None):
     finally:
         store.close()
     manifest = evicted.Manifest(pool_uuid, node_id, chunk.chunk_id, chunk.size_bytes, chunk.capacity_bytes,
-                                chunk.created_hlc, evicted.UNIT_BYTES, evicted.PIECE_BYTES, store_url, tuple(hashes))
+                                chunk.created_hlc, evicted.UNIT_BYTES, evicted.PIECE_BYTES, store_url, tuple(hashes),
+                                key and key.path, key and key.fingerprint)
     path = os.path.join(os.path.dirname(chunk.path), manifest_name(chunk.chunk_id))
     files.publish(path, evicted.encode(manifest))
     return path
@@ -184,6 +193,8 @@ def evict(pool_path, fields, chunk_ids, store_url, switch_call, files=None, prog
     """Upload each chunk (unless its manifest is already there) and have the pool's holder
     switch it (`switch_call(chunk_id)`, the `chunk_switch` operation). Returns the switch results."""
     files = files or LocalFiles()
+    key_path, fingerprint = mirror_config.store_key_path(pool_path, store_url, files)
+    key = load_key(key_path, fingerprint) if key_path is not None else None
     source = LogSource(pool_path, fields, files)
     results = []
     try:
@@ -196,15 +207,15 @@ def evict(pool_path, fields, chunk_ids, store_url, switch_call, files=None, prog
                 if why is not None:
                     raise UsageError(why)
                 path = os.path.join(os.path.dirname(chunk.path), manifest_name(chunk_id))
-                if not _manifest_fits(path, chunk, store_url, fields["node_id"], files):
-                    upload(table.pool_uuid, fields["node_id"], chunk, store_url, files, progress)
+                if not _manifest_fits(path, chunk, store_url, fields["node_id"], key, files):
+                    upload(table.pool_uuid, fields["node_id"], chunk, store_url, files, progress, key)
             results.append(switch_call(chunk_id))
     finally:
         source.close()
     return results
 
 
-def _manifest_fits(path, chunk, store_url, node_id, files):
+def _manifest_fits(path, chunk, store_url, node_id, key, files):
     """An upload done before (the switch was refused or interrupted) need not be done again."""
     if not os.path.exists(path):
         return False
@@ -213,7 +224,7 @@ def _manifest_fits(path, chunk, store_url, node_id, files):
     except (OSError, ValueError, ChunkvolError):  # a bad leftover: upload it again
         return False
     return (manifest.size_bytes == chunk.size_bytes and manifest.store_url == store_url
-            and manifest.node_id == node_id)
+            and manifest.node_id == node_id and manifest.key_fingerprint == (key and key.fingerprint))
 
 
 def apply_policy(pool_path, fields, switch_call, files=None):

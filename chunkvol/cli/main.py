@@ -2,7 +2,8 @@
 
 Exit codes (scripts rely on them):
   0 success; 1 operation failed; 2 bad usage; 3 not found; 4 already exists;
-  5 pool busy; 6 data corruption found; 7 out of space.
+  5 pool busy; 6 data corruption found; 7 out of space;
+  8 an encrypted mirror's key is missing, wrong or unreadable (or given for an unencrypted one).
 """
 
 import argparse
@@ -10,9 +11,9 @@ import os
 import sys
 
 from chunkvol import errors
-from chunkvol.cli import (check_command, chunk_commands, compact_command, history_commands, inspect_command, mirror_commands,
-                          node_commands, peer_commands, pool_commands, restore_command, scrub_command, serve_command, status_command,
-                          volume_commands)
+from chunkvol.cli import (check_command, chunk_commands, compact_command, history_commands, inspect_command, key_commands,
+                          mirror_commands, node_commands, peer_commands, pool_commands, restore_command, scrub_command,
+                          serve_command, status_command, volume_commands)
 
 EXIT_CODES = (
     (errors.UsageError, 2),
@@ -21,6 +22,7 @@ EXIT_CODES = (
     (errors.PoolBusyError, 5),
     (errors.CorruptionError, 6),
     (errors.OutOfSpaceError, 7),
+    (errors.StoreKeyError, 8),
     (errors.ChunkvolError, 1),
 )
 
@@ -53,13 +55,14 @@ def build_parser():
     restore_command.register(commands)
     chunk_commands.register(commands)
     peer_commands.register(commands)
+    key_commands.register(commands)
     return parser
 
 
 def main(argv=None):
     parser = build_parser()
     arguments = parser.parse_args(argv)
-    if arguments.pool is None:
+    if arguments.pool is None and getattr(arguments, "needs_pool", True):
         parser.error("--pool PATH (or CHUNKVOL_POOL) is required")
     try:
         return arguments.run(arguments) or 0

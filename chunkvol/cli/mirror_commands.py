@@ -23,6 +23,7 @@ from chunkvol.mirror.source import LogSource
 from chunkvol.mirror.workers import MirrorWorker
 from chunkvol.monitor.errors import ErrorCounts, kind_of, shipper_counts_path
 from chunkvol.monitor.log import FORMATS, EventLog
+from chunkvol.objstore.keys import load_key
 from chunkvol.mirror import targets
 from chunkvol.pool import Pool
 from chunkvol.pool.metadata import drop_mirror_role
@@ -43,6 +44,8 @@ def register(commands):
     add.add_argument("--to", required=True, help="dir:PATH (created if absent), node:HOST:PORT, "
                                                 "rados:CEPH_CONF:RADOS_POOL or s3:URL/BUCKET")
     add.add_argument("--bandwidth", help="bytes per second at most, e.g. 16M (default: no limit)")
+    add.add_argument("--key", metavar="PATH", help="object stores: encrypt and authenticate everything stored with "
+                                                   "this key file (`chunkvol key generate PATH`)")
     add.set_defaults(run=mirror_add)
     listing = actions.add_parser("list", help="the mirrors of this pool")
     listing.add_argument("--json", action="store_true")
@@ -98,16 +101,25 @@ def mirror_add(arguments):
     if first != 1:
         raise UsageError(f"the log starts at chunk {first} (compaction freed the ones before): a new mirror "
                          "needs the whole log; mirroring a compacted pool is not supported yet")
+    key = None
+    if arguments.key:
+        if parsed[0] not in ("rados", "s3"):
+            raise UsageError("--key is for object-store mirrors (rados:, s3:): a dir: or node: mirror is yours")
+        key = load_key(os.path.abspath(arguments.key))
     if parsed[0] == "node":
         identity.ensure_authority(path, fields)
     else:
-        targets.open_target(target, fields, path).close()  # reach or create it now, so a mistake shows now
+        # Reach or create it now, so that a mistake (a key that does not fit) shows now.
+        targets.open_target(target, fields, path, key=key).close()
     mirrors[arguments.name] = {"to": target, "bandwidth": bandwidth,
                                "added": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if key is not None:  # the path and fingerprint only: the key stays in its file
+        mirrors[arguments.name].update(key=key.path, key_fingerprint=key.fingerprint)
     mirror_config.save_mirrors(path, mirrors)
     mirror_config.save_state(path, arguments.name,
                         mirror_config.mirror_state.initial(chunk_header.address(1, chunk_header.DATA_OFFSET)))
     print(f"mirror {arguments.name} -> {target}" + (f" at {format_size(bandwidth)}/s" if bandwidth else "")
+          + (f", encrypted with the key {key.fingerprint}" if key is not None else "")
           + f"; a running `serve` ships to it now; `chunkvol --pool {arguments.pool} mirror sync "
           f"{arguments.name}` ships and waits")
 
@@ -115,7 +127,7 @@ def mirror_add(arguments):
 def mirror_list(arguments):
     path, _ = pool_path(arguments)
     mirrors = mirror_config.load_mirrors(path)
-    rows = [{"name": name, **definition} for name, definition in sorted(mirrors.items())]
+    rows = [{"name": name, **definition, **encryption_of(definition)} for name, definition in sorted(mirrors.items())]
     if arguments.json:
         print(json.dumps(rows, indent=2))
         return
@@ -123,7 +135,17 @@ def mirror_list(arguments):
         print("no mirrors")
     for row in rows:
         limit = f"  bandwidth {format_size(row['bandwidth'])}/s" if row.get("bandwidth") else ""
-        print(f"{row['name']}  -> {row['to']}{limit}  (added {row['added']})")
+        print(f"{row['name']}  -> {row['to']}{limit}  {encryption_text(row)}  (added {row['added']})")
+
+
+def encryption_of(definition):
+    """What list and status say of a mirror's encryption: whether, and the key's fingerprint
+    (never the key, nor its path in status)."""
+    return {"encrypted": bool(definition.get("key")), "key_fingerprint": definition.get("key_fingerprint")}
+
+
+def encryption_text(row):
+    return f"encrypted (key {row['key_fingerprint']})" if row["encrypted"] else "not encrypted"
 
 
 def mirror_remove(arguments):
@@ -178,7 +200,7 @@ def mirror_status(arguments):
         for name in names:
             shipper = shipping.Shipper(path, fields, name, mirrors[name])
             try:
-                rows.append(shipper.status(durable, next_sequence))
+                rows.append(dict(shipper.status(durable, next_sequence), **encryption_of(mirrors[name])))
             finally:
                 shipper.close()
     finally:
@@ -192,7 +214,7 @@ def mirror_status(arguments):
         eta = "-" if row["eta_seconds"] is None else f"{row['eta_seconds']:.0f}s"
         print(f"{row['name']}  -> {row['to']}  {row['state']}  behind {row['records_behind']} records, "
               f"{format_size(row['bytes_behind'])}, {row['seconds_behind']:.1f}s  "
-              f"{format_size(int(row['throughput_bytes_per_second']))}/s  eta {eta}")
+              f"{format_size(int(row['throughput_bytes_per_second']))}/s  eta {eta}  {encryption_text(row)}")
         if row["last_error"]:
             print(f"  last error: {row['last_error']}")
 

@@ -9,6 +9,7 @@ from tqdm import tqdm
 
 from chunkvol import history, restore
 from chunkvol.cli.sizes import format_size
+from chunkvol.objstore.keys import load_key
 
 
 def register(commands):
@@ -18,12 +19,14 @@ def register(commands):
                         help="where to create the pool (or chunkvol --pool NEWPATH restore ...)")
     parser.add_argument("--until", metavar="TIME", help="stop at the last flush point at or before this UTC time")
     parser.add_argument("--pool-uuid", help="which pool, when the store holds several")
+    parser.add_argument("--key", metavar="PATH", help="the key file of an encrypted mirror (`mirror add --key`)")
     parser.add_argument("--json", action="store_true")
     parser.set_defaults(run=restore_command)
 
 
 def restore_command(arguments):
     until = history.stamp_of_time(arguments.until) if arguments.until else None
+    key = load_key(arguments.key) if arguments.key else None
     bar = None
 
     def advance(count, total):
@@ -36,7 +39,7 @@ def restore_command(arguments):
 
     try:
         report = restore.restore(arguments.source, arguments.pool, until=until, pool_uuid=arguments.pool_uuid,
-                                 progress=advance)
+                                 progress=advance, key=key)
     finally:
         if bar is not None:
             bar.close()

@@ -10,6 +10,7 @@ from chunkvol.clock import node_index
 from chunkvol.errors import NotFoundError, UsageError
 from chunkvol.format import chunk_header
 from chunkvol.format import mirror_state, mirrors as mirrors_format
+from chunkvol.objstore.keys import load_key
 from chunkvol.storage.files import LocalFiles
 
 
@@ -61,6 +62,23 @@ def load_state(pool_path, name, first_address, files=None):
 def save_state(pool_path, name, state, files=None):
     os.makedirs(os.path.join(pool_path, "mirrors"), exist_ok=True)
     (files or LocalFiles()).publish(state_path(pool_path, name), mirror_state.encode(state))
+
+
+def key_of(definition):
+    """The StoreKey of an encrypted object-store mirror (its key file, checked against the
+    fingerprint it was added with), or None for a mirror without a key."""
+    if not definition.get("key"):
+        return None
+    return load_key(definition["key"], definition.get("key_fingerprint"))
+
+
+def store_key_path(pool_path, store_url, files=None):
+    """(key path, fingerprint) of the object-store mirror whose store is `store_url`, or
+    (None, None) when it has no key."""
+    for definition in load_mirrors(pool_path, files).values():
+        if definition["to"] == store_url and definition.get("key"):
+            return definition["key"], definition.get("key_fingerprint")
+    return None, None
 
 
 def held_chunk(pool_path, files=None):

@@ -33,6 +33,7 @@ from chunkvol.errors import ChunkvolError, CorruptionError, NotFoundError
 from chunkvol.format import record, segment
 from chunkvol.format.record import FLAG_RELOCATED, FLAG_ZSTD, HEADER_SIZE, RecordType
 from chunkvol.objstore import open_store
+from chunkvol.objstore.sealed_store import open_pool
 
 CACHE_BYTES = 64 << 20  # fetched segments kept per store for one heal pass (at least one)
 
@@ -40,12 +41,14 @@ CACHE_BYTES = 64 << 20  # fetched segments kept per store for one heal pass (at 
 class SegmentCopies:
     """One object-store mirror during one heal pass: opened at the first lookup."""
 
-    def __init__(self, url, pool_uuid, retry_seconds=None, store=None):
+    def __init__(self, url, pool_uuid, retry_seconds=None, store=None, key=None):
         """`store`: one already open (an ObjectTarget's), used and left open; else one is
-        opened at the first lookup and closed by `close`."""
+        opened at the first lookup (through `key`, the mirror's StoreKey, when it has one) and
+        closed by `close`."""
         self.url = url
         self.pool_uuid = pool_uuid
         self.retry_seconds = retry_seconds
+        self.key = key
         self.store = store
         self.owns_store = store is None
         self.failed = None  # the error that made this pass give the store up
@@ -86,7 +89,12 @@ class SegmentCopies:
     def _origins(self):
         if self.origins is None:
             if self.store is None:
-                self.store = open_store(self.url, self.retry_seconds)
+                store = open_store(self.url, self.retry_seconds)
+                try:
+                    self.store = open_pool(store, self.pool_uuid, self.key)
+                except BaseException:
+                    store.close()
+                    raise
             self.origins = {}
             for name in self.store.list(segment.pool_prefix(self.pool_uuid) + "log/"):
                 parsed = segment.parse_name(name)
@@ -188,10 +196,11 @@ class PassStores:
         self.retry_seconds = retry_seconds
         self.open = {}
 
-    def find(self, url, volume_ids, ref, record_offset):
+    def find(self, url, volume_ids, ref, record_offset, key=None):
+        """The good copy in the store at `url` (sealed with StoreKey `key`, if given), or None."""
         copies = self.open.get(url)
         if copies is None:
-            copies = self.open[url] = SegmentCopies(url, self.pool_uuid, self.retry_seconds)
+            copies = self.open[url] = SegmentCopies(url, self.pool_uuid, self.retry_seconds, key=key)
         return copies.find(volume_ids, ref, record_offset)
 
     def close(self):

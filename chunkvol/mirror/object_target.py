@@ -6,6 +6,10 @@ the same bytes.
 
 What the store holds of an origin is the last segment of its chain: found by listing at the
 first use, then tracked here.
+
+With a key (`mirror add --key`), every object of the pool is sealed (objstore/sealed_store.py):
+the store sees only ciphertext, and the pool's marker says which key opens it, so a mirror
+added without the key, or with another, is refused before anything is written.
 """
 
 import collections
@@ -15,6 +19,7 @@ from chunkvol.format import segment, store_pool
 from chunkvol.mirror import receiver
 from chunkvol.mirror.object_heal import SegmentCopies
 from chunkvol.network import Network
+from chunkvol.objstore.sealed_store import open_pool
 
 # One encoded batch: its object name and bytes (data None: the store has it already), and the
 # end of the origin's chain, (last sequence, digest), before and after it.
@@ -30,10 +35,17 @@ class ObjectTarget:
     # every batch.
     READ_AHEAD = True
 
-    def __init__(self, url, source_fields, network=None):
+    def __init__(self, url, source_fields, network=None, key=None):
+        """`key`: the StoreKey (format/store_key.py) that seals every object, or None."""
         self.url = url
         self.pool_uuid = bytes.fromhex(source_fields["pool_uuid"])
-        self.store = (network or Network()).open_store(url)
+        self.key = key
+        store = (network or Network()).open_store(url)
+        try:
+            self.store = open_pool(store, self.pool_uuid, key, create=True)
+        except BaseException:
+            store.close()
+            raise
         self.tails = {}  # origin -> (last sequence, digest) of its last segment here
         self._describe_pool(source_fields)
 
@@ -77,8 +89,10 @@ class ObjectTarget:
         data, header = segment.encode(self.pool_uuid, origin, records, previous[0], previous[1])
         if header.first_sequence <= previous[0]:
             return Segment(origin, None, None, previous, previous)  # the store has these already
-        return Segment(origin, segment.name(self.pool_uuid, origin, header.first_sequence, header.last_sequence),
-                       data, previous, (header.last_sequence, header.digest))
+        name = segment.name(self.pool_uuid, origin, header.first_sequence, header.last_sequence)
+        if self.key is not None:
+            data = self.store.seal(name, data)  # here, in the read-ahead thread, not in the put's
+        return Segment(origin, name, data, previous, (header.last_sequence, header.digest))
 
     def put(self, encoded):
         """Store a segment from `encode`; returns the origin's last sequence stored here."""
@@ -86,7 +100,10 @@ class ObjectTarget:
             raise ChunkvolError(f"a segment chained to sequence {encoded.previous[0]} where the store's "
                                 f"chain ends at {self.tail(encoded.origin)[0]}")
         if encoded.data is not None:
-            self.store.put(encoded.name, encoded.data)
+            if self.key is not None:
+                self.store.put_sealed(encoded.name, encoded.data)
+            else:
+                self.store.put(encoded.name, encoded.data)
             self.tails[encoded.origin] = encoded.after
         return self.tails[encoded.origin][0]
 
@@ -100,7 +117,10 @@ class ObjectTarget:
         return None if found is None else found[0]
 
     def describe(self):
-        return {"store": self.url}
+        described = {"store": self.url, "encrypted": self.key is not None}
+        if self.key is not None:
+            described["key_fingerprint"] = self.key.fingerprint
+        return described
 
     def close(self):
         self.store.close()

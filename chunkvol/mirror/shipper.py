@@ -17,7 +17,7 @@ import time
 
 from chunkvol.errors import ChunkvolError, UnreachableError
 from chunkvol.mirror import targets
-from chunkvol.mirror.config import learn_peer_node, load_state, save_state
+from chunkvol.mirror.config import key_of, learn_peer_node, load_state, save_state
 from chunkvol.mirror.read_ahead import ReadAhead
 from chunkvol.mirror.source import LogSource, age_seconds
 from chunkvol.mirror.target import PipelinedTarget
@@ -52,7 +52,7 @@ class Shipper:
         if self.target is None:
             try:
                 self.target = targets.open_target(self.definition["to"], self.fields, self.pool_path,
-                                                   self.network)
+                                                   self.network, key_of(self.definition))
             except OSError as error:
                 raise UnreachableError(f"mirror {self.name} ({self.definition['to']}): {error}") from None
             if self.definition.get("peer") and self.definition.get("node") is None:

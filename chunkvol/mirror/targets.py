@@ -50,14 +50,17 @@ def normalize(text):
     return f"dir:{parsed[1]}" if parsed[0] == "dir" else text
 
 
-def open_target(text, source_fields, pool_path, network=None):
+def open_target(text, source_fields, pool_path, network=None, key=None):
     """The target named by `text`; `network` (chunkvol/network.py) reaches node: and object
-    store targets (the real one unless given)."""
+    store targets (the real one unless given); `key`: the StoreKey of an encrypted object-store
+    mirror (mirror/config.py's key_of)."""
+    if key is not None and not text.startswith(("rados:", "s3:")):
+        raise UsageError("--key is for object-store mirrors (rados:, s3:); dir: and node: mirrors are yours")
     parsed = parse_target(text)
     if parsed[0] == "dir":
         return DirTarget(parsed[1], source_fields, pool_path)
     if parsed[0] in ("rados", "s3"):
-        return ObjectTarget(text, source_fields, network)
+        return ObjectTarget(text, source_fields, network, key)
     return NodeTarget(parsed[1], parsed[2], source_fields, pool_path, network)
 
 

@@ -9,7 +9,9 @@ still cover them), so a cache left half-written by a crash, or damaged, is simpl
 again: the cache needs no bookkeeping on disk. Its size is bounded by CACHE_BYTES per process: the least recently used units are
 punched out of their files, and a cache file found larger than the bound at open is emptied.
 
-The store is opened at the first miss and shared by every evicted chunk of the table; its
+The store is opened at the first miss and shared by every evicted chunk of the table (for a
+chunk evicted to an encrypted mirror, through its key: the manifest names the key file and
+its fingerprint, and each unit is opened and authenticated before its hash is even checked); its
 faults (unreachable after retries, access denied, a unit that fails its hash) reach the
 reader as errors, never as data.
 """
@@ -22,6 +24,8 @@ from collections import OrderedDict
 from chunkvol import objstore
 from chunkvol.errors import CorruptionError, NotFoundError
 from chunkvol.format import evicted
+from chunkvol.objstore.keys import load_key
+from chunkvol.objstore.sealed_store import SealedStore
 
 CACHE_BYTES = 1 << 30
 # A client waits on a read of an evicted chunk (and, served one request at a time, every other
@@ -39,10 +43,16 @@ class Stores:
     def __init__(self):
         self.open = {}
 
-    def get(self, url):
-        store = self.open.get(url)
+    def get(self, url, key_path=None, key_fingerprint=None):
+        """The store at `url`, sealed with the key in `key_path` (checked against
+        `key_fingerprint`) when one is given."""
+        store = self.open.get((url, key_path))
         if store is None:
-            store = self.open[url] = objstore.open_store(url, min(READ_RETRY_SECONDS, objstore.RETRY_SECONDS))
+            key = load_key(key_path, key_fingerprint) if key_path is not None else None
+            store = objstore.open_store(url, min(READ_RETRY_SECONDS, objstore.RETRY_SECONDS))
+            if key is not None:
+                store = SealedStore(store, key)
+            self.open[(url, key_path)] = store
         return store
 
     def close(self):
@@ -121,7 +131,8 @@ class RemoteChunk:
         piece = start // manifest.piece_bytes
         name = manifest.piece_name(piece)
         try:
-            data = self.stores.get(manifest.store_url).get(name, start - piece * manifest.piece_bytes, length)
+            store = self.stores.get(manifest.store_url, manifest.key_path, manifest.key_fingerprint)
+            data = store.get(name, start - piece * manifest.piece_bytes, length)
         except NotFoundError:
             raise CorruptionError(f"evicted chunk {manifest.chunk_id}: object {name} is missing from "
                                   f"{manifest.store_url}", self.manifest_path) from None

@@ -2,7 +2,8 @@
 arguments, and the documented exit codes (chunkvol/cli/main.py):
 
   0 success; 1 operation failed; 2 bad usage; 3 not found; 4 already exists;
-  5 pool busy; 6 data corruption found; 7 out of space.
+  5 pool busy; 6 data corruption found; 7 out of space;
+  8 an encrypted mirror's key is missing, wrong or unreadable (tests/mirror/test_object_encryption.py).
 
 Every error is one line on stderr, without a Python traceback. Volumes are then checked
 through a real nbdkit server and libnbd.

@@ -12,6 +12,7 @@ import signal
 import time
 
 import nbd
+import pytest
 import rados
 
 from chunkvol import history
@@ -20,7 +21,7 @@ from chunkvol.mirror import config as mirror_config
 from chunkvol.pool import Pool
 from tests.support.mirrors import Serve, cv, everything, new_source, uuid_of, write_history
 from tests.support.multimaster_sim import pool_pair
-from tests.support.objstore_lab import rados_url, s3_client, s3_url
+from tests.support.objstore_lab import Tampering, rados_url, s3_client, s3_url
 from tests.support.server import ENVIRONMENT, chunkvol
 
 MiB = 1 << 20
@@ -69,12 +70,16 @@ def test_a_pool_comes_back_whole_from_rados_and_from_s3(store_env, tmp_path):
         assert cv(target, "check").returncode == 0
 
 
-def test_restore_until_a_time_stops_at_the_flush_point_before_it(store_env, tmp_path):
+@pytest.mark.parametrize("keyed", [False, True], ids=["plain", "encrypted"])
+def test_restore_until_a_time_stops_at_the_flush_point_before_it(store_env, tmp_path, keyed):
     lab = store_env
     source = str(tmp_path / "src")
+    key = ("--key", str(tmp_path / "offsite.key")) if keyed else ()
+    if keyed:
+        chunkvol("key", "generate", key[1])
     cv(source, "init", "--chunk-size", "16M")
     cv(source, "volume", "create", "v", "--size", "8M")
-    cv(source, "mirror", "add", "s", "--to", s3_url(lab))
+    cv(source, "mirror", "add", "s", "--to", s3_url(lab), *key)
     rng = random.Random(5)
     states = []
     with Pool.open(source) as pool:
@@ -92,7 +97,7 @@ def test_restore_until_a_time_stops_at_the_flush_point_before_it(store_env, tmp_
         stamp, content = states[index]
         target = str(tmp_path / f"until{index}")
         report = json.loads(restore(s3_url(lab), target, uuid_of(source), "--until",
-                                    history.format_point(stamp), "--json").stdout)
+                                    history.format_point(stamp), "--json", *key).stdout)
         assert report["as_of"] == history.format_point(stamp)
         with Pool.open(target, readonly=True) as pool:
             buffer = bytearray(8 * MiB)
@@ -124,11 +129,9 @@ def test_tampered_swapped_stale_or_missing_segments_are_named_and_nothing_is_res
     source = _shipped_in_segments(lab, tmp_path)
     other = _shipped_in_segments(lab, tmp_path, "other", segments=2)
     pool_uuid = uuid_of(source)
-    client = s3_client(lab)
-    bucket = lab["s3_bucket"]
     names = segment_names(lab, pool_uuid)
     assert len(names) == 4
-    originals = {name: client.get_object(Bucket=bucket, Key=name)["Body"].read() for name in names}
+    store = Tampering(lab, names)
     target = str(tmp_path / "restored")
 
     def refused(expected_code, *fragments):
@@ -138,48 +141,41 @@ def test_tampered_swapped_stale_or_missing_segments_are_named_and_nothing_is_res
             assert fragment in result.stderr, result.stderr
         assert not os.path.exists(target) and not os.path.exists(target + ".restoring")
 
-    def put(name, data):
-        client.put_object(Bucket=bucket, Key=name, Body=data)
-
-    def mended():
-        for name, data in originals.items():
-            put(name, data)
-
     # A flipped bit in a payload.
-    damaged = bytearray(originals[names[1]])
+    damaged = bytearray(store.originals[names[1]])
     damaged[segment.HEADER_SIZE + 5000] ^= 0x40
-    put(names[1], bytes(damaged))
+    store.put(names[1], bytes(damaged))
     refused(6, "segment payload checksum mismatch", names[1])
-    mended()
+    store.mended()
     # A segment gone.
-    client.delete_object(Bucket=bucket, Key=names[2])
+    store.delete(names[2])
     first, last = segment.parse_name(names[2])[2:]
     refused(6, "is missing", f"node {segment.parse_name(names[2])[1]}'s segments are incomplete")
-    mended()
+    store.mended()
     # Two segments' bodies swapped.
-    put(names[1], originals[names[2]])
-    put(names[2], originals[names[1]])
+    store.put(names[1], store.originals[names[2]])
+    store.put(names[2], store.originals[names[1]])
     refused(6, "is not the one its name says")
-    mended()
+    store.mended()
     # A segment of another pool under this pool's name.
-    put(names[0], client.get_object(Bucket=bucket, Key=segment_names(lab, uuid_of(other))[0])["Body"].read())
+    store.put(names[0], store.get(segment_names(lab, uuid_of(other))[0]))
     refused(6, "is not the one its name says")
-    mended()
+    store.mended()
     # A stale segment: well formed, right name and sequences, but not the one the chain continued from.
-    raw = originals[names[1]]
+    raw = store.originals[names[1]]
     header = segment.decode_header(raw, names[1])
     records = segment.split_records(raw, header, names[1])
     stale, _ = segment.encode(bytes.fromhex(pool_uuid), header.origin, [bytes(r) for r in records],
                               header.previous_sequence, header.previous_digest ^ 1)
-    put(names[1], stale)
+    store.put(names[1], stale)
     refused(6, "does not follow")
-    mended()
+    store.mended()
     # The pool's description gone: nothing to restore from.
     description = f"chunkvol/{pool_uuid}/pool.json"
-    saved = client.get_object(Bucket=bucket, Key=description)["Body"].read()
-    client.delete_object(Bucket=bucket, Key=description)
+    saved = store.get(description)
+    store.delete(description)
     refused(3, "holds no pool")
-    put(description, saved)
+    store.put(description, saved)
     # The store holds several pools: a restore must be told which.
     result = chunkvol("restore", "--from", s3_url(lab), "--pool", target, check=False)
     assert result.returncode == 2 and "--pool-uuid" in result.stderr

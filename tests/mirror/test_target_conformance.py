@@ -15,6 +15,7 @@ import pytest
 
 from chunkvol.errors import PeerError, UnreachableError
 from chunkvol.format.record import RecordType
+from chunkvol.format.store_key import StoreKey
 from chunkvol.mirror import shipper as shipping
 from chunkvol.mirror.memory_target import MemoryStore, MemoryTarget
 from chunkvol.mirror.node_link import NodeTarget, ReceiverServer
@@ -80,6 +81,10 @@ class Site:
         lab = self.lab()
         return f"s3:{lab['s3_endpoint']}/{lab['s3_bucket']}"
 
+    def key(self):
+        """The key of this test's encrypted object-store target (the same at each reconnect)."""
+        return self.once("key", lambda: StoreKey(os.urandom(32)))
+
     def close(self):
         for close in self.closing:
             close()
@@ -91,6 +96,8 @@ TARGETS = [
     pytest.param(lambda site: NodeTarget("127.0.0.1", site.receiver_port(), site.fields, site.source), id="node"),
     pytest.param(lambda site: ObjectTarget(site.rados_url(), site.fields), id="rados"),
     pytest.param(lambda site: ObjectTarget(site.s3_url(), site.fields), id="s3"),
+    pytest.param(lambda site: ObjectTarget(site.rados_url(), site.fields, key=site.key()), id="rados-encrypted"),
+    pytest.param(lambda site: ObjectTarget(site.s3_url(), site.fields, key=site.key()), id="s3-encrypted"),
 ]
 
 def written_source(path):

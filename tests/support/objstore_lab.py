@@ -49,3 +49,26 @@ def rados_url(lab):
 
 def s3_url(lab):
     return f"{'s3:' + lab['s3_endpoint']}/{lab['s3_bucket']}"
+
+
+class Tampering:
+    """The lab's bucket as someone who runs it may change it: `originals` of the named objects
+    are kept, so that after each change `mended()` puts them all back."""
+
+    def __init__(self, lab, names):
+        self.client = s3_client(lab)
+        self.bucket = lab["s3_bucket"]
+        self.originals = {name: self.get(name) for name in names}
+
+    def get(self, name):
+        return self.client.get_object(Bucket=self.bucket, Key=name)["Body"].read()
+
+    def put(self, name, data):
+        self.client.put_object(Bucket=self.bucket, Key=name, Body=data)
+
+    def delete(self, name):
+        self.client.delete_object(Bucket=self.bucket, Key=name)
+
+    def mended(self):
+        for name, data in self.originals.items():
+            self.put(name, data)

@@ -12,6 +12,10 @@ CLI for everything a user runs:
   time of `mirror sync` (its own "in X s" and the command's wall time); bytes are the mirror's
   `shipped_bytes` (`mirror status --json`);
 - restore: `restore --from URL --pool NEW --pool-uuid UUID --json` (its bytes and seconds);
+- the same ship and restore with a key (`chunkvol key generate`, `mirror add ... --key`,
+  `restore ... --key`: every object sealed with AES-256-GCM), from a copy of the pool made
+  before any mirror was added (the same pool uuid and log), in the same repetition, the
+  order of the two alternating between repetitions so that a drifting machine favours neither;
 - tiering: the pool is copied (the copy evicts to S3, the original to RADOS), `chunk evict
   --keep-under 0 --mirror r|s` (upload throughput: freed bytes / wall time of the command),
   then 4 KiB reads of evicted blocks through `Pool.open(P, readonly=True)`: cold (each in a
@@ -279,8 +283,9 @@ def ship(cli, path, name):
             "wall_mb_s": shipped / wall / 1e6, "printed": out.strip()}
 
 
-def restore(cli, url, target, pool_uuid):
-    out, wall = cli.run("restore", "--from", url, "--pool", target, "--pool-uuid", pool_uuid, "--json")
+def restore(cli, url, target, pool_uuid, key=None):
+    out, wall = cli.run("restore", "--from", url, "--pool", target, "--pool-uuid", pool_uuid, "--json",
+                        *(("--key", key) if key else ()))
     report = json.loads(out)
     if report["volumes"] != ["v"]:
         raise BenchError(f"restore from {url} gave volumes {report['volumes']}")
@@ -348,27 +353,41 @@ def drop_caches(path):
 
 
 def repetition(arguments, cli, stores, urls, scratch, rng):
+    """One fresh pool through every step; `repetition.count` alternates the key's order."""
     result = {}
     source = os.path.join(scratch, "source")
     copy = os.path.join(scratch, "copy")
     pool_uuid, result["local_write_mb_s"] = write_pool(cli, source, arguments.size_mib, rng)
     prefix = f"chunkvol/{pool_uuid}/"
     log(f"  pool {pool_uuid}: {arguments.size_mib} MiB written in-process at {result['local_write_mb_s']:.0f} MB/s")
-    cli.run("--pool", source, "mirror", "add", "r", "--to", urls["rados"])
-    cli.run("--pool", source, "mirror", "add", "s", "--to", urls["s3"])
+    keyed = os.path.join(scratch, "keyed")
+    shutil.copytree(source, keyed, symlinks=True)  # the same log, shipped encrypted
+    key = os.path.join(scratch, "bench.key")
+    cli.run("key", "generate", key)
+    variants = [("", source, None), ("_key", keyed, key)]
+    if repetition.count % 2:
+        variants.reverse()
+    repetition.count += 1
     for kind, mirror in (("rados", "r"), ("s3", "s")):
         # The raw figures right before chunkvol's on the same store: a shared machine drifts.
         result[f"raw_{kind}"], result[f"raw_unit_{kind}"] = raw_throughput(
             stores, kind, arguments.size_mib * MiB, arguments.reads, rng)
         log(f"  raw {kind}: put {result[f'raw_{kind}']['put_mb_s']:.1f} MB/s, get {result[f'raw_{kind}']['get_mb_s']:.1f} MB/s, "
             f"1 MiB ranged get median {median(result[f'raw_unit_{kind}']) * 1e3:.2f} ms")
-        result[f"ship_{kind}"] = ship(cli, source, mirror)
-        log(f"  ship {kind}: {result[f'ship_{kind}']['printed']} (wall {result[f'ship_{kind}']['wall']:.2f} s)")
-        result[f"restore_{kind}"] = restore(cli, urls[kind], os.path.join(scratch, f"restored-{kind}"), pool_uuid)
-        log(f"  restore {kind}: {result[f'restore_{kind}']['mb_s']:.1f} MB/s "
-            f"({result[f'restore_{kind}']['seconds']:.2f} s, wall {result[f'restore_{kind}']['wall']:.2f} s)")
-        # The mirror's segments go (memstore is 1 GiB); eviction checks the mirror's cursor only.
-        stores.delete_prefix(kind, prefix)
+        for variant, path, variant_key in variants:
+            # Added just before its sync: the store refuses a pool stored both ways at once.
+            name = mirror + ("k" if variant_key else "")
+            cli.run("--pool", path, "mirror", "add", name, "--to", urls[kind], *(("--key", variant_key) if variant_key else ()))
+            shipped = result[f"ship{variant}_{kind}"] = ship(cli, path, name)
+            log(f"  ship{variant} {kind}: {shipped['printed']} (wall {shipped['wall']:.2f} s)")
+            restored = result[f"restore{variant}_{kind}"] = restore(
+                cli, urls[kind], os.path.join(scratch, f"restored-{kind}"), pool_uuid, variant_key)
+            log(f"  restore{variant} {kind}: {restored['mb_s']:.1f} MB/s ({restored['seconds']:.2f} s, "
+                f"wall {restored['wall']:.2f} s)")
+            # The mirror's segments go (memstore is 1 GiB; the two variants share the pool's
+            # prefix); eviction checks the mirror's cursor only.
+            stores.delete_prefix(kind, prefix)
+    shutil.rmtree(keyed)
     # The copy evicts to S3, the source to RADOS: a chunk can leave the disk only once.
     shutil.copytree(source, copy, symlinks=True)
     offsets = None
@@ -393,6 +412,9 @@ def repetition(arguments, cli, stores, urls, scratch, rng):
     shutil.rmtree(copy)
     result["pool_uuid"] = pool_uuid
     return result
+
+
+repetition.count = 0
 
 
 # -- the report --------------------------------------------------------------------------------
@@ -445,6 +467,11 @@ def build_report(arguments, runs, info, scratch, started_at):
                  med("ship_s3", "wall_mb_s"), med("raw_rados", "put_mb_s"), med("raw_s3", "put_mb_s")))
     rows.append(("restore (`restore --json` seconds)", "MB/s", med("restore_rados", "mb_s"), med("restore_s3", "mb_s"),
                  med("raw_rados", "get_mb_s"), med("raw_s3", "get_mb_s")))
+    rows.append(("ship with a key (`mirror add --key`, `mirror sync`, its own time)", "MB/s",
+                 med("ship_key_rados", "mb_s"), med("ship_key_s3", "mb_s"),
+                 med("raw_rados", "put_mb_s"), med("raw_s3", "put_mb_s")))
+    rows.append(("restore with a key (`restore --key`, `--json` seconds)", "MB/s", med("restore_key_rados", "mb_s"),
+                 med("restore_key_s3", "mb_s"), med("raw_rados", "get_mb_s"), med("raw_s3", "get_mb_s")))
     rows.append(("evict upload (`chunk evict`, wall time)", "MB/s", med("evict_rados", "mb_s"), med("evict_s3", "mb_s"),
                  med("raw_rados", "put_mb_s"), med("raw_s3", "put_mb_s")))
     rows.append(("cold 4 KiB read of an evicted block, median (raw: 1 MiB ranged get)", "ms",
@@ -512,6 +539,15 @@ def build_report(arguments, runs, info, scratch, started_at):
               f"First cold read of an open pool (it also connects to the store): RADOS "
               f"{median([run['cold_first_rados'] for run in runs]) * 1e3:.1f} ms, S3 "
               f"{median([run['cold_first_s3'] for run in runs]) * 1e3:.1f} ms.", ""]
+    def key_ratio(step, kind):
+        return median([run[f"{step}_key_{kind}"]["mb_s"] / run[f"{step}_{kind}"]["mb_s"] for run in runs])
+    lines += [f"With a key against without (median of each repetition's ratio, target >= 0.9): ship RADOS "
+              f"{key_ratio('ship', 'rados'):.2f}x, S3 {key_ratio('ship', 's3'):.2f}x; restore RADOS "
+              f"{key_ratio('restore', 'rados'):.2f}x, S3 {key_ratio('restore', 's3'):.2f}x. Per repetition "
+              "(ship RADOS, ship S3, restore RADOS, restore S3, MB/s with / without): "
+              + "; ".join(" ".join(f"{run[f'{step}_key_{kind}']['mb_s']:.1f}/{run[f'{step}_{kind}']['mb_s']:.1f}"
+                                   for step in ("ship", "restore") for kind in ("rados", "s3")) for run in runs)
+              + ".", ""]
     missed = [(run[f"cold_missed_{kind}"], run[f"warm_missed_{kind}"]) for run in runs for kind in ("rados", "s3")]
     if any(cold or warm for cold, warm in missed):
         lines += [f"Reads left out: cold reads that fetched nothing, warm reads that fetched: {missed}.", ""]
