@@ -47,7 +47,7 @@ import os
 import struct
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from chunkvol.errors import CorruptionError, FormatError
 
@@ -121,17 +121,28 @@ def _nonce(index):
 def seal(key, name, data, head_bytes=0, frame_bytes=FRAME_BYTES):
     """The stored bytes of `data` under object name `name`, sealed with StoreKey `key`."""
     assert 0 <= head_bytes < 1 << 32 and 0 < frame_bytes < 1 << 32
-    data = bytes(data)
+    data = memoryview(data).cast("B")
     salt = os.urandom(32)
     raw = ENVELOPE.pack(MAGIC, VERSION, CIPHER_AES_256_GCM, head_bytes, frame_bytes, len(data),
                         bytes.fromhex(key.fingerprint[:16]), salt)
     envelope = Envelope(raw, head_bytes, frame_bytes, len(data), raw[24:32], salt)
-    cipher = AESGCM(key.object_key(salt))
-    parts = [raw]
+    # AES-256-GCM frame by frame straight into one buffer (the AESGCM class returns a new
+    # bytes per frame, then a join copies them all again: a third of the time on 8 MiB).
+    # The bytes are AESGCM.encrypt's (ciphertext, then the tag), tests/objstore check it.
+    stored = bytearray(envelope.stored_bytes())
+    stored[:ENVELOPE_BYTES] = raw
+    out = memoryview(stored)
+    algorithm = algorithms.AES(key.object_key(salt))
     for index in range(envelope.frame_count()):
         start, end = envelope.frame_span(index)
-        parts.append(cipher.encrypt(_nonce(index), data[start:end], _aad(envelope, index, name)))
-    return b"".join(parts)
+        at = envelope.stored_offset(index)
+        encryptor = Cipher(algorithm, modes.GCM(_nonce(index))).encryptor()
+        encryptor.authenticate_additional_data(_aad(envelope, index, name))
+        # update_into wants room for a block beyond the data: the tag's slot, written next
+        encryptor.update_into(data[start:end], out[at:at + end - start + TAG_BYTES])
+        encryptor.finalize()
+        out[at + end - start:at + end - start + TAG_BYTES] = encryptor.tag
+    return bytes(stored)
 
 
 def is_sealed(data):
@@ -165,7 +176,7 @@ class Opener:
                                   f"fingerprint {key.fingerprint})", name)
         self.name = name
         self.envelope = envelope
-        self.cipher = AESGCM(key.object_key(envelope.salt))
+        self.algorithm = algorithms.AES(key.object_key(envelope.salt))
 
     def open(self, stored, first, last):
         """The plaintext of frames first..last (inclusive) from `stored`, their stored bytes."""
@@ -175,17 +186,24 @@ class Opener:
             raise CorruptionError(f"sealed object cut short: frames {first}..{last} take "
                                   f"{envelope.stored_offset(last + 1) - base} bytes, {len(stored)} came", self.name)
         view = memoryview(stored)
-        parts = []
+        plain_start = envelope.frame_span(first)[0]
+        plaintext = bytearray(envelope.frame_span(last)[1] - plain_start + TAG_BYTES)  # + update_into's slack
+        out = memoryview(plaintext)
         for index in range(first, last + 1):
             start = envelope.stored_offset(index) - base
-            end = envelope.stored_offset(index + 1) - base
+            end = envelope.stored_offset(index + 1) - base - TAG_BYTES
+            at = envelope.frame_span(index)[0] - plain_start
+            decryptor = Cipher(self.algorithm, modes.GCM(_nonce(index), bytes(view[end:end + TAG_BYTES]))).decryptor()
+            decryptor.authenticate_additional_data(_aad(envelope, index, self.name))
+            decryptor.update_into(view[start:end], out[at:at + end - start + TAG_BYTES])
             try:
-                parts.append(self.cipher.decrypt(_nonce(index), bytes(view[start:end]),
-                                                 _aad(envelope, index, self.name)))
+                decryptor.finalize()  # checks the tag: nothing of an unchecked frame is returned
             except InvalidTag:
                 raise CorruptionError(f"sealed object frame {index} fails authentication (altered, moved, "
                                       "cut or written under another name)", self.name) from None
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        del out
+        del plaintext[len(plaintext) - TAG_BYTES:]
+        return bytes(plaintext)
 
 
 def open_whole(key, name, stored):

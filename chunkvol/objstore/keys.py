@@ -44,6 +44,7 @@ def load_key(path, fingerprint=None):
     file, or is not the key of `fingerprint` (when given: the one a mirror was added with)."""
     try:
         with open(path, "rb") as opened:
+            mode = os.fstat(opened.fileno()).st_mode & 0o777
             data = opened.read(4096)
     except OSError as error:
         raise StoreKeyError(f"cannot read the key file {path}: {error.strerror or error}") from None
@@ -51,6 +52,10 @@ def load_key(path, fingerprint=None):
         key = store_key.decode(data, path)
     except FormatError as error:
         raise StoreKeyError(str(error)) from None
+    if mode & 0o077:
+        # As ssh does with a private key: a key others can read is a key others may have.
+        raise StoreKeyError(f"the key file {path} can be read by others (mode {mode:04o}): `chmod 600 {path}` "
+                            "and check who may have copied it")
     if fingerprint is not None and key.fingerprint != fingerprint:
         raise StoreKeyError(f"{path} holds the key {key.fingerprint}, not {fingerprint}, the one this mirror was "
                             "added with")

@@ -128,6 +128,10 @@ def test_a_key_is_private_written_once_and_shown_by_its_fingerprint(tmp_path):
     with open(str(tmp_path / "junk.key"), "w") as junk:
         junk.write("not a key\n")
     assert_refused(chunkvol("key", "fingerprint", str(tmp_path / "junk.key"), check=False), 8, "not a chunkvol key")
+    os.chmod(path, 0o644)  # a key others can read is refused, as ssh refuses such a private key
+    assert_refused(chunkvol("key", "fingerprint", path, check=False), 8, "can be read by others", "chmod 600")
+    os.chmod(path, 0o600)
+    assert fingerprint in chunkvol("key", "fingerprint", path).stdout
 
 
 # ---- mirror, scan, restore --------------------------------------------------------------------

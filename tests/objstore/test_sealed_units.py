@@ -64,6 +64,24 @@ def test_what_is_sealed_opens_to_the_same_bytes(data, head_bytes):
     assert sealed_object.open_whole(KEY, NAME, stored) == data
 
 
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(max_size=700), head_bytes=heads)
+def test_every_frame_is_what_the_one_shot_aead_makes(data, head_bytes):
+    """seal() encrypts frame by frame into one buffer: each frame must be exactly
+    AESGCM.encrypt(nonce, plaintext, aad), ciphertext then tag, as the layout says."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    stored = sealed(data, head_bytes)
+    envelope = sealed_object.decode_envelope(stored, NAME)
+    aead = AESGCM(KEY.object_key(envelope.salt))
+    for index in range(envelope.frame_count()):
+        start, end = envelope.frame_span(index)
+        frame = stored[envelope.stored_offset(index):envelope.stored_offset(index + 1)]
+        nonce = bytes(4) + index.to_bytes(8, "little")
+        aad = envelope.raw + index.to_bytes(8, "little") + NAME.encode()
+        assert frame == aead.encrypt(nonce, data[start:end], aad)
+        assert aead.decrypt(nonce, frame, aad) == data[start:end]
+
+
 @settings(max_examples=300, deadline=None)
 @given(data=st.binary(min_size=0, max_size=300), head_bytes=heads, where=st.integers(min_value=0), bit=st.integers(0, 7))
 def test_any_flipped_bit_is_detected(data, head_bytes, where, bit):
