@@ -68,18 +68,29 @@ class PoolFigures:
                 shipper.close()
             row["peer"] = bool(definition.get("peer"))
             row["node"] = definition.get("node")
+            if row["peer"] and not row["records_behind"]:
+                # The peer holds every record of ours: what lies past the cursor is its own
+                # records, applied here since our last flush point (never shipped back).
+                row["bytes_behind"] = 0
             rows.append(row)
         return rows
 
     def incoming_lag(self, definition):
         """Bytes of a peer's records not yet here, as the peer reports it (`peer status`'s
-        "from it"): connects to the peer; None when it cannot be reached."""
+        "from it"), 0 when we hold every one: connects to the peer; None when it cannot be
+        reached."""
         try:
             link = targets.open_target(definition["to"], self.pool.fields, self.pool.path)
         except (ChunkvolError, OSError):
             return None
         try:
-            behind = link.status.get("bytes_behind")
+            status, node = link.status, link.peer
         finally:
             link.close()
-        return behind if isinstance(behind, int) else None
+        behind = status.get("bytes_behind")
+        if not isinstance(behind, int):
+            return None
+        with self.pool.lock:
+            held = self.pool.origins.get(node, 0)
+        # Every record of theirs is here: their count past their cursor is ours (as above).
+        return 0 if status.get("next_sequence", 1) - 1 <= held else behind
