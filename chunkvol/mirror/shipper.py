@@ -176,6 +176,10 @@ class Shipper:
         """What `mirror status` shows for this mirror."""
         state = self.state
         behind_bytes = self.source.distance(state["cursor"], horizon)
+        if behind_bytes and next_sequence - 1 <= state["shipped_sequence"]:
+            # Every record of ours is there: what lies past the cursor is a peer's records
+            # (never shipped back) or local ones (SEAL); the cursor moves at our next flush point.
+            behind_bytes = 0
         oldest = self.source.first_own_stamp(state["cursor"], horizon) if behind_bytes else 0
         rate = state["rate"] or 0.0
         return {

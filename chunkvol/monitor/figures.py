@@ -68,10 +68,6 @@ class PoolFigures:
                 shipper.close()
             row["peer"] = bool(definition.get("peer"))
             row["node"] = definition.get("node")
-            if row["peer"] and not row["records_behind"]:
-                # The peer holds every record of ours: what lies past the cursor is its own
-                # records, applied here since our last flush point (never shipped back).
-                row["bytes_behind"] = 0
             rows.append(row)
         return rows
 
