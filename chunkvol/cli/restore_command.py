@@ -48,10 +48,13 @@ def restore_command(arguments):
               "bytes": report.bytes, "seconds": round(report.seconds, 3),
               "bytes_per_second": round(rate, 1), "volumes": report.volumes,
               "as_of": history.format_point(report.last_stamp) if report.last_stamp else None,
-              "origins": {str(origin): sequence for origin, sequence in sorted(report.origins.items())}}
+              "origins": {str(origin): sequence for origin, sequence in sorted(report.origins.items())},
+              # a key is refused for a store that is not encrypted: restored with one means encrypted
+              "encrypted": key is not None, "key_fingerprint": key.fingerprint if key is not None else None}
     if arguments.json:
         print(json.dumps(result, indent=2))
         return
     print(f"restored {arguments.pool} from {arguments.source}: {report.segments} segments, {report.records} records, "
           f"{format_size(report.bytes)} in {report.seconds:.1f}s ({format_size(int(rate))}/s); volumes: "
-          f"{', '.join(report.volumes) or 'none'}; as of {result['as_of'] or 'the start'}")
+          f"{', '.join(report.volumes) or 'none'}; as of {result['as_of'] or 'the start'}"
+          + (f"; encrypted (key {key.fingerprint})" if key is not None else ""))

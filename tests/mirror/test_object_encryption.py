@@ -183,6 +183,7 @@ def test_an_encrypted_mirror_holds_only_ciphertext_and_restores_only_with_its_ke
                        "cannot read the key file")
         report = json.loads(restore(url, target, pool_uuid, "--key", key, "--json").stdout)
         assert VOLUME_NAME in report["volumes"]
+        assert (report["encrypted"], report["key_fingerprint"]) == (True, fingerprint)
         restored = everything(target)
         assert [point for point in expected if restored.get(point) != expected[point]] == []
         assert cv(target, "check").returncode == 0

@@ -60,6 +60,7 @@ def test_a_pool_comes_back_whole_from_rados_and_from_s3(store_env, tmp_path):
         target = str(tmp_path / name)
         report = json.loads(restore(url, target, pool_uuid, "--json").stdout)
         assert report["volumes"] == ["c", "v", "z"] and report["segments"] >= 2 and report["bytes"] > 10 * MiB
+        assert (report["encrypted"], report["key_fingerprint"]) == (False, None)
         restored = everything(target)
         assert sorted(restored) == sorted(expected)
         assert [point for point in expected if restored[point] != expected[point]] == []
